@@ -1,0 +1,14 @@
+"""Pallas flash-attention kernels and the einsum reference they are checked against.
+
+Pure JAX: nothing here knows about the results database or the search. Each kernel lives in its own subpackage
+(`kernels.gpu`: Triton lowering; `kernels.tpu`: Mosaic TPU lowering) and offers the same surface:
+`NAME`, `VERSION`, `Config` (with `default(problem)`, `to_dict`, `from_dict`), `search_space(problem)`,
+`invalid_reasons(config, problem, device_kind=None)` and `flash_attention(q, k, v, ...)`.
+"""
+from kernels.problem import DTYPES, Problem, canonical_dtype, check_inputs, resolve_scale
+from kernels.reference import attention_mask, attention_reference, tolerance
+
+__all__ = [
+    "DTYPES", "Problem", "attention_mask", "attention_reference", "canonical_dtype", "check_inputs",
+    "resolve_scale", "tolerance",
+]

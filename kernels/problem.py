@@ -1,0 +1,152 @@
+"""The attention problem a kernel is asked to solve, and the checks every entry point runs on its inputs.
+
+`Problem` is the static description (shapes, dtype, flags) that configs are tuned for; it holds plain values only,
+so the search, the database and the runtime can all speak of it without touching arrays. `check_inputs` is the one
+place where bad arguments are turned into clear errors, before anything is traced or compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Static shape and flags of one attention call: what a tuned config is keyed on."""
+
+    batch: int
+    q_len: int
+    kv_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+    causal: bool = False
+    segments: bool = False
+    backward: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "q_len", "kv_len", "heads", "kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads must divide heads, got heads={self.heads} and kv_heads={self.kv_heads}")
+        dtype = canonical_dtype(self.dtype, "dtype")
+        object.__setattr__(self, "dtype", dtype)
+        for name in ("causal", "segments", "backward"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name} must be a boolean, got {value!r}")
+            object.__setattr__(self, name, bool(value))
+
+    @property
+    def groups(self) -> int:
+        """Query heads per kv head (1 for plain multi-head attention)."""
+        return self.heads // self.kv_heads
+
+    def flops(self) -> float:
+        """Forward FLOPs by the usual count (4*b*h*q*k*d, halved when causal); backward is 2.5x this."""
+        f = 4.0 * self.batch * self.heads * self.q_len * self.kv_len * self.head_dim
+        return f / 2 if self.causal else f
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Problem":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown problem field(s) {unknown}; expected some of {sorted(fields)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "Problem":
+        return dataclasses.replace(self, **changes)
+
+
+def canonical_dtype(dtype: Any, name: str = "dtype") -> str:
+    """Return the dtype's name if it is one the kernels support, else raise naming the argument."""
+    try:
+        canonical = jnp.dtype(dtype).name
+    except TypeError:
+        raise ValueError(f"{name} must be one of {DTYPES}, got {dtype!r}") from None
+    if canonical not in DTYPES:
+        raise ValueError(f"{name} must be one of {DTYPES}, got {canonical!r}")
+    return canonical
+
+
+def check_inputs(q, k, v, segment_ids=None, *, causal: bool = False):
+    """Validate q, k, v and segment ids; return (Problem, q_ids, kv_ids) with ids as int32 arrays or None.
+
+    Layout: q [batch, q_len, heads, head_dim], k and v [batch, kv_len, kv_heads, head_dim].
+    `segment_ids` is one int array [batch, seq] (only when q_len == kv_len) or a pair (q_ids, kv_ids).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have 4 dimensions [batch, seq, heads, head_dim], got shape {tuple(x.shape)}")
+        if jnp.dtype(x.dtype).name not in DTYPES:
+            raise TypeError(f"{name} must be a floating array of one of {DTYPES}, got dtype {jnp.dtype(x.dtype).name}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    batch, q_len, heads, head_dim = q.shape
+    _, kv_len, kv_heads, _ = k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch:
+        raise ValueError(f"k and v must have the batch of q ({batch}), got {k.shape[0]}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"k and v must have the head_dim of q ({head_dim}), got {k.shape[3]}")
+    if 0 in (batch, q_len, kv_len, heads, kv_heads, head_dim):
+        raise ValueError(f"empty input: q has shape {tuple(q.shape)} and k has shape {tuple(k.shape)}")
+    if heads % kv_heads:
+        raise ValueError(f"the kv heads of k and v ({kv_heads}) must divide the heads of q ({heads})")
+
+    q_ids = kv_ids = None
+    if segment_ids is not None:
+        if isinstance(segment_ids, (tuple, list)):
+            if len(segment_ids) != 2:
+                raise ValueError("segment_ids must be one array [batch, seq] or a pair (q_ids, kv_ids)")
+            q_ids, kv_ids = segment_ids
+        else:
+            if q_len != kv_len:
+                raise ValueError(
+                    f"segment_ids as one array needs q_len == kv_len (got {q_len} and {kv_len}); pass (q_ids, kv_ids)"
+                )
+            q_ids = kv_ids = segment_ids
+        q_ids = _check_ids(q_ids, "segment_ids (q)", (batch, q_len))
+        kv_ids = _check_ids(kv_ids, "segment_ids (kv)", (batch, kv_len))
+
+    problem = Problem(
+        batch=batch, q_len=q_len, kv_len=kv_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        dtype=jnp.dtype(q.dtype).name, causal=bool(causal), segments=segment_ids is not None,
+    )
+    return problem, q_ids, kv_ids
+
+
+def _check_ids(ids, name: str, shape: tuple[int, int]):
+    if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
+        raise TypeError(f"{name} must be an integer array of shape {shape}, got {type(ids).__name__}")
+    if tuple(ids.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} [batch, seq], got {tuple(ids.shape)}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"{name} must have an integer dtype, got {jnp.dtype(ids.dtype).name}")
+    return jnp.asarray(ids, jnp.int32)
+
+
+def resolve_scale(sm_scale: float | None, head_dim: int) -> float:
+    """The softmax scale: 1/sqrt(head_dim) unless given."""
+    if sm_scale is None:
+        return float(1.0 / np.sqrt(head_dim))
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float, np.floating)) or not np.isfinite(sm_scale):
+        raise ValueError(f"sm_scale must be a finite number or None, got {sm_scale!r}")
+    return float(sm_scale)

@@ -1,0 +1,54 @@
+"""The einsum reference every kernel and every tuning candidate is checked against.
+
+Plain XLA in float32: scores by einsum, a boolean mask, a softmax that gives zeros (not NaN) to a query row that
+sees no key. It materialises [batch, heads, q_len, kv_len], so callers at long sequences check a slice of it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels.problem import check_inputs, resolve_scale
+
+
+def attention_mask(q_len: int, kv_len: int, *, causal: bool, q_ids=None, kv_ids=None):
+    """Boolean [batch or 1, 1, q_len, kv_len] mask of which key each query sees (top-left causal)."""
+    mask = jnp.ones((1, 1, q_len, kv_len), dtype=bool)
+    if causal:
+        rows = jnp.arange(q_len)[:, None]
+        cols = jnp.arange(kv_len)[None, :]
+        mask = mask & (cols <= rows)[None, None]
+    if q_ids is not None:
+        mask = mask & (q_ids[:, None, :, None] == kv_ids[:, None, None, :])
+    return mask
+
+
+def attention_reference(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None):
+    """Attention by einsum in float32; output [batch, q_len, heads, head_dim] in q's dtype."""
+    problem, q_ids, kv_ids = check_inputs(q, k, v, segment_ids, causal=causal)
+    scale = resolve_scale(sm_scale, problem.head_dim)
+    groups = problem.groups
+    qf = q.astype(jnp.float32)
+    kf = jnp.repeat(k.astype(jnp.float32), groups, axis=2)
+    vf = jnp.repeat(v.astype(jnp.float32), groups, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=jax.lax.Precision.HIGHEST) * scale
+    mask = attention_mask(problem.q_len, problem.kv_len, causal=causal, q_ids=q_ids, kv_ids=kv_ids)
+    scores = jnp.where(mask, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = weights / jnp.where(denom == 0.0, 1.0, denom)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, vf, precision=jax.lax.Precision.HIGHEST)
+    return out.astype(q.dtype)
+
+
+# Largest acceptable |kernel - reference| as (atol, rtol) per input dtype. float32 leaves room for TF32 dots on
+# GPU; the half types for their 8- and 11-bit mantissas. Gradients accumulate over a whole sequence: twice as loose.
+_TOLERANCES = {"float32": (5e-3, 5e-3), "float16": (1e-2, 1e-2), "bfloat16": (4e-2, 4e-2)}
+
+
+def tolerance(dtype, *, grad: bool = False) -> tuple[float, float]:
+    """(atol, rtol) for comparing a kernel's output (or gradient) in `dtype` with the reference."""
+    atol, rtol = _TOLERANCES[jnp.dtype(dtype).name]
+    return (2 * atol, 2 * rtol) if grad else (atol, rtol)
