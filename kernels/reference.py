@@ -11,11 +11,11 @@ import jax.numpy as jnp
 from kernels.problem import check_inputs, resolve_scale
 
 
-def attention_mask(q_len: int, kv_len: int, *, causal: bool, q_ids=None, kv_ids=None):
+def attention_mask(q_len: int, kv_len: int, *, causal: bool, q_ids=None, kv_ids=None, q_offset: int = 0):
     """Boolean [batch or 1, 1, q_len, kv_len] mask of which key each query sees (top-left causal)."""
     mask = jnp.ones((1, 1, q_len, kv_len), dtype=bool)
     if causal:
-        rows = jnp.arange(q_len)[:, None]
+        rows = q_offset + jnp.arange(q_len)[:, None]
         cols = jnp.arange(kv_len)[None, :]
         mask = mask & (cols <= rows)[None, None]
     if q_ids is not None:
@@ -23,8 +23,14 @@ def attention_mask(q_len: int, kv_len: int, *, causal: bool, q_ids=None, kv_ids=
     return mask
 
 
-def attention_reference(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None):
-    """Attention by einsum in float32; output [batch, q_len, heads, head_dim] in q's dtype."""
+def attention_reference(
+    q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None, q_offset: int = 0
+):
+    """Attention by einsum in float32; output [batch, q_len, heads, head_dim] in q's dtype.
+
+    `q_offset` says that q holds rows q_offset.. of a longer query sequence (for checking long problems in
+    chunks): causal masking then uses those absolute positions. With pairs of segment ids, pass the chunk's q ids.
+    """
     problem, q_ids, kv_ids = check_inputs(q, k, v, segment_ids, causal=causal)
     scale = resolve_scale(sm_scale, problem.head_dim)
     groups = problem.groups
@@ -32,7 +38,7 @@ def attention_reference(q, k, v, *, causal: bool = False, segment_ids=None, sm_s
     kf = jnp.repeat(k.astype(jnp.float32), groups, axis=2)
     vf = jnp.repeat(v.astype(jnp.float32), groups, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=jax.lax.Precision.HIGHEST) * scale
-    mask = attention_mask(problem.q_len, problem.kv_len, causal=causal, q_ids=q_ids, kv_ids=kv_ids)
+    mask = attention_mask(problem.q_len, problem.kv_len, causal=causal, q_ids=q_ids, kv_ids=kv_ids, q_offset=q_offset)
     scores = jnp.where(mask, scores, -jnp.inf)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)

@@ -1,0 +1,65 @@
+"""A candidate: one kernel config for one problem, built into a compiled function.
+
+The search compiles candidates ahead of time (`lower(...).compile()`), so compile seconds are measured apart from
+run time, and every later call runs the same executable. Segment ids always travel as a (q_ids, kv_ids) pair so
+that the checking inputs (which need rows that see no key) and the timing inputs share one executable.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from kernels import Problem
+
+
+def make_function(kernel: ModuleType, config: Any, problem: Problem, *, interpret: bool) -> Callable:
+    """The jitted function a candidate is: forward, or forward plus backward (returning out, dq, dk, dv)."""
+
+    def forward(q, k, v, q_ids, kv_ids):
+        segment_ids = None if q_ids is None else (q_ids, kv_ids)
+        return kernel.flash_attention(
+            q, k, v, causal=problem.causal, segment_ids=segment_ids, config=config, interpret=interpret
+        )
+
+    if not problem.backward:
+        return jax.jit(forward)
+
+    def forward_backward(q, k, v, q_ids, kv_ids, d_out):
+        out, vjp = jax.vjp(lambda q_, k_, v_: forward(q_, k_, v_, q_ids, kv_ids), q, k, v)
+        return (out, *vjp(d_out))
+
+    return jax.jit(forward_backward)
+
+
+def abstract_args(problem: Problem) -> tuple:
+    """Shape-and-dtype stand-ins for the candidate's arguments, to compile before any input exists."""
+    dtype = jnp.dtype(problem.dtype)
+    q = jax.ShapeDtypeStruct((problem.batch, problem.q_len, problem.heads, problem.head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((problem.batch, problem.kv_len, problem.kv_heads, problem.head_dim), dtype)
+    ids = (
+        (jax.ShapeDtypeStruct((problem.batch, problem.q_len), jnp.int32),
+         jax.ShapeDtypeStruct((problem.batch, problem.kv_len), jnp.int32))
+        if problem.segments else (None, None)
+    )
+    args = (q, kv, kv, *ids)
+    return args + (q,) if problem.backward else args
+
+
+@dataclass
+class Compiled:
+    """A compiled candidate and what compiling it cost."""
+
+    call: Callable
+    compile_s: float
+
+
+def compile_candidate(kernel: ModuleType, config: Any, problem: Problem, *, interpret: bool) -> Compiled:
+    """Trace, lower and compile the candidate; raises whatever the compiler raises."""
+    start = time.perf_counter()
+    executable = make_function(kernel, config, problem, interpret=interpret).lower(*abstract_args(problem)).compile()
+    return Compiled(executable, time.perf_counter() - start)

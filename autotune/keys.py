@@ -1,0 +1,30 @@
+"""Tuning keys: the kernel, the hardware and the problem, as the database stores them."""
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+from autotune.device import DeviceInfo
+from db import TuningKey
+from kernels import Problem
+
+PROBLEM_FIELDS = ("batch", "q_len", "kv_len", "heads", "kv_heads", "head_dim", "dtype", "causal", "segments", "backward")
+
+
+def make_key(kernel: ModuleType, problem: Problem, device: DeviceInfo) -> TuningKey:
+    """The key a result for this kernel, problem and device is stored under."""
+    return TuningKey(
+        kernel=kernel.NAME, kernel_version=kernel.VERSION, platform=device.platform,
+        device_kind=device.device_kind, jax_version=device.jax_version,
+        **{name: getattr(problem, name) for name in PROBLEM_FIELDS},
+    )
+
+
+def problem_of(key: TuningKey) -> Problem:
+    return Problem(**{name: getattr(key, name) for name in PROBLEM_FIELDS})
+
+
+def shape_distance(a: TuningKey, b: TuningKey) -> float:
+    """How far apart two problems are: summed |log2| ratios of their sizes (0 for the same shape)."""
+    sizes = ("batch", "q_len", "kv_len", "heads", "kv_heads", "head_dim")
+    return sum(abs(math.log2(getattr(a, s) / getattr(b, s))) for s in sizes)

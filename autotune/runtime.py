@@ -1,0 +1,265 @@
+"""Tuned kernels at runtime: pick the stored best config for each problem when the function is traced.
+
+The lookup happens once per key per process (results kept in memory behind a lock), at trace time, so a jitted
+call costs what the kernel with a fixed config costs. On a miss the policy decides: `heuristic` (the default
+config, one warning naming the command that would tune it), `nearest` (the best of the nearest tuned problem, if
+valid here), `error`, or `tune` (a short search now). A missing, read-only or locked database never breaks
+inference: the lookup falls back to the heuristic with one warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator
+
+from autotune.device import DeviceInfo, current_device, device_of
+from autotune.keys import make_key, shape_distance
+from autotune.kernels_registry import kernel_for_platform, load_kernel
+from db import Store, TuningKey, default_url, resolve_url
+from kernels import Problem, canonical_dtype, check_inputs
+
+MISS_POLICIES = ("heuristic", "nearest", "error", "tune")
+
+
+class TuningMissError(LookupError):
+    """Raised under the `error` miss policy: no tuned config for the key."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    db: str | None = None
+    on_miss: str | None = None
+
+    def url(self) -> str:
+        return resolve_url(self.db) if self.db is not None else default_url()
+
+    def policy(self) -> str:
+        policy = self.on_miss or os.environ.get("AUTOTUNE_ON_MISS") or "heuristic"
+        if policy not in MISS_POLICIES:
+            raise ValueError(f"on_miss must be one of {MISS_POLICIES}, got {policy!r}")
+        return policy
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """The config a call will use and where it came from: 'tuned', 'nearest' or 'heuristic'."""
+
+    config: Any
+    source: str
+    key: TuningKey
+    detail: str = ""
+
+
+_settings = Settings()
+_override: contextvars.ContextVar[Settings | None] = contextvars.ContextVar("autotune_settings", default=None)
+_lock = threading.RLock()
+_cache: dict[tuple, Lookup] = {}
+_stores: dict[str, Store | None] = {}
+_warned: set = set()
+
+
+def configure(db: str | os.PathLike | None = None, on_miss: str | None = None) -> None:
+    """Set the database and miss policy for this process (None keeps the environment's defaults)."""
+    global _settings
+    settings = Settings(None if db is None else str(db), on_miss)
+    settings.policy()
+    _settings = settings
+
+
+@contextlib.contextmanager
+def using(db: str | os.PathLike | None = None, on_miss: str | None = None) -> Iterator[None]:
+    """Use another database or miss policy inside a block (affects functions traced inside it)."""
+    current = _override.get() or _settings
+    settings = Settings(current.db if db is None else str(db), on_miss or current.on_miss)
+    settings.policy()
+    token = _override.set(settings)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def reload() -> None:
+    """Forget what was looked up, so a database changed meanwhile is read again."""
+    with _lock:
+        _cache.clear()
+        for store in _stores.values():
+            if store is not None:
+                store.close()
+        _stores.clear()
+        _warned.clear()
+
+
+def _warn_once(tag: Any, message: str) -> None:
+    with _lock:
+        if tag in _warned:
+            return
+        _warned.add(tag)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _store(url: str) -> Store | None:
+    """The open store for a URL, or None (with one warning) when it is missing or cannot be opened."""
+    with _lock:
+        if url in _stores:
+            return _stores[url]
+        store = None
+        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
+        if path is not None and not Path(path).exists():
+            _warn_once(("db", url), f"no results database at {path}: using heuristic configs "
+                                    "(run `autotune search` to tune)")
+        else:
+            try:
+                store = Store(url)
+            except Exception as exc:  # noqa: BLE001 - inference must never break on the database
+                _warn_once(("db", url), f"cannot open the results database {url} ({exc}); using heuristic configs")
+        _stores[url] = store
+        return store
+
+
+def _tune_command(key: TuningKey) -> str:
+    flags = [f"--batch {key.batch}", f"--seq-len {key.q_len}", f"--heads {key.heads}", f"--head-dim {key.head_dim}",
+             f"--dtype {key.dtype}"]
+    if key.kv_len != key.q_len:
+        flags.append(f"--kv-seq-len {key.kv_len}")
+    if key.kv_heads != key.heads:
+        flags.append(f"--kv-heads {key.kv_heads}")
+    flags += ["--causal"] * key.causal + ["--segments 3"] * key.segments + ["--backward"] * key.backward
+    return "autotune search " + " ".join(flags)
+
+
+def _stored_config(kernel: ModuleType, problem: Problem, config_dict: dict, device: DeviceInfo, what: str):
+    """The stored config as the kernel's Config, or None (with a warning) if it cannot run this problem."""
+    try:
+        config = kernel.Config.from_dict(config_dict)
+        reasons = kernel.invalid_reasons(config, problem, device_kind=None if device.interpret else device.device_kind)
+    except (ValueError, TypeError) as exc:
+        reasons = [str(exc)]
+        config = None
+    if reasons:
+        _warn_once(("invalid", what, repr(config_dict)),
+                   f"ignoring the {what} config {config_dict}: it cannot run {problem} ({'; '.join(reasons)})")
+        return None
+    return config
+
+
+def _resolve(kernel: ModuleType, kernel_name: str, problem: Problem, device: DeviceInfo, settings: Settings) -> Lookup:
+    """The uncached lookup: one indexed query, then the miss policy."""
+    key = make_key(kernel, problem, device)
+    policy = settings.policy()
+    store = _store(settings.url())
+    if store is not None:
+        try:
+            best = store.get_best(key)
+        except Exception as exc:  # noqa: BLE001 - a locked or broken database falls back
+            _warn_once(("db-read", settings.url()), f"cannot read the results database ({exc}); using heuristics")
+            best, store = None, None
+        if best is not None:
+            config = _stored_config(kernel, problem, best.config, device, "stored")
+            if config is not None:
+                return Lookup(config, "tuned", key)
+    if store is not None:
+        with contextlib.suppress(Exception):  # a read-only database cannot count misses: not worth failing for
+            store.record_miss(key)
+    if policy == "error":
+        raise TuningMissError(f"no tuned config for {key.to_dict()}; tune it with: {_tune_command(key)}")
+    if policy == "tune" and store is not None:
+        from autotune.search import SearchOptions, search_problem
+
+        result = search_problem(problem, kernel_name=kernel_name, store=store, device=device,
+                                options=SearchOptions(trials=8, compare_xla=False, retime_top=2), progress=False)
+        return Lookup(kernel.Config.from_dict(result.best_config), "tuned", key, "tuned on miss")
+    if policy == "nearest" and store is not None:
+        with contextlib.suppress(Exception):
+            for best in sorted(store.neighbours(key), key=lambda b: shape_distance(b.key, key)):
+                config = _stored_config(kernel, problem, best.config, device, "nearest problem's")
+                if config is not None:
+                    return Lookup(config, "nearest", key, f"from {best.key.to_dict()}")
+    _warn_once(("miss", key), f"no tuned config for this problem on {device.device_kind}; using the heuristic "
+                              f"default. Tune it with: {_tune_command(key)}")
+    return Lookup(kernel.Config.default(problem), "heuristic", key)
+
+
+def _lookup_problem(problem: Problem, kernel_name: str | None, device: DeviceInfo) -> Lookup:
+    settings = _override.get() or _settings
+    kernel_name = kernel_name or kernel_for_platform(device.platform)
+    cache_key = (settings.url(), settings.policy(), kernel_name, device, problem)
+    found = _cache.get(cache_key)
+    if found is not None:
+        return found
+    with _lock:
+        found = _cache.get(cache_key)
+        if found is None:
+            found = _resolve(load_kernel(kernel_name), kernel_name, problem, device, settings)
+            _cache[cache_key] = found
+    return found
+
+
+def lookup(q_shape, k_shape, dtype, *, causal: bool = False, segments: bool = False, backward: bool = False,
+           kernel: str | None = None) -> Lookup:
+    """The config `flash_attention` would use for inputs of these shapes on the current device."""
+    q_shape, k_shape = tuple(q_shape), tuple(k_shape)
+    if len(q_shape) != 4 or len(k_shape) != 4:
+        raise ValueError(f"q_shape and k_shape must be [batch, seq, heads, head_dim], got {q_shape} and {k_shape}")
+    problem = Problem(batch=q_shape[0], q_len=q_shape[1], kv_len=k_shape[1], heads=q_shape[2],
+                      kv_heads=k_shape[2], head_dim=q_shape[3], dtype=canonical_dtype(dtype), causal=causal,
+                      segments=segments, backward=backward)
+    if k_shape[0] != q_shape[0] or k_shape[3] != q_shape[3]:
+        raise ValueError(f"k_shape must share batch and head_dim with q_shape, got {k_shape} and {q_shape}")
+    return _lookup_problem(problem, kernel, current_device())
+
+
+def _backward_fields(kernel: ModuleType) -> tuple[str, ...]:
+    return tuple(name for name in kernel.Config.__dataclass_fields__ if name.startswith("bwd_"))
+
+
+def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None):
+    """Flash attention with the tuned config for these shapes on this device (see `kernels` for the semantics).
+
+    Layout q [batch, q_len, heads, head_dim], k and v [batch, kv_len, kv_heads, head_dim]. The forward uses the
+    config tuned for the forward; the backward kernels (under `jax.grad`) use the backward config of the key
+    tuned with `--backward` when there is one.
+    """
+    problem, _, _ = check_inputs(q, k, v, segment_ids, causal=causal)
+    device = device_of(q)
+    kernel_name = kernel_for_platform(device.platform)
+    kernel = load_kernel(kernel_name)
+    forward = _lookup_problem(problem, kernel_name, device)
+    config = forward.config
+    backward = _peek_tuned(problem.replace(backward=True), kernel_name, device)
+    if backward is not None:
+        if forward.source == "tuned":  # forward fields tuned for the forward, backward fields for the backward
+            fields = _backward_fields(kernel)
+            config = kernel.Config.from_dict(
+                {**config.to_dict(), **{name: getattr(backward.config, name) for name in fields}})
+        else:
+            config = backward.config
+    return kernel.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
+                                  config=config, interpret=device.interpret)
+
+
+def _peek_tuned(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup | None:
+    """The tuned lookup for a problem if there is one, without applying the miss policy or counting a miss."""
+    settings = _override.get() or _settings
+    cache_key = (settings.url(), "peek", kernel_name, device, problem)
+    with _lock:
+        if cache_key not in _cache:
+            found = None
+            store = _store(settings.url())
+            kernel = load_kernel(kernel_name)
+            key = make_key(kernel, problem, device)
+            if store is not None:
+                with contextlib.suppress(Exception):
+                    best = store.get_best(key)
+                    if best is not None:
+                        config = _stored_config(kernel, problem, best.config, device, "stored")
+                        if config is not None:
+                            found = Lookup(config, "tuned", key)
+            _cache[cache_key] = found  # type: ignore[assignment]
+        return _cache[cache_key]

@@ -1,0 +1,74 @@
+"""Creating the tables in a new database and upgrading an older one in place.
+
+Runs inside one transaction that first takes a database-wide write lock (SQLite: BEGIN IMMEDIATE; PostgreSQL: an
+advisory lock), so when several workers open a fresh database at once exactly one creates or upgrades it and the
+others then find it ready. Each step moves the schema up by one version and is frozen: later changes get new steps
+instead of editing old ones, so any old database can be walked forward.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Boolean, Column, Connection, Engine, MetaData, String, Table, inspect, text
+
+from db.errors import SchemaTooNewError
+from db.schema import META_TABLE, SCHEMA_VERSION, Base, MetaRow, UTCDateTime
+
+_ADVISORY_LOCK_ID = 0x6175746F74756E65  # "autotune" in ASCII
+
+
+def _v1_to_v2(connection: Connection) -> None:
+    """Version 2 keeps the spread and count of each trial's timings and adds worker claims."""
+    connection.execute(text("ALTER TABLE autotune_trials ADD COLUMN time_spread_s FLOAT"))
+    connection.execute(text("ALTER TABLE autotune_trials ADD COLUMN time_count INTEGER"))
+    claims = Table(
+        "autotune_claims", MetaData(),
+        Column("name", String(255), primary_key=True),
+        Column("owner", String, nullable=False),
+        Column("claimed_at", UTCDateTime(), nullable=False),
+        Column("heartbeat_at", UTCDateTime(), nullable=False),
+        Column("done", Boolean, nullable=False),
+    )
+    claims.create(connection)
+
+
+# STEPS[n] upgrades a version-n database to version n + 1.
+STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
+
+
+def prepare_schema(engine: Engine, where: str) -> None:
+    """Create our tables (a new database) or upgrade them to SCHEMA_VERSION; Optuna's tables are left alone."""
+    with engine.connect() as connection:
+        if _version(connection) == SCHEMA_VERSION:  # the common case: no lock, no write
+            connection.rollback()
+            return
+        connection.rollback()
+        _lock(connection)
+        version = _version(connection)  # again, under the lock: another process may have done it meanwhile
+        if version is None:
+            Base.metadata.create_all(connection)
+            connection.execute(MetaRow.__table__.insert().values(name="schema_version", value=str(SCHEMA_VERSION)))
+        elif version > SCHEMA_VERSION:
+            raise SchemaTooNewError(
+                f"{where} holds results schema version {version}, newer than this pallas-autotune knows "
+                f"({SCHEMA_VERSION}); upgrade pallas-autotune to use it")
+        elif version < SCHEMA_VERSION:
+            for step in range(version, SCHEMA_VERSION):
+                STEPS[step](connection)
+            connection.execute(MetaRow.__table__.update().where(MetaRow.name == "schema_version")
+                               .values(value=str(SCHEMA_VERSION)))
+        connection.commit()
+
+
+def _version(connection: Connection) -> int | None:
+    """Our schema version, or None when the database has no autotune_meta yet."""
+    if META_TABLE not in inspect(connection).get_table_names():
+        return None
+    return int(connection.execute(text(f"SELECT value FROM {META_TABLE} WHERE name = 'schema_version'")).scalar_one())
+
+
+def _lock(connection: Connection) -> None:
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    elif connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _ADVISORY_LOCK_ID})

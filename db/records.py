@@ -1,0 +1,163 @@
+"""The plain, immutable values that go into and come out of the database.
+
+The search, the runtime and the CLI only ever see these frozen dataclasses, never ORM rows, so a record can be kept,
+compared and passed between processes without a session behind it. `TuningKey` says *what* was tuned; its digest is
+the one name a shape goes by everywhere (key rows, Optuna study names, worker claims).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from db.validation import check_bool, check_choice, check_datetime, check_int, check_json_object, check_text, check_time
+
+PLATFORMS = ("gpu", "tpu", "cpu-interpret")
+TRIAL_STATUSES = ("ok", "invalid", "compile_error", "resource_exhausted", "mismatch", "runtime_error", "timeout")
+RUN_STATUSES = ("running", "ok", "failed", "interrupted", "crashed")
+
+_TEXT_FIELDS = ("kernel", "kernel_version", "device_kind", "jax_version", "dtype")
+_SHAPE_FIELDS = ("batch", "q_len", "kv_len", "heads", "kv_heads", "head_dim")
+_FLAG_FIELDS = ("causal", "segments", "backward")
+
+
+@dataclass(frozen=True)
+class TuningKey:
+    """Everything a measured time depends on: kernel build, machine, software and problem shape."""
+
+    kernel: str
+    kernel_version: str
+    platform: str
+    device_kind: str
+    jax_version: str
+    batch: int
+    q_len: int
+    kv_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    causal: bool
+    segments: bool
+    backward: bool
+
+    def __post_init__(self) -> None:
+        for name in _TEXT_FIELDS:
+            check_text(name, getattr(self, name))
+        check_choice("platform", self.platform, PLATFORMS)
+        for name in _SHAPE_FIELDS:
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
+        for name in _FLAG_FIELDS:
+            check_bool(name, getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as plain JSON values."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TuningKey:
+        """Inverse of `to_dict`; ValueError on unknown or missing fields and on wrong types."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a tuning key must be an object (dict), got {type(data).__name__}")
+        names = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names), key=str)
+        if unknown:
+            raise ValueError(f"unknown tuning key field(s): {', '.join(map(str, unknown))}")
+        missing = [name for name in names if name not in data]
+        if missing:
+            raise ValueError(f"missing tuning key field(s): {', '.join(missing)}")
+        return cls(**{name: data[name] for name in names})
+
+    def digest(self) -> str:
+        """32 hex digits of the SHA-256 of the canonical JSON of all fields: stable across processes and versions."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:32]
+
+    def family(self) -> tuple[Any, ...]:
+        """The fields neighbours share: everything but the shape and the jax version."""
+        return (self.kernel, self.kernel_version, self.platform, self.device_kind, self.dtype, self.causal,
+                self.segments, self.backward)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One invocation of the search (a CLI run), so trials and bests can be traced back to how they were made."""
+
+    id: int
+    host: str
+    device_kind: str
+    platform: str
+    jax_version: str
+    arguments: dict[str, Any]
+    started_at: datetime
+    ended_at: datetime | None
+    status: str
+    message: str
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One measured (or failed) config; `time_s` is the median of `time_count` timings."""
+
+    id: int
+    key: TuningKey
+    run_id: int | None
+    number: int | None
+    config: dict[str, Any]
+    status: str
+    error_class: str | None
+    error_message: str | None
+    compile_s: float | None
+    time_s: float | None
+    time_spread_s: float | None
+    time_count: int | None
+    max_error: float | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class BestRecord:
+    """The fastest known config for one key: what the runtime uses."""
+
+    id: int
+    key: TuningKey
+    config: dict[str, Any]
+    time_s: float
+    default_time_s: float | None
+    speedup: float | None
+    trials: int
+    run_id: int | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class BestOffer:
+    """A candidate best for `Store.put_bests`: stored only if faster than what the key already has.
+
+    `updated_at` is None for a fresh measurement (stamped with now); the importer passes the exported time so a
+    merged result keeps its age (which `Store.prune(older_than=...)` looks at).
+    """
+
+    key: TuningKey
+    config: dict[str, Any]
+    time_s: float
+    default_time_s: float | None = None
+    trials: int = 0
+    run_id: int | None = None
+    updated_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, TuningKey):
+            raise ValueError(f"key must be a TuningKey, got {type(self.key).__name__}")
+        object.__setattr__(self, "config", check_json_object("config", self.config))
+        object.__setattr__(self, "time_s", check_time("time_s", self.time_s, positive=True))
+        object.__setattr__(self, "default_time_s", check_time("default_time_s", self.default_time_s, optional=True,
+                                                              positive=True))
+        object.__setattr__(self, "trials", check_int("trials", self.trials, minimum=0))
+        object.__setattr__(self, "run_id", check_int("run_id", self.run_id, optional=True))
+        if self.updated_at is not None:
+            object.__setattr__(self, "updated_at", check_datetime("updated_at", self.updated_at))

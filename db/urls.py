@@ -1,0 +1,79 @@
+"""Where the results live: turning a user's URL or plain path into one SQLAlchemy URL string.
+
+The resolved string is handed unchanged to Optuna's RDBStorage by the search, so the tuner's tables and Optuna's
+share one database; that is why relative paths are made absolute (both must mean the same file whatever the
+working directory) and why a bare `postgresql://` gets the psycopg driver (the only one this project installs).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+ENV_VAR = "AUTOTUNE_DB"
+_POSTGRES_ALIASES = ("postgresql", "postgres")
+
+
+def default_url() -> str:
+    """$AUTOTUNE_DB (a URL or a path) if set, else <cache>/pallas-autotune/results.db in the user's cache dir."""
+    configured = os.environ.get(ENV_VAR, "").strip()
+    if configured:
+        return resolve_url(configured)
+    return resolve_url(_cache_dir() / "pallas-autotune" / "results.db")
+
+
+def _cache_dir() -> Path:
+    """$XDG_CACHE_HOME when it is an absolute path (as the XDG spec asks), else ~/.cache."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg)
+    return Path.home() / ".cache"
+
+
+def resolve_url(url_or_path: str | os.PathLike[str]) -> str:
+    """An SQLAlchemy URL string for a URL (kept, made absolute for SQLite) or a filesystem path (an SQLite file)."""
+    if isinstance(url_or_path, os.PathLike):
+        return _sqlite_file_url(Path(url_or_path))
+    if not isinstance(url_or_path, str):
+        raise TypeError(f"a database URL or path must be a string or path, got {type(url_or_path).__name__}")
+    text = url_or_path.strip()
+    if not text:
+        raise ValueError("the database URL or path is empty")
+    if "://" not in text:
+        return _sqlite_file_url(Path(text))
+    try:
+        url = make_url(text)
+    except ArgumentError as exc:
+        raise ValueError(f"cannot parse the database URL {text!r}: {exc}") from None
+    if url.drivername in _POSTGRES_ALIASES:
+        url = url.set(drivername="postgresql+psycopg")
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not url.database.startswith("file:"):
+        url = url.set(database=str(_absolute(Path(url.database))))
+    return url.render_as_string(hide_password=False)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file behind an SQLite URL, or None for an in-memory SQLite database or another backend."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    if parsed.database.startswith("file:"):
+        return None
+    return Path(parsed.database)
+
+
+def display_url(url: str) -> str:
+    """The URL for messages: the password hidden, an SQLite file shown as its path."""
+    path = sqlite_file(url)
+    return str(path) if path is not None else make_url(url).render_as_string(hide_password=True)
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path.expanduser()))
+
+
+def _sqlite_file_url(path: Path) -> str:
+    return URL.create("sqlite", database=str(_absolute(path))).render_as_string(hide_password=False)

@@ -1,0 +1,143 @@
+"""Checks for the plain values the database stores, shared by the records, the store and the importer.
+
+Each check raises ValueError whose message starts with the field's name, so the caller (or the importer, which
+prefixes the record index) can say exactly what was wrong. Times are checked here once: no NaN, no infinity and no
+negative number ever reaches a table, because a single NaN would make "keep the faster" comparisons meaningless.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_time(field: str, value: Any, *, optional: bool = False, positive: bool = False) -> float | None:
+    """A duration in seconds: a real number, finite, not negative (or > 0 when `positive`); None if `optional`."""
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{field} is required (a number of seconds), got None")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{field} must be a number of seconds, got {_describe(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{field} must be a finite number of seconds, got {number!r}")
+    if number < 0 or (positive and number == 0):
+        bound = "greater than 0" if positive else "0 or more"
+        raise ValueError(f"{field} must be {bound} seconds, got {number!r}")
+    return number
+
+
+def check_error_size(field: str, value: Any) -> float | None:
+    """A measured error: a real number >= 0 or +inf. NaN means the output was not finite, so it is stored as +inf."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{field} must be a number, got {_describe(value)}")
+    number = float(value)
+    if math.isnan(number):
+        return math.inf
+    if number < 0:
+        raise ValueError(f"{field} must be 0 or more, got {number!r}")
+    return number
+
+
+def check_int(field: str, value: Any, *, minimum: int | None = None, optional: bool = False) -> int | None:
+    """An integer (never a bool, never a float that happens to be whole), at least `minimum` if given."""
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{field} is required (an integer), got None")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{field} must be an integer, got {_describe(value)}")
+    number = int(value)
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{field} must be at least {minimum}, got {number}")
+    return number
+
+
+def check_bool(field: str, value: Any) -> bool:
+    """A real bool: 0/1 or "true" are refused, since they usually mean a field was mixed up."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field} must be true or false, got {_describe(value)}")
+    return value
+
+
+def check_text(field: str, value: Any, *, optional: bool = False, allow_empty: bool = False) -> str | None:
+    """A string (non-empty unless `allow_empty`)."""
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{field} is required (a string), got None")
+    if not isinstance(value, str):
+        raise ValueError(f"{field} must be a string, got {_describe(value)}")
+    if not value and not allow_empty:
+        raise ValueError(f"{field} must not be empty")
+    return value
+
+
+def check_choice(field: str, value: Any, choices: Sequence[str]) -> str:
+    """One of a fixed set of strings."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{field} must be one of {', '.join(choices)}; got {_describe(value)}")
+    return value
+
+
+def _plain_json(path: str, value: Any) -> Any:
+    """A copy of `value` made of JSON types only (tuples become lists); refuses NaN, infinity and odd types."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"{path} must be finite, got {number!r}")
+        return number
+    if isinstance(value, Mapping):
+        copy = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{path} has a non-string key {_describe(key)}")
+            copy[key] = _plain_json(f"{path}[{key!r}]", item)
+        return copy
+    if isinstance(value, (list, tuple)):
+        return [_plain_json(f"{path}[{index}]", item) for index, item in enumerate(value)]
+    raise ValueError(f"{path} holds {_describe(value)}, which is not a JSON value")
+
+
+def check_json_object(field: str, value: Any) -> dict[str, Any]:
+    """A JSON object (dict with string keys and JSON values), returned as a plain copy."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{field} must be an object (dict), got {_describe(value)}")
+    return _plain_json(field, value)
+
+
+def check_datetime(field: str, value: Any) -> datetime:
+    """A datetime or an ISO 8601 string; naive values are taken as UTC. Returned in UTC."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{field} must be an ISO 8601 date and time, got {value!r}") from None
+    if not isinstance(value, datetime):
+        raise ValueError(f"{field} must be a date and time, got {_describe(value)}")
+    return as_utc(value)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """The same instant in UTC; a naive datetime is taken to be UTC already."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+def utc_now() -> datetime:
+    """Now, timezone-aware in UTC (every timestamp the database writes)."""
+    return datetime.now(timezone.utc)

@@ -1,0 +1,206 @@
+"""Tunable parameters of the GPU kernel, their search space, and the checks that reject configs before compiling.
+
+Triton needs power-of-two tiles of at least 16 for its dots, and a program whose tiles do not fit in shared memory
+fails only at compile time. Rejecting such configs here is cheap and keeps the search from wasting compiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.problem import Problem
+
+FORWARD_FIELDS = ("block_q", "block_k", "num_warps", "num_stages")
+BACKWARD_FIELDS = ("bwd_block_q", "bwd_block_k", "bwd_num_warps", "bwd_num_stages")
+WARPS = (1, 2, 4, 8)
+STAGES = (1, 2, 3, 4)
+MAX_STAGES = 8
+MIN_BLOCK = 16
+KIB = 1024
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << (int(n) - 1).bit_length()
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """head_dim as the kernels see it: zero-padded to a power of two, at least 16 (Triton dot operands)."""
+    return max(MIN_BLOCK, next_pow2(head_dim))
+
+
+def block_cap(length: int) -> int:
+    """Largest useful block for a sequence: its padded length (a bigger block only adds masked work)."""
+    return max(MIN_BLOCK, next_pow2(length))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Forward tiles and Triton launch parameters, and the same for the two backward kernels."""
+
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    bwd_block_q: int
+    bwd_block_k: int
+    bwd_num_warps: int
+    bwd_num_stages: int
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"Config field {field.name} must be an int, got {value!r}")
+            object.__setattr__(self, field.name, int(value))
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        """Build from a dict with exactly the Config fields (as stored in JSON); ValueError names what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError(f"Config.from_dict needs a dict, got {type(data).__name__}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown Config field(s) {unknown}; expected {fields}")
+        missing = [name for name in fields if name not in data]
+        if missing:
+            raise ValueError(f"missing Config field(s) {missing}")
+        return cls(**data)
+
+    @classmethod
+    def default(cls, problem: Problem, *, device_kind: str | None = None) -> "Config":
+        """Heuristic config: big tiles for long sequences, shrunk to the sequence and to the shared memory."""
+        warps = 4 if problem.head_dim <= 64 else 8
+        bwd_block = 64 if problem.head_dim <= 64 else 32
+        fwd = _fit(
+            min(128, block_cap(problem.q_len)), min(64, block_cap(problem.kv_len)), 2,
+            lambda bq, bk, s: forward_smem_bytes(bq, bk, s, problem), device_kind,
+        )
+        bwd = _fit(
+            min(bwd_block, block_cap(problem.q_len)), min(bwd_block, block_cap(problem.kv_len)), 2,
+            lambda bq, bk, s: backward_smem_bytes(bq, bk, s, problem), device_kind,
+        )
+        return cls(
+            block_q=fwd[0], block_k=fwd[1], num_warps=warps, num_stages=fwd[2],
+            bwd_block_q=bwd[0], bwd_block_k=bwd[1], bwd_num_warps=warps, bwd_num_stages=bwd[2],
+        )
+
+
+def _fit(block_q: int, block_k: int, stages: int, smem, device_kind: str | None) -> tuple[int, int, int]:
+    """Halve block_k, then block_q, then the stages until the tiles fit (best effort: may still not fit)."""
+    limit = smem_limit(device_kind)
+    while smem(block_q, block_k, stages) > limit:
+        if block_k > MIN_BLOCK and block_k >= block_q:
+            block_k //= 2
+        elif block_q > MIN_BLOCK:
+            block_q //= 2
+        elif stages > 1:
+            stages -= 1
+        else:
+            break
+    return block_q, block_k, stages
+
+
+def search_space(problem: Problem) -> dict[str, tuple[int, ...]]:
+    """Candidate values per Config field; backward fields only when the problem needs gradients."""
+    space = {
+        "block_q": _blocks(problem.q_len, big=True),
+        "block_k": _blocks(problem.kv_len, big=True),
+        "num_warps": WARPS,
+        "num_stages": STAGES,
+    }
+    if problem.backward:
+        space.update(
+            bwd_block_q=_blocks(problem.q_len, big=False),
+            bwd_block_k=_blocks(problem.kv_len, big=False),
+            bwd_num_warps=WARPS,
+            bwd_num_stages=STAGES,
+        )
+    return space
+
+
+def _blocks(length: int, *, big: bool) -> tuple[int, ...]:
+    """Powers of two from 16 up to the padded length, at most 128 (256 for long sequences if `big`)."""
+    top = 256 if big and length >= 1024 else 128
+    cap = min(top, block_cap(length))
+    return tuple(b for b in (16, 32, 64, 128, 256) if b <= cap)
+
+
+def smem_limit(device_kind: str | None) -> int:
+    """Shared memory a program may use, in bytes; interpret mode (None or CPU) is treated as Hopper."""
+    kind = (device_kind or "cpu").lower()
+    if "cpu" in kind or "h100" in kind or "h200" in kind:
+        return 227 * KIB
+    if "a100" in kind:
+        return 163 * KIB
+    return 99 * KIB
+
+
+def _tile_bytes(problem: Problem) -> int:
+    """Bytes of one row of a q/k/v tile: padded head_dim in the input dtype."""
+    return padded_head_dim(problem.head_dim) * jnp.dtype(problem.dtype).itemsize
+
+
+def forward_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem) -> int:
+    """q tile loaded once, k and v tiles buffered `stages` deep by the software pipeline."""
+    return (block_q + 2 * block_k * stages) * _tile_bytes(problem)
+
+
+def backward_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem) -> int:
+    """The larger of the two backward kernels: dq (q, do fixed; k, v streamed) and dk/dv (k, v fixed; q, do
+    streamed, with their lse and delta rows)."""
+    row = _tile_bytes(problem)
+    dq = (2 * block_q + 2 * block_k * stages) * row
+    dkv = (2 * block_k + 2 * block_q * stages) * row + 2 * block_q * stages * 4
+    return max(dq, dkv)
+
+
+def invalid_reasons(config: Config, problem: Problem, *, device_kind: str | None = None) -> list[str]:
+    """Why `config` cannot (or should not) run `problem`; empty when it can."""
+    reasons: list[str] = []
+    lengths = {"block_q": problem.q_len, "block_k": problem.kv_len,
+               "bwd_block_q": problem.q_len, "bwd_block_k": problem.kv_len}
+    for prefix in ("", "bwd_"):
+        check_sizes = prefix == "" or problem.backward
+        for name in (f"{prefix}block_q", f"{prefix}block_k"):
+            block = getattr(config, name)
+            if block < MIN_BLOCK or block & (block - 1):
+                reasons.append(f"{name}={block} is not a power of two >= {MIN_BLOCK} (Triton dot tiles)")
+            elif check_sizes and block > block_cap(lengths[name]):
+                seq = "q_len" if name.endswith("q") else "kv_len"
+                reasons.append(
+                    f"{name}={block} exceeds {block_cap(lengths[name])}, the padded {seq}={lengths[name]}: "
+                    "only masked work"
+                )
+        warps = getattr(config, f"{prefix}num_warps")
+        if warps not in WARPS:
+            reasons.append(f"{prefix}num_warps={warps} is not one of {WARPS}")
+        stages = getattr(config, f"{prefix}num_stages")
+        if not 1 <= stages <= MAX_STAGES:
+            reasons.append(f"{prefix}num_stages={stages} is not in 1..{MAX_STAGES}")
+    if reasons:
+        return reasons
+    limit = smem_limit(device_kind)
+    used = forward_smem_bytes(config.block_q, config.block_k, config.num_stages, problem)
+    if used > limit:
+        reasons.append(
+            f"forward tiles need about {used // KIB} KiB of shared memory (block_q={config.block_q}, "
+            f"block_k={config.block_k}, num_stages={config.num_stages}), over the {limit // KIB} KiB limit"
+        )
+    if problem.backward:
+        used = backward_smem_bytes(config.bwd_block_q, config.bwd_block_k, config.bwd_num_stages, problem)
+        if used > limit:
+            reasons.append(
+                f"backward tiles need about {used // KIB} KiB of shared memory (bwd_block_q={config.bwd_block_q}, "
+                f"bwd_block_k={config.bwd_block_k}, bwd_num_stages={config.bwd_num_stages}), "
+                f"over the {limit // KIB} KiB limit"
+            )
+    return reasons

@@ -1,0 +1,132 @@
+"""The public entry point: input checks, layout and padding around the kernels, and the custom VJP.
+
+Our layout is [batch, seq, heads, head_dim]; the kernels want [batch, heads, seq, head_dim] with the sequence
+padded to whole blocks (interpret mode reads NaN out of bounds, and Mosaic wants whole tiles anyway).
+float16 is widened to float32 here: the kernels then only see MXU-native dtypes.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels.problem import Problem, check_inputs, resolve_scale
+from kernels.tpu.backward import backward
+from kernels.tpu.common import NO_KEY_LSE, Static
+from kernels.tpu.config import Config, invalid_reasons
+from kernels.tpu.forward import forward
+
+
+def _round_up(x: int, unit: int) -> int:
+    return -(-x // unit) * unit
+
+
+def _kernel_dtype(dtype) -> jnp.dtype:
+    return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
+
+
+def _to_kernel(x: jax.Array, length: int) -> jax.Array:
+    """[b, s, h, d] -> [b, h, length, d], zero-padded, in the kernel dtype."""
+    x = x.astype(_kernel_dtype(x.dtype))
+    if length > x.shape[1]:
+        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _from_kernel(x: jax.Array, length: int, dtype) -> jax.Array:
+    """[b, h, padded, d] -> [b, length, h, d] in `dtype`."""
+    return jnp.swapaxes(x[:, :, :length], 1, 2).astype(dtype)
+
+
+def _resize(x: jax.Array, true_len: int, length: int, fill: float = 0.0) -> jax.Array:
+    """Re-pad axis 2 of a kernel-layout array from one block padding to another."""
+    if x.shape[2] == length:
+        return x
+    x = x[:, :, :true_len]
+    widths = [(0, 0)] * x.ndim
+    widths[2] = (0, length - true_len)
+    return jnp.pad(x, widths, constant_values=fill)
+
+
+def _ids(q_ids, kv_ids, q_len: int, kv_len: int):
+    """Segment ids padded to the kernels' lengths, or (None, None)."""
+    if q_ids is None:
+        return None, None
+    q_ids = jnp.pad(q_ids, ((0, 0), (0, q_len - q_ids.shape[1])))
+    kv_ids = jnp.pad(kv_ids, ((0, 0), (0, kv_len - kv_ids.shape[1])))
+    return q_ids, kv_ids
+
+
+def _forward(st: Static, config: Config, q, k, v, q_ids, kv_ids, save_lse: bool):
+    q_pad = _round_up(st.q_len, config.block_q)
+    kv_pad = _round_up(st.kv_len, config.block_k_major)
+    qt, kt, vt = _to_kernel(q, q_pad), _to_kernel(k, kv_pad), _to_kernel(v, kv_pad)
+    q_ids_p, kv_ids_p = _ids(q_ids, kv_ids, q_pad, kv_pad)
+    out_t, lse = forward(qt, kt, vt, q_ids_p, kv_ids_p, st=st, config=config, save_lse=save_lse)
+    return _from_kernel(out_t, st.q_len, q.dtype), (qt, kt, vt, out_t, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attention(st: Static, config: Config, problem: Problem, q, k, v, q_ids, kv_ids):
+    return _forward(st, config, q, k, v, q_ids, kv_ids, save_lse=False)[0]
+
+
+def _attention_fwd(st: Static, config: Config, problem: Problem, q, k, v, q_ids, kv_ids):
+    reasons = invalid_reasons(config, problem.replace(backward=True), device_kind=_device_kind(st.interpret))
+    if reasons:
+        raise ValueError("config cannot run the backward pass of this problem: " + "; ".join(reasons))
+    out, (qt, kt, vt, out_t, lse) = _forward(st, config, q, k, v, q_ids, kv_ids, save_lse=True)
+    return out, (qt, kt, vt, out_t, lse, q_ids, kv_ids)
+
+
+def _attention_bwd(st: Static, config: Config, problem: Problem, res, d_out):
+    qt, kt, vt, out_t, lse, q_ids, kv_ids = res
+    dtype = jnp.dtype(problem.dtype)
+    q_pad = _round_up(st.q_len, config.bwd_block_q)
+    kv_pad = _round_up(st.kv_len, config.bwd_block_k_major)
+    qt, out_t = _resize(qt, st.q_len, q_pad), _resize(out_t, st.q_len, q_pad)
+    lse = _resize(lse, st.q_len, q_pad, fill=NO_KEY_LSE)  # padded rows: p == 0
+    kt, vt = _resize(kt, st.kv_len, kv_pad), _resize(vt, st.kv_len, kv_pad)
+    do_t = _to_kernel(d_out, q_pad)
+    q_ids_p, kv_ids_p = _ids(q_ids, kv_ids, q_pad, kv_pad)
+    dq, dk, dv = backward(qt, kt, vt, out_t, lse, do_t, q_ids_p, kv_ids_p, st=st, config=config)
+    return (_from_kernel(dq, st.q_len, dtype), _from_kernel(dk, st.kv_len, dtype),
+            _from_kernel(dv, st.kv_len, dtype), None, None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _device_kind(interpret: bool) -> str | None:
+    """The TPU generation the VMEM limit is judged for (None, the conservative limit, off TPU)."""
+    if interpret:
+        return None
+    device = jax.devices()[0]
+    return device.device_kind if device.platform == "tpu" else None
+
+
+def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None,
+                    config: Config | None = None, interpret: bool = False):
+    """Flash attention on TPU (Mosaic), or on the CPU in TPU interpret mode when `interpret` is true.
+
+    q [batch, q_len, heads, head_dim], k and v [batch, kv_len, kv_heads, head_dim] (kv_heads divides heads);
+    segment_ids: [batch, seq] when q_len == kv_len, or a pair (q_ids, kv_ids). Top-left causal. Returns an array
+    like q. Differentiable in q, k, v (backward kernels for dq and dk/dv); works under jit and vmap.
+    """
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(interpret, bool):
+        raise TypeError(f"interpret must be a bool, got {type(interpret).__name__}")
+    problem, q_ids, kv_ids = check_inputs(q, k, v, segment_ids, causal=causal)
+    scale = resolve_scale(sm_scale, problem.head_dim)
+    if config is None:
+        config = Config.default(problem)
+    elif not isinstance(config, Config):
+        raise TypeError(f"config must be a kernels.tpu.Config or None, got {type(config).__name__}")
+    reasons = invalid_reasons(config, problem, device_kind=_device_kind(interpret))
+    if reasons:
+        raise ValueError("config cannot run this problem: " + "; ".join(reasons))
+    st = Static(causal=causal, scale=scale, q_len=problem.q_len, kv_len=problem.kv_len, groups=problem.groups,
+                segments=q_ids is not None, highest=problem.dtype != "bfloat16", interpret=interpret)
+    return _attention(st, config, problem, q, k, v, q_ids, kv_ids)

@@ -1,0 +1,134 @@
+"""Forward flash-attention kernel: online softmax over kv blocks, f32 state in VMEM scratch.
+
+Grid (batch blocks, heads, q blocks, kv major blocks); the kv axis is the sequential reduction. Each grid step
+loads a [block_k_major, d] tile of k and v and walks it in block_k chunks, skipping chunks that are wholly
+above the causal diagonal or wholly padding.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.tpu import common
+from kernels.tpu.common import MASK_VALUE, NO_KEY_LSE, SQUEEZED, Static
+from kernels.tpu.config import LANES, SUBLANES, Config
+
+
+def _kernel(*refs, st: Static, block_k: int, n_kv: int, kv_pad: bool, save_lse: bool) -> None:
+    q_ref, k_ref, v_ref = refs[:3]
+    rest = refs[3:]
+    q_ids_ref = kv_ids_ref = None
+    if st.segments:
+        q_ids_ref, kv_ids_ref, *rest = rest
+    o_ref, *rest = rest
+    lse_ref = None
+    if save_lse:
+        lse_ref, *rest = rest
+    m_ref, l_ref, acc_ref = rest
+
+    block_b, block_q, _ = q_ref.shape
+    block_k_major = k_ref.shape[1]
+    qi, j = pl.program_id(2), pl.program_id(3)
+    q_start = qi * block_q
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    for c in range(0, block_k_major, block_k):
+        k_start = j * block_k_major + c
+
+        def chunk(c=c, k_start=k_start):
+            for b in range(block_b):
+                s = common.dot_nt(q_ref[b], k_ref[b, c:c + block_k, :], st) * st.scale  # [bq, bk]
+                q_ids = kv_ids = None
+                if st.segments:
+                    q_ids = q_ids_ref[b][:, :1]
+                    kv_ids = kv_ids_ref[b, 0:1, c:c + block_k]
+                mask = common.visible(st, q_start, k_start, s.shape, q_ids, kv_ids, kv_pad)
+                if mask is not None:
+                    s = jnp.where(mask, s, MASK_VALUE)
+                m_prev = m_ref[b]  # [bq, 128], all lanes equal
+                m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+                p = jnp.exp(s - m_next[:, :1])
+                if mask is not None:
+                    p = jnp.where(mask, p, 0.0)  # a row that saw no key yet has m == MASK_VALUE and p == 1
+                alpha = jnp.exp(m_prev - m_next)
+                l_ref[b] = alpha * l_ref[b] + jnp.sum(p, axis=1, keepdims=True)
+                m_ref[b] = m_next
+                v = v_ref[b, c:c + block_k, :]
+                acc_ref[b] = acc_ref[b] * alpha[:, :1] + common.dot_nn(p.astype(v.dtype), v, st)
+
+        common.when(common.chunk_needed(st, q_start + block_q - 1, k_start, kv_pad), chunk)
+
+    @pl.when(j == n_kv - 1)
+    def _finish():
+        for b in range(block_b):
+            l = l_ref[b]
+            seen = l > 0.0
+            inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)  # a row that sees no key outputs zeros
+            o_ref[b] = (acc_ref[b] * inv[:, :1]).astype(o_ref.dtype)
+            if lse_ref is not None:
+                lse_ref[b] = jnp.where(seen, m_ref[b] + jnp.log(jnp.where(seen, l, 1.0)), NO_KEY_LSE)
+
+
+def forward(q, k, v, q_ids, kv_ids, *, st: Static, config: Config, save_lse: bool):
+    """Padded [b, h, q, d] / [b, hk, kv, d] inputs, ids [b, q] / [b, kv] or None -> out [b, h, q, d], lse or None.
+
+    lse is [b, h, q, 128] float32 (lane-broadcast), only computed when save_lse (for the backward pass).
+    """
+    batch, heads, q_pad, d = q.shape
+    kv_pad_len = k.shape[2]
+    bb, bq, bkm = config.block_b, config.block_q, config.block_k_major
+    n_q, n_kv = q_pad // bq, kv_pad_len // bkm
+    groups = st.groups
+
+    def kv_map(b, h, qi, j):
+        return (b, common.div(h, groups), common.kv_block_clamp(st, qi, j, bq, bkm, n_kv), 0)
+
+    def q_map(b, h, qi, j):
+        return (b, h, qi, 0)
+
+    in_specs = [
+        pl.BlockSpec((bb, SQUEEZED, bq, d), q_map),
+        pl.BlockSpec((bb, SQUEEZED, bkm, d), kv_map),
+        pl.BlockSpec((bb, SQUEEZED, bkm, d), kv_map),
+    ]
+    args = [q, k, v]
+    if st.segments:
+        in_specs += [
+            pl.BlockSpec((bb, bq, LANES), lambda b, h, qi, j: (b, qi, 0)),
+            pl.BlockSpec((bb, SUBLANES, bkm),
+                         lambda b, h, qi, j: (b, 0, common.kv_block_clamp(st, qi, j, bq, bkm, n_kv))),
+        ]
+        args += [common.lane_layout(q_ids), common.sublane_layout(kv_ids)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    out_specs = [pl.BlockSpec((bb, SQUEEZED, bq, d), q_map)]
+    if save_lse:
+        out_shape.append(jax.ShapeDtypeStruct((batch, heads, q_pad, LANES), jnp.float32))
+        out_specs.append(pl.BlockSpec((bb, SQUEEZED, bq, LANES), q_map))
+    scratch = [
+        pltpu.VMEM((bb, bq, LANES), jnp.float32),  # running max
+        pltpu.VMEM((bb, bq, LANES), jnp.float32),  # running denominator
+        pltpu.VMEM((bb, bq, d), jnp.float32),  # unnormalised output
+    ]
+    kernel = functools.partial(_kernel, st=st, block_k=config.block_k, n_kv=n_kv,
+                               kv_pad=kv_pad_len != st.kv_len, save_lse=save_lse)
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(batch // bb, heads, n_q, n_kv),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=scratch,
+        compiler_params=common.compiler_params(st.interpret),
+        interpret=common.interpret_param(st.interpret),
+        name="flash_attention_tpu_fwd",
+    )(*args)
+    return outs[0], (outs[1] if save_lse else None)

@@ -1,0 +1,29 @@
+"""Shared pytest fixtures."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+try:
+    from tests.pg_server import PostgresUnavailable, start_postgres
+except ModuleNotFoundError:  # tests/ without __init__.py: pytest puts tests/ itself on sys.path
+    from pg_server import PostgresUnavailable, start_postgres
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """An SQLAlchemy URL of a PostgreSQL database: $AUTOTUNE_TEST_PG_URL, or a throwaway server for the session."""
+    given = os.environ.get("AUTOTUNE_TEST_PG_URL", "").strip()
+    if given:
+        yield given
+        return
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL server could be started (set AUTOTUNE_TEST_PG_URL to use one): {exc}")
+    try:
+        yield server.url
+    finally:
+        server.stop()
