@@ -116,7 +116,8 @@ def _store(url: str) -> Store | None:
                                     "(run `autotune search` to tune)")
         else:
             try:
-                store = Store(url)
+                # Inference waits little for a locked database: the heuristic beats a stalled model.
+                store = Store(url, busy_timeout_s=float(os.environ.get("AUTOTUNE_DB_BUSY_TIMEOUT", "1")))
             except Exception as exc:  # noqa: BLE001 - inference must never break on the database
                 _warn_once(("db", url), f"cannot open the results database {url} ({exc}); using heuristic configs")
         _stores[url] = store
@@ -173,7 +174,8 @@ def _resolve(kernel: ModuleType, kernel_name: str, problem: Problem, device: Dev
         from autotune.search import SearchOptions, search_problem
 
         result = search_problem(problem, kernel_name=kernel_name, store=store, device=device,
-                                options=SearchOptions(trials=8, compare_xla=False, retime_top=2), progress=False)
+                                options=SearchOptions(trials=int(os.environ.get("AUTOTUNE_TUNE_TRIALS", "8")),
+                                                      compare_xla=False, retime_top=2), progress=False)
         return Lookup(kernel.Config.from_dict(result.best_config), "tuned", key, "tuned on miss")
     if policy == "nearest" and store is not None:
         with contextlib.suppress(Exception):

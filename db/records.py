@@ -77,11 +77,6 @@ class TuningKey:
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:32]
 
-    def family(self) -> tuple[Any, ...]:
-        """The fields neighbours share: everything but the shape and the jax version."""
-        return (self.kernel, self.kernel_version, self.platform, self.device_kind, self.dtype, self.causal,
-                self.segments, self.backward)
-
 
 @dataclass(frozen=True)
 class RunRecord:

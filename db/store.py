@@ -39,6 +39,7 @@ T = TypeVar("T")
 _ATTEMPTS = 8
 _RETRY_SQLSTATES = {"40001", "40P01"}  # PostgreSQL serialization failure, deadlock
 _NO_SYNC = {"synchronize_session": False}
+_FINAL_RUN_STATUSES = tuple(status for status in RUN_STATUSES if status != "running")
 _ID_CHUNK = 500  # ids per IN (...) list, well below every backend's parameter limit
 
 
@@ -92,10 +93,14 @@ class Store:
                     return work(session)
             except DBAPIError as exc:
                 lost_race = isinstance(exc, IntegrityError) or getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES
-                if not lost_race or attempt == _ATTEMPTS - 1:
-                    raise
-                log.debug("retrying a write that lost a race (attempt %d): %s", attempt + 1, exc.orig)
-                time.sleep(random.uniform(0.0, 0.002 * 2 ** attempt))
+                if lost_race and attempt < _ATTEMPTS - 1:
+                    log.debug("retrying a write that lost a race (attempt %d): %s", attempt + 1, exc.orig)
+                    time.sleep(random.uniform(0.0, 0.002 * 2 ** attempt))
+                    continue
+                if isinstance(exc, OperationalError) and "database is locked" in str(exc.orig):
+                    raise DatabaseError(f"the results database {self._where} stayed locked by another process "
+                                        f"for longer than the busy timeout") from exc
+                raise
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -136,7 +141,7 @@ class Store:
 
     def finish_run(self, run_id: int, status: str, message: str = "") -> None:
         """Record how a run ended."""
-        check_choice("status", status, RUN_STATUSES[1:])
+        check_choice("status", status, _FINAL_RUN_STATUSES)
         check_text("message", message, allow_empty=True)
 
         def work(session: Session) -> None:
@@ -220,15 +225,20 @@ class Store:
         key_id = self._key_id(session, offer.key)
         values = dict(config=offer.config, time_s=offer.time_s, default_time_s=offer.default_time_s,
                       trials=offer.trials, run_id=offer.run_id, updated_at=offer.updated_at or now)
-        replaced = session.execute(update(BestRow).where(BestRow.key_id == key_id, BestRow.time_s > offer.time_s)
-                                   .values(**values).execution_options(**_NO_SYNC))
-        if replaced.rowcount:
-            return True
-        if session.scalar(select(BestRow.id).where(BestRow.key_id == key_id)) is not None:
-            return False  # the stored best is at least as fast
-        session.add(BestRow(key_id=key_id, **values))
-        session.flush()  # a racing first insert for this key fails here on the unique key_id; the write is retried
-        return True
+        while True:
+            replaced = session.execute(update(BestRow).where(BestRow.key_id == key_id, BestRow.time_s > offer.time_s)
+                                       .values(**values).execution_options(**_NO_SYNC))
+            if replaced.rowcount:
+                return True
+            stored = session.scalar(select(BestRow.time_s).where(BestRow.key_id == key_id))
+            if stored is None:
+                session.add(BestRow(key_id=key_id, **values))
+                session.flush()  # a racing first insert for this key fails here on the unique key_id; retried
+                return True
+            if True:
+                return False  # the stored best is at least as fast (and bests only ever get faster)
+            # PostgreSQL (read committed) gives each statement a new snapshot: the row was committed by another
+            # writer after our UPDATE looked, so it may be slower than ours; compare again.
 
     def get_best(self, key: TuningKey) -> BestRecord | None:
         """The key's best, in one indexed query (the runtime calls this on every kernel call it has not cached)."""

@@ -356,6 +356,16 @@ def test_refuses_newer_schema_and_leaves_file_unchanged(tmp_path: Path) -> None:
     with pytest.raises(SchemaTooNewError, match=f"{path}.*version {SCHEMA_VERSION + 1}"):
         Store(path)
     assert snapshot(path) == before
+    # In use by another process in WAL mode: the newest state (in the -wal file) is read, and nothing is changed.
+    holder = sqlite3.connect(path)
+    holder.execute("UPDATE autotune_meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION + 5),))
+    holder.commit()
+    files = {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in ("future.db",
+                                                                                          "future.db-wal")}
+    with pytest.raises(SchemaTooNewError, match=f"version {SCHEMA_VERSION + 5}"):
+        Store(path)
+    assert files == {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in files}
+    holder.close()
 
 
 @pytest.mark.parametrize("content", [
@@ -390,6 +400,23 @@ def test_refuses_a_foreign_database_and_leaves_it_unchanged(tmp_path: Path) -> N
         Store(path)
     assert snapshot(path) == before
     assert issubclass(ForeignDatabaseError, DatabaseError)
+
+
+def test_locked_database_gives_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "results.db"
+    with Store(path, busy_timeout_s=0.2) as store:
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process in the middle of a long write
+        with pytest.raises(DatabaseError, match="locked"):
+            store.add_trial(make_key(), config={}, status="ok")
+        holder.execute("ROLLBACK")
+        holder.close()
+        store.add_trial(make_key(), config={}, status="ok")
+
+
+def test_unreachable_server_gives_a_clear_error() -> None:
+    with pytest.raises(DatabaseError, match="cannot open the results database postgresql"):
+        Store("postgresql://nobody:secret@/results?host=/nonexistent-socket-dir")
 
 
 def test_shares_a_database_with_optuna(tmp_path: Path) -> None:
@@ -715,3 +742,23 @@ def test_postgres_refuses_a_foreign_database(pg_db: str) -> None:
         tables = connection.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"))
         assert [row[0] for row in tables] == ["customers"]
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_best_committed_between_our_statements(pg_db: str) -> None:
+    """Read committed gives each statement a fresh snapshot: a slower best that another writer commits after our
+    UPDATE found no row must not make us give up (regression: the faster result was lost)."""
+    key = make_key()
+    with Store(pg_db) as racer, Store(pg_db) as other:
+        other.record_miss(key)  # the key row exists, the best does not yet
+        interleaved: list[bool] = []
+
+        @event.listens_for(racer.engine, "after_cursor_execute")
+        def commit_a_slower_best(_conn, _cursor, statement, *_rest) -> None:
+            if statement.startswith("UPDATE autotune_bests") and not interleaved:
+                interleaved.append(other.put_best(key, config={"slow": True}, time_s=2.0, default_time_s=None,
+                                                  trials=1))
+
+        assert racer.put_best(key, config={"fast": True}, time_s=1.0, default_time_s=None, trials=1) is True
+        assert interleaved == [True]
+        assert racer.get_best(key).config == {"fast": True}

@@ -11,12 +11,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels.gpu.common import (
-    LOG2E, LSE_EMPTY, dot_nn, dot_nt, dot_tn, kv_blocks, kv_head, pad_axis, q_blocks, round_up, visible,
+    LOG2E, LSE_EMPTY, block_loop, dot_nn, dot_nt, dot_tn, kv_blocks, kv_head, pad_axis, q_blocks, round_up,
+    visible,
 )
 from kernels.gpu.config import Config, padded_head_dim
 
@@ -58,8 +58,8 @@ def _dq_kernel(
 
     dq = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
     n_full, n_all = kv_blocks(i, block_q=block_q, block_k=block_k, kv_len=kv_len, causal=causal)
-    dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
-    dq = lax.fori_loop(n_full, n_all, functools.partial(step, masked=True), dq)
+    dq = block_loop(0, n_full, functools.partial(step, masked=False), dq)
+    dq = block_loop(n_full, n_all, functools.partial(step, masked=True), dq)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -103,8 +103,8 @@ def _dkv_kernel(
 
     zeros = jnp.zeros((block_k, k.shape[-1]), jnp.float32)
     first, unmasked = q_blocks(j, block_q=block_q, block_k=block_k, q_blocks_total=q_blocks_total, causal=causal)
-    carry = lax.fori_loop(first, unmasked, functools.partial(step, masked=True), (zeros, zeros))
-    dk, dv = lax.fori_loop(unmasked, q_blocks_total, functools.partial(step, masked=False), carry)
+    carry = block_loop(first, unmasked, functools.partial(step, masked=True), (zeros, zeros))
+    dk, dv = block_loop(unmasked, q_blocks_total, functools.partial(step, masked=False), carry)
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -139,7 +139,10 @@ def backward(
     row_tile = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     dq_specs = [q_tile, kv_whole, kv_whole, q_tile, row_tile, row_tile]
     if segments:
-        dq_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)), pl.BlockSpec((None, lk), lambda i, b, h: (b, 0))]
+        dq_specs += [
+            pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+            pl.BlockSpec((None, lk), lambda i, b, h: (b, 0)),
+        ]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, kv_len=kv_len, **statics),
         grid=(lq // bq, batch, heads),
@@ -157,7 +160,10 @@ def backward(
     row_whole = pl.BlockSpec((None, None, lq), lambda j, b, h: (b, h, 0))
     dkv_specs = [q_whole, kv_tile, kv_tile, q_whole, row_whole, row_whole]
     if segments:
-        dkv_specs += [pl.BlockSpec((None, lq), lambda j, b, h: (b, 0)), pl.BlockSpec((None, bk), lambda j, b, h: (b, j))]
+        dkv_specs += [
+            pl.BlockSpec((None, lq), lambda j, b, h: (b, 0)),
+            pl.BlockSpec((None, bk), lambda j, b, h: (b, j)),
+        ]
     grad_dtype = k.dtype if groups == 1 else jnp.float32
     out_tile = pl.BlockSpec((None, bk, None, dp), lambda j, b, h: (b, j, h, 0))
     dk, dv = pl.pallas_call(

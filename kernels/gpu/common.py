@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 LOG2E = math.log2(math.e)
@@ -35,7 +36,7 @@ def pad_axis(x: jax.Array, axis: int, size: int, value: float | int = 0) -> jax.
 
 def cdiv(a, b: int):
     """Ceil division of a non-negative traced int32 by a static int (`//` on program ids trips Triton)."""
-    return lax.div(a + (b - 1), jnp.int32(b))
+    return lax.div(a + (b - 1), np.int32(b))
 
 
 def visible(
@@ -65,12 +66,11 @@ def visible(
 def kv_blocks(i, *, block_q: int, block_k: int, kv_len: int, causal: bool):
     """For q block `i`: (n_full, n_all): key blocks [0, n_full) need no causal/padding mask, [n_full, n_all)
     need one, blocks >= n_all are fully masked (skipped)."""
-    n_kv = -(-kv_len // block_k)
-    n_full = jnp.int32(kv_len // block_k)
-    n_all = jnp.int32(n_kv)
+    n_full = kv_len // block_k
+    n_all = -(-kv_len // block_k)
     if causal:
         # Every key of block j is <= the first row i*block_q  iff  (j+1)*block_k - 1 <= i*block_q.
-        n_full = jnp.minimum(n_full, lax.div(i * block_q + 1, jnp.int32(block_k)))
+        n_full = jnp.minimum(n_full, lax.div(i * block_q + 1, np.int32(block_k)))
         n_all = jnp.minimum(n_all, cdiv((i + 1) * block_q, block_k))
     return n_full, n_all
 
@@ -79,10 +79,17 @@ def q_blocks(j, *, block_q: int, block_k: int, q_blocks_total: int, causal: bool
     """For key block `j`: (first, unmasked): q blocks before `first` see none of its keys (skipped), blocks in
     [first, unmasked) need the causal mask, blocks from `unmasked` on see all of them."""
     if not causal:
-        return jnp.int32(0), jnp.int32(0)
-    first = jnp.minimum(lax.div(j * block_k, jnp.int32(block_q)), q_blocks_total)
+        return 0, 0
+    first = jnp.minimum(lax.div(j * block_k, np.int32(block_q)), q_blocks_total)
     unmasked = jnp.minimum(cdiv((j + 1) * block_k - 1, block_q), q_blocks_total)
     return first, jnp.maximum(first, unmasked)
+
+
+def block_loop(lower, upper, body, carry):
+    """lax.fori_loop, left out when its bounds are static and empty (nothing to lower for Triton)."""
+    if isinstance(lower, int) and isinstance(upper, int) and lower >= upper:
+        return carry
+    return lax.fori_loop(lower, upper, body, carry)
 
 
 def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -102,4 +109,4 @@ def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def kv_head(h, groups: int):
     """The kv head that query head `h` reads (GQA/MQA), for BlockSpec index maps; no repeated k/v in memory."""
-    return h if groups == 1 else lax.div(h, jnp.int32(groups))
+    return h if groups == 1 else lax.div(h, np.int32(groups))

@@ -10,12 +10,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels.gpu.common import (
-    LOG2E, LSE_EMPTY, M_INIT, dot_nn, dot_nt, kv_blocks, kv_head, pad_axis, round_up, visible,
+    LOG2E, LSE_EMPTY, M_INIT, block_loop, dot_nn, dot_nt, kv_blocks, kv_head, pad_axis, round_up, visible,
 )
 from kernels.gpu.config import Config, padded_head_dim
 
@@ -62,8 +61,8 @@ def _forward_kernel(
         jnp.zeros((block_q,), jnp.float32),
     )
     n_full, n_all = kv_blocks(i, block_q=block_q, block_k=block_k, kv_len=kv_len, causal=causal)
-    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-    acc, m, l = lax.fori_loop(n_full, n_all, functools.partial(step, masked=True), carry)
+    carry = block_loop(0, n_full, functools.partial(step, masked=False), carry)
+    acc, m, l = block_loop(n_full, n_all, functools.partial(step, masked=True), carry)
 
     seen = l > 0.0
     o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
