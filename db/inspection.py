@@ -36,6 +36,13 @@ class Inventory:
     schema_version: int | None
 
 
+class _Unreadable(Exception):
+    """A read that may only have failed because another process was writing the file at that moment."""
+
+
+_ATTEMPTS = 3  # reads of a file that looks damaged before calling it damaged
+
+
 def sqlite_inventory(path: Path) -> Inventory | None:
     """The inventory of an SQLite file without changing it; None when there is no database yet (absent or empty).
 
@@ -50,13 +57,6 @@ def sqlite_inventory(path: Path) -> Inventory | None:
                 raise NotADatabaseError(str(exc)) from None
             time.sleep(0.05)
     raise AssertionError("unreachable")
-
-
-class _Unreadable(Exception):
-    """A read that may only have failed because another process was writing the file at that moment."""
-
-
-_ATTEMPTS = 3
 
 
 def _sqlite_inventory_once(path: Path) -> Inventory | None:

@@ -3,7 +3,8 @@
 Every write is one short transaction, retried when it loses a race to another process (a unique-key collision when
 two workers create the same key row, or a deadlock on PostgreSQL), so many workers can share one SQLite file or one
 PostgreSQL database. "Keep the faster" is a conditional UPDATE (`... WHERE time_s > new`) plus an INSERT that the
-unique key_id guards, so concurrent writers can never both win or overwrite a faster result.
+unique key_id guards, re-compared when a row appears between the two statements (PostgreSQL's read committed), so
+concurrent writers can never both win or overwrite a faster result.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Engine, delete, func, select, update
+from sqlalchemy import ColumnElement, Engine, delete, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -26,6 +27,7 @@ from db.errors import DatabaseError
 from db.inspection import check_inventory, engine_inventory, sqlite_inventory
 from db.integrity import find_problems
 from db.migrations import prepare_schema
+from db.pruning import prune_keys
 from db.records import (RUN_STATUSES, TRIAL_STATUSES, BestOffer, BestRecord, RunRecord, TrialRecord,
                         TuningKey)
 from db.schema import BestRow, KeyRow, MissRow, RunRow, TrialRow
@@ -40,7 +42,6 @@ _ATTEMPTS = 8
 _RETRY_SQLSTATES = {"40001", "40P01"}  # PostgreSQL serialization failure, deadlock
 _NO_SYNC = {"synchronize_session": False}
 _FINAL_RUN_STATUSES = tuple(status for status in RUN_STATUSES if status != "running")
-_ID_CHUNK = 500  # ids per IN (...) list, well below every backend's parameter limit
 
 
 class Store:
@@ -127,12 +128,12 @@ class Store:
     def start_run(self, *, host: str, device_kind: str, platform: str, jax_version: str,
                   arguments: dict[str, Any]) -> int:
         """Record the start of a search run; returns its id (for trials, bests and `finish_run`)."""
-        row = RunRow(host=check_text("host", host), device_kind=check_text("device_kind", device_kind),
-                     platform=check_text("platform", platform), jax_version=check_text("jax_version", jax_version),
-                     arguments=check_json_object("arguments", arguments), started_at=utc_now(), ended_at=None,
-                     status="running", message="")
+        values = dict(host=check_text("host", host), device_kind=check_text("device_kind", device_kind),
+                      platform=check_text("platform", platform), jax_version=check_text("jax_version", jax_version),
+                      arguments=check_json_object("arguments", arguments))
 
         def work(session: Session) -> int:
+            row = RunRow(**values, started_at=utc_now(), ended_at=None, status="running", message="")
             session.add(row)
             session.flush()
             return row.id
@@ -235,7 +236,7 @@ class Store:
                 session.add(BestRow(key_id=key_id, **values))
                 session.flush()  # a racing first insert for this key fails here on the unique key_id; retried
                 return True
-            if True:
+            if stored <= offer.time_s:
                 return False  # the stored best is at least as fast (and bests only ever get faster)
             # PostgreSQL (read committed) gives each statement a new snapshot: the row was committed by another
             # writer after our UPDATE looked, so it may be slower than ours; compare again.
@@ -321,25 +322,11 @@ class Store:
             raise ValueError("prune needs at least one filter (device_kind, kernel, kernel_version, jax_version "
                              "or older_than)")
 
-        def work(session: Session) -> dict[str, int]:
-            key_ids = list(session.scalars(query.order_by(KeyRow.id)))
-            counts = dict.fromkeys(("bests", "trials", "misses", "keys"), 0)
-            for start in range(0, len(key_ids), _ID_CHUNK):
-                chunk = key_ids[start:start + _ID_CHUNK]
-                for name, table in (("trials", TrialRow), ("bests", BestRow), ("misses", MissRow),
-                                    ("keys", KeyRow)):
-                    column = table.id if table is KeyRow else table.key_id
-                    if dry_run:
-                        counts[name] += session.scalar(select(func.count()).where(column.in_(chunk)))
-                    else:
-                        counts[name] += session.execute(
-                            delete(table).where(column.in_(chunk)).execution_options(**_NO_SYNC)).rowcount
-            return counts
-
+        query = query.order_by(KeyRow.id)
         if dry_run:
             with self._reading() as session:
-                return work(session)
-        return self._write(work)
+                return prune_keys(session, query, dry_run=True)
+        return self._write(lambda session: prune_keys(session, query, dry_run=False))
 
     # -- claims ---------------------------------------------------------------------------------------------------
 

@@ -95,19 +95,16 @@ CASES = {
     "bf16-causal-mqa-qlong": dict(
         dtype=jnp.bfloat16, causal=True, segments=None,
         batch=1, q_len=136, kv_len=72, heads=3, kv_heads=1, head_dim=64),
-    "f32-segone-mha-odd": dict(
-        dtype=jnp.float32, causal=False, segments="one",
-        batch=1, q_len=77, kv_len=77, heads=2, kv_heads=2, head_dim=40),
     "bf16-segpair-gqa-qshort": dict(
         dtype=jnp.bfloat16, causal=False, segments="pair", config=Config(1, 40, 128, 128, 40, 128, 128),
         batch=1, q_len=40, kv_len=260, heads=2, kv_heads=1, head_dim=32),
     "f16-causal-segpair-gqa-forward": dict(
         dtype=jnp.float16, causal=True, segments="pair", grads=False,
         batch=1, q_len=130, kv_len=130, heads=4, kv_heads=2, head_dim=32),
-    # no padding, no causal, no segments: the kernels' mask-free path
-    "f32-plain-aligned": dict(
+    # no padding, no causal, no segments: the kernels' mask-free path; plain multi-head
+    "f32-plain-aligned-mha": dict(
         dtype=jnp.float32, causal=False, segments=None, config=Config(1, 128, 256, 128, 128, 128, 128),
-        batch=1, q_len=128, kv_len=256, heads=2, kv_heads=1, head_dim=64),
+        batch=1, q_len=128, kv_len=256, heads=2, kv_heads=2, head_dim=64),
 }
 
 

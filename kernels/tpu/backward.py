@@ -47,7 +47,8 @@ def _dq_kernel(*refs, st: Static, block_k: int, n_kv: int, kv_pad: bool) -> None
         k_start = j * block_k_major + c
 
         def chunk(c=c, k_start=k_start):
-            for b in range(block_b):
+            @common.for_each(block_b)
+            def _step(b):
                 k = k_ref[b, c:c + block_k, :]
                 s = common.dot_nt(q_ref[b], k, st) * st.scale  # [bq, bk]
                 p = jnp.exp(s - lse_ref[b][:, :1])
@@ -85,7 +86,8 @@ def _dkv_kernel(*refs, st: Static, block_k: int, n_q: int, kv_pad: bool) -> None
         k_start = j * block_k_major + c
 
         def chunk(c=c, k_start=k_start):
-            for b in range(block_b):
+            @common.for_each(block_b)
+            def _step(b):
                 q, do = q_ref[b], do_ref[b]
                 s = common.dot_nt(k_ref[b, c:c + block_k, :], q, st) * st.scale  # [bk, bq]
                 p = jnp.exp(s - lse_ref[b][0:1, :])

@@ -16,7 +16,7 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # Logsumexp stored for a query row that sees no key: exp(s - lse) is 0 for it in the backward pass.
 NO_KEY_LSE = 1e30
 
-SQUEEZED = None  # a block dim of size 1 dropped from the kernel's view (pl.squeezed in every supported jax)
+SQUEEZED = getattr(pl, "squeezed", None)  # a block dim of size 1, dropped from the kernel's view
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Static:
     kv_len: int
     groups: int  # query heads per kv head
     segments: bool
-    highest: bool  # float32 inputs: ask the MXU for full float32 precision
+    highest: bool  # float32 in the kernels (float32 or widened float16 inputs): full-precision MXU passes
     interpret: bool
 
     @property
@@ -49,14 +49,8 @@ def dot_nn(a: jax.Array, b: jax.Array, st: Static) -> jax.Array:
                                preferred_element_type=jnp.float32)
 
 
-def dot_tn(a: jax.Array, b: jax.Array, st: Static) -> jax.Array:
-    """a.T @ b in float32: [k, m] x [k, n] -> [m, n]."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=st.precision,
-                               preferred_element_type=jnp.float32)
-
-
 def chunk_needed(st: Static, q_last_row, k_start: jax.Array, kv_pad: bool):
-    """Whether a [rows.., k_start:k_start+block_k] chunk has any visible key, or None if it always has.
+    """Whether the kv chunk starting at k_start can hold a visible key (a traced bool), or None if it always can.
 
     Causal: some key j <= the last query row. Padding: the chunk starts before the true kv length.
     """
@@ -144,6 +138,18 @@ def sublane_layout(x: jax.Array) -> jax.Array:
     Read in a kernel as ref[0:1, ...], a row that broadcasts over a [rows, cols] tile.
     """
     return jnp.broadcast_to(x[..., None, :], (*x.shape[:-1], SUBLANES, x.shape[-1]))
+
+
+def for_each(n: int):
+    """Decorator that runs fn(i) for i in range(n) as one loop in the kernel (not n unrolled copies of fn)."""
+
+    def run(fn) -> None:
+        if n == 1:
+            fn(0)
+        else:
+            jax.lax.fori_loop(0, n, lambda i, carry: (fn(i), carry)[1], 0)
+
+    return run
 
 
 def when(cond, fn) -> None:

@@ -63,26 +63,29 @@ class Config:
         q_full = _round_up(problem.q_len, SUBLANES)
         kv_full = _round_up(problem.kv_len, LANES)
         block_q, block_k_major = min(512, q_full), min(512, kv_full)
-        bwd_q, bwd_k_major = min(256, q_full), min(256, kv_full)
+        # backward: 256-blocks, or one block when the sequence fits in 512 (less padding than 256-blocks)
+        bwd_q = q_full if q_full <= 512 else 256
+        bwd_k_major = kv_full if kv_full <= 512 else 256
         config = cls(1, block_q, block_k_major, block_k_major, bwd_q, bwd_k_major, bwd_k_major)
-        limit = DEFAULT_VMEM_LIMIT
-        while forward_vmem_bytes(config, problem) > limit and max(config.block_q, config.block_k_major) > LANES:
-            if config.block_q >= config.block_k_major:
-                config = dataclasses.replace(config, block_q=_halve(config.block_q))
-            else:
-                half = _halve(config.block_k_major)
-                config = dataclasses.replace(config, block_k_major=half, block_k=half)
-        while backward_vmem_bytes(config, problem) > limit and max(config.bwd_block_q, config.bwd_block_k_major) > LANES:
-            if config.bwd_block_q >= config.bwd_block_k_major:
-                config = dataclasses.replace(config, bwd_block_q=_halve(config.bwd_block_q))
-            else:
-                half = _halve(config.bwd_block_k_major)
-                config = dataclasses.replace(config, bwd_block_k_major=half, bwd_block_k=half)
-        return config
+        fits_forward = lambda c: forward_vmem_bytes(c, problem) <= DEFAULT_VMEM_LIMIT  # noqa: E731
+        fits_backward = lambda c: backward_vmem_bytes(c, problem) <= DEFAULT_VMEM_LIMIT  # noqa: E731
+        config = _shrink(config, fits_forward, "block_q", "block_k_major", "block_k")
+        return _shrink(config, fits_backward, "bwd_block_q", "bwd_block_k_major", "bwd_block_k")
 
 
 def _round_up(x: int, unit: int) -> int:
     return -(-x // unit) * unit
+
+
+def _shrink(config: Config, fits, q_name: str, kv_name: str, k_name: str) -> Config:
+    """Halve the larger of the query and kv blocks until `fits(config)`, or until both are down to 128."""
+    while not fits(config) and max(getattr(config, q_name), getattr(config, kv_name)) > LANES:
+        if getattr(config, q_name) >= getattr(config, kv_name):
+            config = dataclasses.replace(config, **{q_name: _halve(getattr(config, q_name))})
+        else:
+            half = _halve(getattr(config, kv_name))
+            config = dataclasses.replace(config, **{kv_name: half, k_name: half})
+    return config
 
 
 def _halve(block: int) -> int:

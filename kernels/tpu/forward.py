@@ -45,7 +45,8 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, kv_pad: bool, save_lse: 
         k_start = j * block_k_major + c
 
         def chunk(c=c, k_start=k_start):
-            for b in range(block_b):
+            @common.for_each(block_b)
+            def _step(b):
                 s = common.dot_nt(q_ref[b], k_ref[b, c:c + block_k, :], st) * st.scale  # [bq, bk]
                 q_ids = kv_ids = None
                 if st.segments:
@@ -69,7 +70,8 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, kv_pad: bool, save_lse: 
 
     @pl.when(j == n_kv - 1)
     def _finish():
-        for b in range(block_b):
+        @common.for_each(block_b)
+        def _step(b):
             l = l_ref[b]
             seen = l > 0.0
             inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)  # a row that sees no key outputs zeros
