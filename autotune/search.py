@@ -2,7 +2,10 @@
 
 The study lives in Optuna's own tables of the results database, named by the key's digest, so a search that is
 stopped resumes where it was and several workers can share it. `--trials` is the study's total budget over all
-workers and all resumptions. Candidates are compiled ahead in background threads while the main thread checks and
+workers and all resumptions. Every trial being evaluated carries a heartbeat; a worker that dies in the middle of one
+(SIGKILL, a candidate that crashes the process, a lost machine) leaves a trial that whichever worker looks next
+fails and records as `WorkerLost`, and a worker whose asks run into the budget waits for the other workers' last
+trials, so that each picks its best from every trial of the study. Candidates are compiled ahead in background threads while the main thread checks and
 times the previous one. The default config is always the first trial and takes part in the final interleaved
 re-timing, so the stored best is never slower than the default.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import threading
 import time
 from collections import deque
@@ -21,6 +25,7 @@ from typing import Any, Callable
 import warnings
 
 import optuna
+from sqlalchemy import bindparam, text
 
 from autotune.candidate import compile_candidate
 from autotune.checking import check_candidate
@@ -28,6 +33,7 @@ from autotune.device import DeviceInfo
 from autotune.inputs import random_qkv, random_segment_ids
 from autotune.keys import make_key, shape_distance
 from autotune.timing import Timer, Timing, TimingPolicy, time_interleaved
+from autotune.workers import settings as worker_settings
 from db import Store, TuningKey
 from kernels import Problem
 
@@ -37,7 +43,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Heartbeats with ask-and-tell are deliberate here (we beat for in-flight trials ourselves): silence the notices.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-KIND_ATTR = "kind"  # user attr marking trials that do not count toward the budget: invalid, duplicate, over_budget
+KIND_ATTR = "kind"  # user attr marking trials that do not count toward the budget: invalid, duplicate, over_budget,
+#                    interrupted (the worker stopped before evaluating it)
+RUNNING = optuna.trial.TrialState.RUNNING
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -157,14 +166,30 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
 
 
 def optuna_storage(store: Store, on_stale: Callable | None = None) -> optuna.storages.RDBStorage:
-    """Optuna's storage in the same database as ours, with heartbeats so a dead worker's trial gets failed."""
+    """Optuna's storage in the same database as ours, with heartbeats so a dead worker's trial gets failed.
+
+    SQLite waits for other writers up to the busy timeout; on a server, pooled connections are checked before use,
+    so one the server dropped while it sat idle is replaced instead of failing the search. Workers that start on a
+    fresh database together race to create Optuna's tables; the loser of that race tries again.
+    """
+    config = worker_settings()
     engine_kwargs: dict[str, Any] = {}
     if store.url.startswith("sqlite"):
-        engine_kwargs["connect_args"] = {"timeout": 60}
-    return optuna.storages.RDBStorage(
-        store.url, engine_kwargs=engine_kwargs, heartbeat_interval=5, grace_period=20,
-        heartbeat_stale_trial_callback=on_stale,
-    )
+        engine_kwargs["connect_args"] = {"timeout": config.busy_timeout_s}
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(
+                store.url, engine_kwargs=engine_kwargs, heartbeat_interval=config.heartbeat_interval_s,
+                grace_period=config.grace_period_s, heartbeat_stale_trial_callback=on_stale,
+            )
+        except Exception as exc:  # noqa: BLE001 - only a lost table-creation race is retried
+            text_ = f"{exc} {exc.__cause__}".lower()
+            if attempt == 5 or not ("already exists" in text_ or "duplicate key" in text_ or "unique" in text_):
+                raise
+            time.sleep(0.1 + 0.2 * attempt)
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------- evaluating one candidate
@@ -239,23 +264,75 @@ class Search:
         )
         self.study.set_user_attr("key", self.key.to_dict())
         self.budget = options.trials or (len(self.space.valid_configs()) if options.sampler == "grid" else 30)
-        self._in_flight: set[int] = set()
+        self._in_flight: dict[int, optuna.Trial] = {}  # trials this worker asked for and has not told yet
         self._lock = threading.Lock()
+        self._stale_lock = threading.Lock()
+        self._unbeaten: dict[int, float] = {}  # others' running trials seen without any heartbeat: since when
 
     # -- bookkeeping on the study
 
     def _record_stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """A worker died inside this trial: record it as failed in our table too."""
+        """A worker died inside this trial: record it as failed in our table too (once, whoever notices)."""
+        self._record_lost(trial, "the worker running this trial stopped sending heartbeats (killed, crashed or "
+                                 "cut off from the database)")
+
+    def _record_lost(self, trial: optuna.trial.FrozenTrial, message: str, recorded: set[int] | None = None) -> None:
         config = trial.user_attrs.get("config")
-        if config is not None:
+        if config is None or KIND_ATTR in trial.user_attrs:
+            return  # it died before its config was chosen, or it was never to be evaluated: nothing to record
+        if recorded is None:
+            recorded = {row.number for row in self.store.trials(self.key)}
+        if trial.number not in recorded:  # it may have died after recording the trial but before telling Optuna
             self.store.add_trial(self.key, config=config, status="runtime_error", run_id=self.run_id,
-                                 number=trial.number, error_class="WorkerLost",
-                                 error_message="the worker running this trial stopped sending heartbeats")
+                                 number=trial.number, error_class="WorkerLost", error_message=message)
+
+    def _reconcile(self) -> None:
+        """Record the failed trials our table lacks (a worker died between Optuna's failing and our recording)."""
+        recorded = {row.number for row in self.store.trials(self.key)}
+        for trial in self.counted_trials():
+            if trial.state == optuna.trial.TrialState.FAIL and trial.number not in recorded:
+                self._record_lost(trial, "the worker running this trial stopped before recording it", recorded)
+
+    def _fail_stale(self) -> None:
+        """Fail the trials of dead workers: Optuna's heartbeat check, and trials that never got a first heartbeat.
+
+        Optuna skips a running trial without any heartbeat row; a worker killed between asking for a trial and its
+        first heartbeat leaves one. Such a trial is failed once this worker has seen it without a heartbeat for the
+        grace period (on its own clock, so the hosts' clocks need not agree).
+        """
+        with self._stale_lock:
+            optuna.storages.fail_stale_trials(self.study)
+            with self._lock:
+                mine = set(self._in_flight)
+            others = [t for t in self.study.get_trials(deepcopy=False, states=(RUNNING,)) if t._trial_id not in mine]
+            if not others:
+                self._unbeaten.clear()
+                return
+            query = text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids").bindparams(
+                bindparam("ids", expanding=True))
+            with self.store.engine.connect() as connection:
+                beaten = set(connection.execute(query, {"ids": [t._trial_id for t in others]}).scalars())
+            now = time.monotonic()
+            self._unbeaten = {t._trial_id: self._unbeaten.get(t._trial_id, now) for t in others
+                              if t._trial_id not in beaten}
+            for trial in others:
+                since = self._unbeaten.get(trial._trial_id)
+                if since is None or now - since <= self.storage.grace_period:
+                    continue
+                try:
+                    if self.storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
+                        self._record_stale(self.study, self.storage.get_trial(trial._trial_id))
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass  # it finished, or another worker failed it first
 
     def counted_trials(self) -> list[optuna.trial.FrozenTrial]:
-        """Trials that count toward the budget: evaluated or being evaluated, not invalid or duplicate."""
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING)
-        return [t for t in self.study.get_trials(deepcopy=False, states=states) if KIND_ATTR not in t.user_attrs]
+        """Trials that count toward the budget: evaluated or being evaluated, not invalid or duplicate.
+
+        A trial whose worker died before choosing its config evaluated nothing and does not count.
+        """
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, RUNNING)
+        return [t for t in self.study.get_trials(deepcopy=False, states=states)
+                if KIND_ATTR not in t.user_attrs and (t.state == RUNNING or "config" in t.user_attrs)]
 
     def evaluated_configs(self) -> dict[str, float | None]:
         """JSON of every config this study already evaluated, with its value (None if it failed)."""
@@ -297,6 +374,7 @@ class Search:
         return None
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
+        """Beat for this worker's trials in flight, and fail other workers' stale ones, every interval."""
         while not stop.wait(self.storage.get_heartbeat_interval() or 5):
             with self._lock:
                 ids = list(self._in_flight)
@@ -305,12 +383,40 @@ class Search:
                     self.storage.record_heartbeat(trial_id)
                 except Exception:  # noqa: BLE001 - a missed beat only risks a stale mark later
                     pass
+            try:
+                self._fail_stale()
+            except Exception:  # noqa: BLE001 - the next round, or the next worker, tries again
+                log.debug("checking for stale trials failed", exc_info=True)
+
+    def _track(self, trial: optuna.Trial) -> None:
+        """This worker now owns the trial: beat for it at once, so a death from here on is noticed."""
+        with self._lock:
+            self._in_flight[trial._trial_id] = trial
+        self.storage.record_heartbeat(trial._trial_id)
+
+    def _untrack(self, trial: optuna.Trial) -> None:
+        with self._lock:
+            self._in_flight.pop(trial._trial_id, None)
+
+    def _wait_for_others(self, started: float) -> bool:
+        """This worker's asks ran into the budget: wait for the other workers' last trials (or their failing as
+        stale), so the final pick sees every trial. True when the budget has room again (a trial did not count)."""
+        interval = min(1.0, float(self.storage.get_heartbeat_interval() or 1))
+        while True:
+            self._fail_stale()
+            counted = self.counted_trials()
+            if not any(t.state == RUNNING for t in counted):
+                return len(counted) < self.budget
+            if self._out_of_time(started):
+                return False
+            time.sleep(interval)
 
     # -- the loop
 
     def run(self) -> SearchResult:
         started = time.perf_counter()
-        optuna.storages.fail_stale_trials(self.study)
+        self._fail_stale()
+        self._reconcile()
         self.enqueue_starts()
         seed = self.options.seed if self.options.seed is not None else int(time.time()) % 100000
         arg_sets = timing_inputs(self.problem, self.options, seed)
@@ -325,7 +431,8 @@ class Search:
         default_time = self._default_value()
         since_best = 0
         skips = 0
-        asking = True
+        asking, budget_spent = True, False
+        slot_start = time.perf_counter()  # the main thread's time is cut into one slot per evaluated trial
         try:
             while True:
                 while asking and len(pending) < max(1, self.options.compile_ahead):
@@ -333,26 +440,34 @@ class Search:
                         asking = False
                         break
                     trial = self.study.ask()
+                    self._track(trial)
                     config = self.space.suggest(trial)
                     verdict = self._admit(trial, config)
-                    if verdict == "stop":
-                        asking = False
-                    elif verdict == "skip":
-                        skips += 1
-                    else:
+                    if verdict == "go":
                         skips = 0
-                        with self._lock:
-                            self._in_flight.add(trial._trial_id)
                         future = None if self.options.isolate else pool.submit(
                             compile_candidate, self.kernel, config, self.problem, interpret=self.device.interpret)
                         pending.append((trial, config, future))
+                        continue
+                    self._untrack(trial)
+                    if verdict == "stop":
+                        asking, budget_spent = False, True
+                    else:
+                        skips += 1
                 if not pending:
+                    if budget_spent and self._wait_for_others(started):
+                        asking, budget_spent = True, False  # a trial of another worker did not count after all
+                        continue
                     break
-                trial, config, future = pending.popleft()
-                outcome = self._outcome(config, future, seed + trial.number, arg_sets)
-                self._finish(trial, config, outcome)
-                with self._lock:
-                    self._in_flight.discard(trial._trial_id)
+                trial, config, future = pending[0]
+                outcome, wait_s, measure_s = self._outcome(config, future, seed + trial.number, arg_sets)
+                now = time.perf_counter()
+                costs = {"slot_s": now - slot_start, "compile_wait_s": wait_s, "measure_s": measure_s,
+                         "isolated": self.options.isolate}
+                slot_start = now
+                self._finish(trial, config, outcome, costs)
+                pending.popleft()
+                self._untrack(trial)
                 if outcome.status == "ok":
                     if config == self.space.default:
                         default_time = outcome.time_s
@@ -366,15 +481,27 @@ class Search:
                 bar.set_postfix_str(_postfix(best, default_time), refresh=False)
                 if self.options.patience and since_best >= self.options.patience:
                     asking = False
-        except KeyboardInterrupt:
-            for trial, config, _ in pending:
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        except BaseException:
+            self._abandon()
             raise
         finally:
             stop_beats.set()
             bar.close()
             pool.shutdown(wait=False, cancel_futures=True)
         return self.finish(started, arg_sets)
+
+    def _abandon(self) -> None:
+        """Stopping early (Ctrl-C, a database error): this worker's unevaluated trials neither count toward the
+        budget nor mark their configs as failed. Best effort: the database may be what failed."""
+        with self._lock:
+            trials = list(self._in_flight.values())
+            self._in_flight.clear()
+        for trial in trials:
+            try:
+                trial.set_user_attr(KIND_ATTR, "interrupted")
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            except Exception:  # noqa: BLE001 - left running, it is failed as stale later
+                pass
 
     def _out_of_time(self, started: float) -> bool:
         return self.options.timeout_s is not None and time.perf_counter() - started > self.options.timeout_s
@@ -405,33 +532,50 @@ class Search:
             return "stop"
         return "go"
 
-    def _outcome(self, config, future, seed: int, arg_sets: list[tuple]) -> TrialOutcome:
+    def _outcome(self, config, future, seed: int, arg_sets: list[tuple]) -> tuple[TrialOutcome, float, float]:
+        """The candidate's outcome, the seconds spent waiting for its compile, and those spent checking and timing
+        it (with --isolate: the child process's whole life)."""
+        start = time.perf_counter()
         if self.options.isolate:
             from autotune.isolation import evaluate_isolated
 
-            return evaluate_isolated(self.kernel_name, config, self.problem, self.options, seed,
-                                     interpret=self.device.interpret)
+            outcome = evaluate_isolated(self.kernel_name, config, self.problem, self.options, seed,
+                                        interpret=self.device.interpret)
+            return outcome, 0.0, time.perf_counter() - start
         try:
             compiled = future.result(timeout=self.options.trial_timeout_s)
         except FutureTimeout:
-            return TrialOutcome("timeout", error_class="Timeout",
-                                error_message=f"compiling took longer than {self.options.trial_timeout_s} s")
+            return (TrialOutcome("timeout", error_class="Timeout",
+                                 error_message=f"compiling took longer than {self.options.trial_timeout_s} s"),
+                    time.perf_counter() - start, 0.0)
         except Exception as exc:  # noqa: BLE001
-            return failure("compile", exc)
-        return evaluate(compiled.call, compiled.compile_s, self.problem, self.options, seed, arg_sets)
+            return failure("compile", exc), time.perf_counter() - start, 0.0
+        compiled_at = time.perf_counter()
+        outcome = evaluate(compiled.call, compiled.compile_s, self.problem, self.options, seed, arg_sets)
+        return outcome, compiled_at - start, time.perf_counter() - compiled_at
 
-    def _finish(self, trial: optuna.Trial, config, outcome: TrialOutcome) -> None:
+    def _finish(self, trial: optuna.Trial, config, outcome: TrialOutcome, costs: dict) -> None:
+        """Record the outcome in our table and in the study. `costs` (seconds of the main thread's slot for this
+        trial, of waiting for its compile and of checking and timing it) goes into the study for benchmarks."""
+        if self.storage.get_trial(trial._trial_id).state != RUNNING:
+            # Another worker failed it as stale (this worker stalled past the grace period): it is recorded already.
+            log.warning("trial %d was failed by another worker while this one evaluated it", trial.number)
+            return
+        trial.set_user_attr("costs", costs)
         self.store.add_trial(
             self.key, config=config.to_dict(), status=outcome.status, run_id=self.run_id, number=trial.number,
             error_class=outcome.error_class, error_message=outcome.error_message, compile_s=outcome.compile_s,
             time_s=outcome.time_s, time_spread_s=outcome.spread_s, time_count=outcome.count,
             max_error=outcome.max_error,
         )
-        trial.set_user_attr("status", outcome.status)
-        if outcome.status == "ok":
-            self.study.tell(trial, outcome.time_s)
-        else:
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        try:
+            trial.set_user_attr("status", outcome.status)
+            if outcome.status == "ok":
+                self.study.tell(trial, outcome.time_s)
+            else:
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            log.warning("trial %d was failed by another worker while this one recorded it", trial.number)
 
     def _best_so_far(self) -> float | None:
         values = [t.value for t in self.counted_trials() if t.state == optuna.trial.TrialState.COMPLETE]

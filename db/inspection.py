@@ -43,7 +43,7 @@ class _Unreadable(Exception):
 _ATTEMPTS = 3  # reads of a file that looks damaged before calling it damaged
 
 
-def sqlite_inventory(path: Path) -> Inventory | None:
+def sqlite_inventory(path: Path, *, busy_timeout_s: float = 30.0) -> Inventory | None:
     """The inventory of an SQLite file without changing it; None when there is no database yet (absent or empty).
 
     A file that another process is creating right now can look torn for a moment, so a failed read is tried
@@ -51,7 +51,7 @@ def sqlite_inventory(path: Path) -> Inventory | None:
     """
     for attempt in range(_ATTEMPTS):
         try:
-            return _sqlite_inventory_once(path)
+            return _sqlite_inventory_once(path, busy_timeout_s)
         except _Unreadable as exc:
             if attempt == _ATTEMPTS - 1:
                 raise NotADatabaseError(str(exc)) from None
@@ -59,7 +59,7 @@ def sqlite_inventory(path: Path) -> Inventory | None:
     raise AssertionError("unreachable")
 
 
-def _sqlite_inventory_once(path: Path) -> Inventory | None:
+def _sqlite_inventory_once(path: Path, busy_timeout_s: float) -> Inventory | None:
     if not path.exists():
         return None
     if not path.is_file():
@@ -78,13 +78,18 @@ def _sqlite_inventory_once(path: Path) -> Inventory | None:
     mode = "mode=ro" if wal.exists() else "immutable=1"
     uri = f"file:{urllib.parse.quote(str(path))}?{mode}"
     try:
-        connection = sqlite3.connect(uri, uri=True, timeout=30.0)
+        connection = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s)
         try:
             tables = frozenset(row[0] for row in connection.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"))
             version = _read_version(connection, tables, str(path))
         finally:
             connection.close()
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise DatabaseError(f"{path} is locked by another process for longer than the busy timeout "
+                                f"({busy_timeout_s:g} s); try again when it is free") from None
+        raise _Unreadable(f"{path} is damaged or not an SQLite database ({exc}); refusing to touch it") from None
     except sqlite3.DatabaseError as exc:
         raise _Unreadable(f"{path} is damaged or not an SQLite database ({exc}); refusing to touch it") from None
     return Inventory(tables, version)

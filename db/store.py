@@ -52,7 +52,7 @@ class Store:
         self._where = display_url(self.url)
         path = sqlite_file(self.url)
         if path is not None:
-            check_inventory(sqlite_inventory(path), self._where)  # before anything can create or change the file
+            check_inventory(sqlite_inventory(path, busy_timeout_s=busy_timeout_s), self._where)  # before anything can create or change the file
             path.parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = make_engine(self.url, busy_timeout_s=busy_timeout_s)
         try:

@@ -1,16 +1,20 @@
 """A kernel module for tests: the GPU kernel behind a small search space, with faults injected on request.
 
 `AUTOTUNE_TOY_FAULTS` holds JSON like {"mismatch": {"block_k": 32}, "crash": {"block_q": 16}}: a config whose
-fields match a fault's fields misbehaves that way (wrong output, a compile-time error, resources exhausted, or the
-process killing itself). `AUTOTUNE_TOY_INVALID` marks configs invalid the same way, and `AUTOTUNE_TOY_LOG` names a
-file that gets one line per config traced, so tests can see what was compiled. Environment variables carry into
-the child processes of `--isolate`.
+fields match a fault's fields misbehaves that way (wrong output, a compile-time error, resources exhausted, the
+process killing itself with SIGKILL, or "hang": tracing sleeps for an hour, so a test can kill the worker in the middle
+of a trial). `AUTOTUNE_TOY_INVALID` marks configs invalid the same way, and `AUTOTUNE_TOY_LOG` names a file that gets
+one line per config traced (written before any fault), so tests can see what was compiled. `AUTOTUNE_TOY_SPACE`
+holds JSON like {"num_warps": [1, 2, 4, 8]} that adds fields to the search space (the blocks stay 16 and 32), so
+multi-worker tests get a space too big to exhaust. Environment variables carry into the child processes of
+`--isolate` and into worker processes.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import time
 
 import dataclasses
 
@@ -37,7 +41,8 @@ def _matches(config: Config, env: str) -> list[str]:
 
 
 def search_space(problem):
-    return {"block_q": BLOCKS, "block_k": BLOCKS}
+    extra = json.loads(os.environ.get("AUTOTUNE_TOY_SPACE", "{}"))
+    return {"block_q": BLOCKS, "block_k": BLOCKS, **{name: tuple(values) for name, values in extra.items()}}
 
 
 def invalid_reasons(config, problem, *, device_kind=None):
@@ -53,6 +58,8 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, c
     faults = _matches(config, "AUTOTUNE_TOY_FAULTS")
     if "crash" in faults:
         os.kill(os.getpid(), signal.SIGKILL)
+    if "hang" in faults:
+        time.sleep(3600)
     if "compile_error" in faults:
         raise RuntimeError("injected compile failure")
     if "resource_exhausted" in faults:
