@@ -7,14 +7,14 @@ actually reaches".
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import click
 
 from autotune.cli import DB_HELP, database_errors, describe_problem, format_ms, open_store, print_table, \
     problem_options, specs_from_flags
-from autotune.inspect_commands import echo_json, first_line
+from autotune.inspect_commands import echo_json, first_line, missing_database
 
 # Matmul edge per platform for the peak: big enough to saturate the device, quick on a CPU.
 PEAK_SIZE = {"gpu": 8192, "tpu": 8192, "cpu-interpret": 1024}
@@ -44,7 +44,7 @@ class Entry:
     time_s: float | None = None
     spread_s: float | None = None
     note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    same_as: str | None = None  # the entry whose timing this one shares (the tuned config is the default)
 
 
 def measure_peak(dtype: str, size: int, policy) -> Peak:
@@ -87,12 +87,13 @@ def contenders(problem, kernel, device, best) -> list[Entry]:
     from autotune.candidate import compile_candidate
 
     entries = []
-    default = kernel.Config.default(problem)
-    configs = [("tuned", best.config if best else None), ("default", default.to_dict())]
-    for name, config in configs:
+    default = kernel.Config.default(problem).to_dict()
+    for name, config in (("tuned", best.config if best else None), ("default", default)):
         entry = Entry(name, config=config)
         if config is None:
             entry.note = "not tuned: no best stored for this key"
+        elif name == "tuned" and config == default:
+            entry.note, entry.same_as = "the default config (timed once)", "default"
         else:
             entry.call = _guard(entry, lambda c=config: compile_candidate(
                 kernel, kernel.Config.from_dict(c), problem, interpret=device.interpret).call)
@@ -146,8 +147,9 @@ def time_entries(entries: list[Entry], arg_sets: list[tuple], policy) -> None:
             entry.note = f"failed: {first_line(f'{type(exc).__name__}: {exc}', 90)}"
     timings = time_interleaved(runnable, arg_sets, policy) if runnable else {}
     for entry in entries:
-        if entry.name in timings:
-            entry.time_s, entry.spread_s = timings[entry.name].median_s, timings[entry.name].spread_s
+        timing = timings.get(entry.same_as or entry.name)
+        if timing is not None:
+            entry.time_s, entry.spread_s = timing.median_s, timing.spread_s
 
 
 def problem_flops(problem) -> float:
@@ -175,7 +177,12 @@ def entry_json(entry: Entry, flops: float, peak: Peak, default_time: float | Non
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--db", default=None, help=DB_HELP)
 def bench_command(shapes, kernel, samples, peak_size, seed, as_json, db, **flags):
-    """Time the tuned config, the default, JAX's Pallas mha, XLA, cuDNN and the einsum reference."""
+    """Time tuned, default and other attentions side by side.
+
+    For each problem: the tuned config (from the database), the kernel's default config, JAX's Pallas `mha`, XLA's
+    and cuDNN's `jax.nn.dot_product_attention` and the einsum reference, with TFLOP/s and the share of a peak
+    measured here by a large matmul.
+    """
     from autotune.device import current_device
     from autotune.keys import make_key
     from autotune.kernels_registry import kernel_for_platform, load_kernel
@@ -188,7 +195,10 @@ def bench_command(shapes, kernel, samples, peak_size, seed, as_json, db, **flags
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--kernel") from None
     specs = specs_from_flags(flags, shapes)
-    store = open_store(db)
+    missing = missing_database(db)
+    store = None if missing else open_store(db)  # no database: nothing is tuned, the rest is still benched
+    if missing and not as_json:
+        click.echo(f"No results database at {missing}: the tuned column stays empty.")
     policy = TimingPolicy(samples=samples) if samples else TimingPolicy()
     size = peak_size or PEAK_SIZE[device.platform]
     peaks: dict[str, Peak] = {}
@@ -204,8 +214,10 @@ def bench_command(shapes, kernel, samples, peak_size, seed, as_json, db, **flags
                 click.echo(f"Peak {peak.tflops:.3g} TFLOP/s: a {size}x{size} {peak.dtype} matmul measured on "
                            f"{device.device_kind} [{device.platform}] ({format_ms(peak.time_s)} ms)")
         key = make_key(kernel_module, problem, device)
-        with database_errors(store):
-            best = store.get_best(key)
+        best = None
+        if store is not None:
+            with database_errors(store):
+                best = store.get_best(key)
         entries = contenders(problem, kernel_module, device, best)
         options = SearchOptions(documents=spec.documents or 3, timing=policy)
         time_entries(entries, timing_inputs(problem, options, seed), policy)

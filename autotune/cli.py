@@ -59,34 +59,51 @@ def specs_from_flags(params: dict, shapes: str | None) -> list[ProblemSpec]:
         raise click.UsageError(str(exc)) from None
 
 
-def open_store(db: str | None):
-    """Open the results database or stop with a clear message (never a traceback)."""
-    from db import DatabaseError, Store
+def worker_settings():
+    """The multi-worker timings from the environment (autotune/workers.py), or a usage error naming the variable."""
+    from autotune.workers import settings
 
     try:
-        return Store(db)
+        return settings()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def open_store(db: str | None):
+    """Open the results database or stop with a clear message (never a traceback)."""
+    from autotune.workers import explain_open_failure
+    from db import DatabaseError, Store
+    from db.urls import default_url, resolve_url
+
+    try:
+        return Store(db, busy_timeout_s=worker_settings().busy_timeout_s)
     except DatabaseError as exc:
-        raise click.ClickException(str(exc)) from None
+        message = str(exc)
     except Exception as exc:  # noqa: BLE001 - driver errors: locked, read-only, unreachable server
-        raise click.ClickException(f"cannot open the results database {db or '(default)'}: {exc}") from None
+        message = f"cannot open the results database {db or '(default)'}: {exc}"
+    with contextlib.suppress(Exception):
+        message = explain_open_failure(resolve_url(db) if db else default_url(), message)
+    raise click.ClickException(message)
 
 
 @contextlib.contextmanager
 def database_errors(store) -> Iterator[None]:
-    """Turn database failures in the middle of work into one clear message; what was stored stays stored."""
+    """Turn database failures in the middle of work into one clear message; what was stored stays stored.
+
+    Our own store raises SQLAlchemy errors or DatabaseError (a lock held past the busy timeout); Optuna wraps the
+    same driver errors in StorageInternalError. All of them, and OS errors (a full disk), end the command here.
+    """
+    from optuna.exceptions import StorageInternalError
     from sqlalchemy.exc import SQLAlchemyError
+
+    from autotune.workers import describe_database_error
+    from db import DatabaseError
+    from db.urls import display_url
 
     try:
         yield
-    except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        raise click.ClickException(
-            f"the results database {store.url} failed: {reason}. Every trial recorded before this is kept; "
-            "run the same command again to resume."
-        ) from None
-    except OSError as exc:
-        raise click.ClickException(f"I/O error on the results database {store.url}: {exc}. "
-                                   "Recorded trials are kept; rerun to resume.") from None
+    except (SQLAlchemyError, StorageInternalError, DatabaseError, OSError) as exc:
+        raise click.ClickException(describe_database_error(exc, display_url(store.url))) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -120,6 +137,9 @@ def search(shapes, tune_misses, kernel, trials, timeout, patience, sampler, seed
     from autotune.search import AllCandidatesFailed, SearchOptions, search_problem
     from autotune.timing import TimingPolicy
 
+    config = worker_settings()
+    if isolate:  # parent and children share the accelerator: no process may grab most of its memory up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     device = current_device()
     kernel = kernel or kernel_for_platform(device.platform)
     try:
@@ -148,24 +168,43 @@ def search(shapes, tune_misses, kernel, trials, timeout, patience, sampler, seed
     status = "failed"
     try:
         with database_errors(store):
-            for index, spec in enumerate(specs):
-                remaining = None if timeout is None else timeout - (time.monotonic() - started)
-                if remaining is not None and remaining <= 0:
-                    click.echo("Time is up: the remaining problems are left for a later run.", err=True)
-                    break
-                options = SearchOptions(trials=trials, timeout_s=remaining, patience=patience, sampler=sampler,
-                                        seed=seed, documents=spec.documents or 3, isolate=isolate,
-                                        trial_timeout_s=trial_timeout, timing=timing, compare_xla=not no_xla)
-                claim = _claim_name(kernel_module, spec, device, options) if len(specs) > 1 else None
-                with _claimed(store, claim, owner) as mine:
-                    if not mine:
-                        click.echo(f"Skipping problem {index + 1}: tuned or being tuned by another worker.", err=True)
-                        continue
-                    try:
-                        results.append(search_problem(spec.problem, kernel_name=kernel, store=store, device=device,
-                                                      options=options, run_id=run_id, progress=not quiet))
-                    except AllCandidatesFailed as exc:
-                        failures.append(str(exc))
+            # Each problem of a list is tuned by one worker at a time (a claim in the database). A problem another
+            # worker holds is come back to until it is done: if that worker dies, its claim goes stale after
+            # $AUTOTUNE_CLAIM_TTL seconds and is taken over here, so every problem gets tuned.
+            pending = list(enumerate(specs))
+            told: set[int] = set()
+            while pending:
+                held = []
+                for index, spec in pending:
+                    remaining = None if timeout is None else timeout - (time.monotonic() - started)
+                    if remaining is not None and remaining <= 0:
+                        break
+                    options = SearchOptions(trials=trials, timeout_s=remaining, patience=patience, sampler=sampler,
+                                            seed=seed, documents=spec.documents or 3, isolate=isolate,
+                                            trial_timeout_s=trial_timeout, timing=timing, compare_xla=not no_xla)
+                    claim = _claim_name(kernel_module, spec, device, options) if len(specs) > 1 else None
+                    with _claimed(store, claim, owner, config.claim_ttl_s, config.claim_beat_s) as mine:
+                        if not mine:
+                            if not store.claim_done(claim):
+                                held.append((index, spec))
+                            if index not in told:
+                                told.add(index)
+                                click.echo(f"Skipping problem {index + 1} for now: tuned or being tuned by another "
+                                           "worker.", err=True)
+                            continue
+                        try:
+                            results.append(search_problem(spec.problem, kernel_name=kernel, store=store,
+                                                          device=device, options=options, run_id=run_id,
+                                                          progress=not quiet))
+                        except AllCandidatesFailed as exc:
+                            failures.append(str(exc))
+                else:
+                    pending = held
+                    if pending:
+                        time.sleep(min(5.0, config.claim_beat_s))
+                    continue
+                click.echo("Time is up: the remaining problems are left for a later run.", err=True)
+                break
         status = "failed" if failures else "ok"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -198,18 +237,20 @@ def _claim_name(kernel_module, spec: ProblemSpec, device, options) -> str:
 
 
 @contextlib.contextmanager
-def _claimed(store, name: str | None, owner: str) -> Iterator[bool]:
-    """Hold a claim on one problem of a shapes list while it is tuned, with heartbeats; no claim for one problem."""
+def _claimed(store, name: str | None, owner: str, ttl_s: float = 60.0, beat_s: float = 10.0) -> Iterator[bool]:
+    """Hold a claim on one problem of a shapes list while it is tuned, with heartbeats; no claim for one problem.
+
+    A claim whose heartbeat is older than `ttl_s` is stale (its worker died) and may be taken over."""
     if name is None:
         yield True
         return
-    if store.claim_done(name) or not store.try_claim(name, owner, ttl_s=60.0):
+    if store.claim_done(name) or not store.try_claim(name, owner, ttl_s=ttl_s):
         yield False
         return
     stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(10):
+        while not stop.wait(beat_s):
             with contextlib.suppress(Exception):
                 store.heartbeat_claim(name, owner)
 

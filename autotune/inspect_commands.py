@@ -11,6 +11,7 @@ import re
 import sys
 from collections import Counter
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import click
@@ -118,6 +119,27 @@ def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, allow_nan=False))
 
 
+def missing_database(db: str | None):
+    """The path of the SQLite file --db names if that file does not exist (else None)."""
+    from db import default_url, resolve_url
+    from db.urls import sqlite_file
+
+    try:
+        url = default_url() if db is None else resolve_url(db)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--db") from None
+    path = sqlite_file(url)
+    return path if path is not None and not path.exists() else None
+
+
+def open_existing(db: str | None):
+    """Open the results database for reading; a missing SQLite file is an error here, never silently created."""
+    path = missing_database(db)
+    if path is not None:
+        raise click.ClickException(f"no results database at {path} (run `autotune search` first, or pass --db)")
+    return open_store(db)
+
+
 def require_bests(store, filters: dict[str, Any]) -> list:
     """The bests matching the filters, or a clear error (exit 1) when there are none."""
     with database_errors(store):
@@ -135,8 +157,11 @@ def require_bests(store, filters: dict[str, Any]) -> list:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--db", default=None, help=DB_HELP)
 def list_command(device_kind, kernel_filter, dtype_filter, causal_filter, as_json, db):
-    """One row per tuned key: its best config, time, the default's time and the speedup."""
-    store = open_store(db)
+    """One row per tuned key, with its speedup.
+
+    Each row: device, kernel, problem, best config, its time, the default config's time, speedup, trials, when.
+    """
+    store = open_existing(db)
     bests = require_bests(store, key_filters(device_kind, kernel_filter, dtype_filter, causal_filter))
     if as_json:
         echo_json([best_json(b) for b in bests])
@@ -211,8 +236,12 @@ def first_line(text: str | None, width: int = 70) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--db", default=None, help=DB_HELP)
 def show_command(kernel, best_id, as_json, db, **flags):
-    """One key in full: its best and every trial with status, time, spread, compile time and error."""
-    store = open_store(db)
+    """One key in full: its best and every trial.
+
+    Select the key by the problem flags (as for `search`, on this device) or by --id from `autotune list`. Every
+    trial is shown with its config, status, time and spread, compile time and error; failure classes are counted.
+    """
+    store = open_existing(db)
     with database_errors(store):
         key, best = selected_key(store, best_id, kernel, flags)
         trials = store.trials(key)
@@ -259,10 +288,13 @@ def show_command(kernel, best_id, as_json, db, **flags):
 @filter_options
 @click.option("--db", default=None, help=DB_HELP)
 def export_command(file, device_kind, kernel_filter, dtype_filter, causal_filter, db):
-    """Write the tuned results (bests) as a versioned JSON document; FILE '-' is stdout."""
+    """Write tuned results as a versioned JSON document.
+
+    Only bests travel (what the runtime needs); FILE '-' writes to stdout.
+    """
     from db import export_document
 
-    store = open_store(db)
+    store = open_existing(db)
     filters = key_filters(device_kind, kernel_filter, dtype_filter, causal_filter)
     require_bests(store, filters)
     with database_errors(store):
@@ -286,12 +318,15 @@ def export_command(file, device_kind, kernel_filter, dtype_filter, causal_filter
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 @click.option("--db", default=None, help=DB_HELP)
 def import_command(file, device_kind, kernel_filter, dtype_filter, causal_filter, as_json, db):
-    """Merge an exported JSON document into the database; per key the faster result wins."""
+    """Merge an exported JSON document into the database.
+
+    Per key the faster result wins; the whole document is checked before anything is written. FILE '-' is stdin.
+    """
     from db import DatabaseError
     from db.transfer import parse_document
 
     try:
-        text = sys.stdin.read() if file == "-" else open(file, encoding="utf-8").read()
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
         document = json.loads(text)
     except OSError as exc:
         raise click.ClickException(f"cannot read {file}: {exc.strerror or exc}") from None
@@ -381,14 +416,17 @@ def describe_counts(counts: dict[str, int]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 @click.option("--db", default=None, help=DB_HELP)
 def prune_command(device_kind, kernel_filter, kernel_version, jax_version, older_than, dry_run, yes, as_json, db):
-    """Remove the keys matching every filter, with their bests, trials, misses and Optuna studies."""
+    """Remove results by filter (asks unless --yes).
+
+    Removes the keys matching every filter given, with their bests, trials, runtime misses and Optuna studies.
+    """
     filters = dict(device_kind=device_kind, kernel=kernel_name(kernel_filter), kernel_version=kernel_version,
                    jax_version=jax_version)
     cutoff = parse_moment(older_than) if older_than else None
     if cutoff is None and all(v is None for v in filters.values()):
         raise click.UsageError("prune needs a filter: --device, --kernel, --kernel-version, --jax-version or "
                                "--older-than")
-    store = open_store(db)
+    store = open_existing(db)
     with database_errors(store):
         counts = store.prune(**filters, older_than=cutoff, dry_run=True)
         storage, studies = optuna_studies(store, pruned_digests(store, filters, cutoff))

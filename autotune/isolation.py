@@ -2,10 +2,15 @@
 
 A segmentation fault or an illegal memory access that poisons the CUDA context ends only the child: the parent
 records the trial as failed and goes on. A child that runs past the per-trial timeout is killed.
+
+On a GPU the parent and the child share the device: neither may grab most of its memory up front as JAX does by
+default (the child's allocation would then fail), so the child turns preallocation off unless the user chose, and
+`autotune search --isolate` does the same for the parent.
 """
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 from dataclasses import asdict
 
@@ -15,6 +20,7 @@ from kernels import Problem
 
 def _child(conn, kernel_name: str, config: dict, problem: dict, options: SearchOptions, seed: int,
            interpret: bool) -> None:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before the first JAX call starts the backend
     from autotune.candidate import compile_candidate
     from autotune.kernels_registry import load_kernel
     from autotune.search import evaluate, failure, timing_inputs
@@ -41,15 +47,20 @@ def evaluate_isolated(kernel_name: str, config, problem: Problem, options: Searc
     child.start()
     send.close()
     timeout = options.trial_timeout_s
-    if receive.poll(timeout):
+    ended = receive.poll(timeout)  # a result, or end of file when the child died
+    result = None
+    if ended:
         try:
             result = receive.recv()
         except EOFError:
-            result = None
-    else:
-        result = None
-    child.join(5 if result is not None else 0.5)
+            pass
+    # A child that closed its end is exiting: give it time to be reaped (a dying process can take a while to free a
+    # large address space) so that a crash is not mistaken for a timeout.
+    child.join(5 if result is not None else 30 if ended else 0.5)
     if result is not None:
+        if child.is_alive():  # stuck on its way out: the result is in, so it is of no further use
+            child.kill()
+            child.join()
         return TrialOutcome(**result)
     if child.is_alive():
         child.kill()

@@ -14,8 +14,9 @@ from datetime import datetime, timezone
 
 import click
 
-from autotune.cli import DB_HELP, database_errors, describe_problem, open_store
-from autotune.inspect_commands import filter_options, first_line, key_filters, key_matches, table_config, where
+from autotune.cli import DB_HELP, database_errors, describe_problem
+from autotune.inspect_commands import (filter_options, first_line, key_filters, key_matches, open_existing,
+                                       table_config, where)
 
 FAILURE_COLORS = {"compile_error": "#d95f02", "resource_exhausted": "#7570b3", "mismatch": "#e7298a",
                   "runtime_error": "#a6761d", "timeout": "#525252", "invalid": "#969696"}
@@ -51,12 +52,13 @@ def fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values covering [low, high]."""
+def nice_ticks(low: float, high: float, count: int = 5, *, integer: bool = False) -> list[float]:
+    """Round tick values covering [low, high] (whole numbers only for counts)."""
     span = high - low or abs(high) or 1.0
     raw = span / count
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if raw <= m * magnitude)
+    step = max(step, 1) if integer else step
     first = math.ceil(low / step - 1e-9) * step
     return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
 
@@ -69,23 +71,26 @@ def svg(name: str, width: int, height: int, body: list[str], label: str) -> str:
 # ---------------------------------------------------------------- charts
 
 
-def bar_chart(name: str, items: list[tuple[str, float, str, str]], unit: str, reference: float | None = None) -> str:
-    """Horizontal bars; items are (label, value, tooltip, colour)."""
+def bar_chart(name: str, items: list[tuple[str, float, str, str]], unit: str, reference: float | None = None,
+              *, integer: bool = False, digits: int | None = None) -> str:
+    """Horizontal bars; items are (label, value, tooltip, colour); `digits` after the point on the bars' values."""
     label_w, bar_w, row = 340, 360, 24
     width, height = label_w + bar_w + 70, 16 + row * len(items) + 28
     top = max([value for _, value, _, _ in items] + [reference or 0]) * 1.08 or 1.0
     scale = bar_w / top
     body = []
-    for tick in nice_ticks(0, top):
+    for tick in nice_ticks(0, top, integer=integer):
         x = label_w + tick * scale
         body.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="8" y2="{height - 24}"/>'
                     f'<text x="{x:.1f}" y="{height - 8}" text-anchor="middle">{fmt(tick)}{esc(unit)}</text>')
     for i, (label, value, tooltip, colour) in enumerate(items):
         y = 12 + i * row
+        label = label if len(label) <= 52 else label[:49] + "..."
         body.append(f'<text x="{label_w - 8}" y="{y + 13}" text-anchor="end">{esc(label)}</text>'
                     f'<rect class="mark bar" x="{label_w}" y="{y}" width="{max(value * scale, 1):.1f}" height="17" '
                     f'fill="{colour}"><title>{esc(tooltip)}</title></rect>'
-                    f'<text x="{label_w + value * scale + 4:.1f}" y="{y + 13}">{fmt(value)}{esc(unit)}</text>')
+                    f'<text x="{label_w + value * scale + 4:.1f}" y="{y + 13}">'
+                    f'{fmt(value) if digits is None else f"{value:.{digits}f}"}{esc(unit)}</text>')
     if reference is not None:
         x = label_w + reference * scale
         body.append(f'<line class="axis" x1="{x:.1f}" x2="{x:.1f}" y1="6" y2="{height - 24}" stroke-dasharray="4 3"/>')
@@ -107,8 +112,8 @@ def convergence_chart(title: str, trials: list) -> str:
     else:
         low, high = 0.0, 1.0
 
-    def px(n: float) -> float:
-        return left + (width - left - right) * n / x_max
+    def px(n: float) -> float:  # half a trial of room at both ends, so no point sits on an axis
+        return left + (width - left - right) * (n + 0.5) / (x_max + 1)
 
     def py(v: float) -> float:
         return top + (height - top - bottom) * (1 - (v - low) / (high - low))
@@ -116,7 +121,7 @@ def convergence_chart(title: str, trials: list) -> str:
     for tick in nice_ticks(low, high, 4):
         body.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{py(tick):.1f}" y2="{py(tick):.1f}"/>'
                     f'<text x="{left - 4}" y="{py(tick) + 4:.1f}" text-anchor="end">{fmt(tick)}</text>')
-    for tick in nice_ticks(0, x_max, 5):
+    for tick in nice_ticks(0, x_max, 5, integer=True):
         if tick == int(tick):
             body.append(f'<text x="{px(tick):.1f}" y="{height - bottom + 14}" text-anchor="middle">{int(tick)}</text>')
     body.append(f'<text x="{left + (width - left - right) / 2}" y="{height - 4}" text-anchor="middle">trial</text>'
@@ -135,7 +140,7 @@ def convergence_chart(title: str, trials: list) -> str:
             if value < best:
                 best = value
                 steps.append(f"H{px(n):.1f} V{py(best):.1f}")
-        steps.append(f"H{px(x_max):.1f}")
+        steps.append(f"H{px(x_max + 0.5):.1f}")
         body.append(f'<path class="mark line" fill="none" stroke="#2166ac" stroke-width="2" d="{" ".join(steps)}">'
                     f'<title>best so far: {fmt(best)} ms</title></path>')
         for n, value in ok:
@@ -221,7 +226,7 @@ def build_page(source: str, bests: list, by_key: dict, heat_digest: str | None) 
     parts.append("<h2>Speedup of the tuned config over the default</h2>")
     items = [(f"#{b.id} {describe_problem(b.key)}", b.speedup, f"{b.key.device_kind}: {b.speedup:.3f}x", "#4393c3")
              for b in bests if b.speedup]
-    parts.append(bar_chart("speedup", items, "x", reference=1.0) if items
+    parts.append(bar_chart("speedup", items, "x", reference=1.0, digits=2) if items
                  else "<p class='note'>No tuned key has a default time to compare with.</p>")
     parts.append(table(["id", "device", "kernel", "problem", "best config", "best ms", "default ms", "trials"],
                        [[b.id, b.key.device_kind, b.key.kernel, describe_problem(b.key), table_config(b.config, b.key),
@@ -247,8 +252,8 @@ def build_page(source: str, bests: list, by_key: dict, heat_digest: str | None) 
         key, trials = by_key[heat_digest]
         best = best_of.get(heat_digest)
         parts.append(f"<p class='note'>{'#' + str(best.id) if best else heat_digest} {esc(describe_problem(key))} on "
-                     f"{esc(key.device_kind)}, {len(trials)} trial(s); the best time per cell over the other "
-                     "fields.</p>")
+                     f"{esc(key.device_kind)}, {len(trials)} trial(s): each cell is the best trial time over the other "
+                     "fields, as measured during the search (the stored best comes from a final re-timing).</p>")
         parts.append(heat_map(trials) or "<p class='note'>This kernel's configs have no block_q/block_k.</p>")
 
     parts.append("<h2>Failure classes</h2>")
@@ -257,7 +262,7 @@ def build_page(source: str, bests: list, by_key: dict, heat_digest: str | None) 
     if counts:
         items = [(status, n, f"{n} trial(s) {status}", FAILURE_COLORS.get(status, "#999"))
                  for status, n in counts.most_common()]
-        parts.append(bar_chart("failures", items, ""))
+        parts.append(bar_chart("failures", items, "", integer=True, digits=0))
         examples = Counter((t.status, t.error_class or "") for t in all_trials if t.status != "ok")
         message = {(t.status, t.error_class or ""): t.error_message for t in all_trials if t.status != "ok"}
         parts.append(table(["status", "error class", "trials", "example message"],
@@ -275,8 +280,12 @@ def build_page(source: str, bests: list, by_key: dict, heat_digest: str | None) 
               help="Key of the block_q x block_k map, by its id in `autotune list` [default: the most trials].")
 @click.option("--db", default=None, help=DB_HELP)
 def report_command(out, device_kind, kernel_filter, dtype_filter, causal_filter, key_id, db):
-    """Write one self-contained HTML page of charts (opens offline)."""
-    store = open_store(db)
+    """Write a self-contained HTML page of charts.
+
+    Speedup per tuned key, each search's convergence, a block_q x block_k map of one key's trial times and the
+    failure classes; inline SVG only, so it opens offline.
+    """
+    store = open_existing(db)
     filters = key_filters(device_kind, kernel_filter, dtype_filter, causal_filter)
     with database_errors(store):
         bests = store.bests(**filters)

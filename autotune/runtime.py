@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import threading
 import warnings
@@ -33,17 +34,23 @@ class TuningMissError(LookupError):
 
 @dataclass(frozen=True)
 class Settings:
+    """Where to look and what to do on a miss; URL and policy are resolved once per settings object."""
+
     db: str | None = None
     on_miss: str | None = None
 
-    def url(self) -> str:
-        return resolve_url(self.db) if self.db is not None else default_url()
-
-    def policy(self) -> str:
+    @functools.cached_property
+    def _resolved(self) -> tuple[str, str]:
         policy = self.on_miss or os.environ.get("AUTOTUNE_ON_MISS") or "heuristic"
         if policy not in MISS_POLICIES:
             raise ValueError(f"on_miss must be one of {MISS_POLICIES}, got {policy!r}")
-        return policy
+        return (resolve_url(self.db) if self.db is not None else default_url()), policy
+
+    def url(self) -> str:
+        return self._resolved[0]
+
+    def policy(self) -> str:
+        return self._resolved[1]
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ _settings = Settings()
 _override: contextvars.ContextVar[Settings | None] = contextvars.ContextVar("autotune_settings", default=None)
 _lock = threading.RLock()
 _cache: dict[tuple, Lookup] = {}
+_fast: dict[tuple, Lookup] = {}  # lookup() by its raw arguments, to skip building the problem on a hit
 _stores: dict[str, Store | None] = {}
 _warned: set = set()
 
@@ -87,8 +95,11 @@ def using(db: str | os.PathLike | None = None, on_miss: str | None = None) -> It
 
 def reload() -> None:
     """Forget what was looked up, so a database changed meanwhile is read again."""
+    global _settings
     with _lock:
+        _settings = Settings(_settings.db, _settings.on_miss)  # re-read the environment's defaults
         _cache.clear()
+        _fast.clear()
         for store in _stores.values():
             if store is not None:
                 store.close()
@@ -207,6 +218,10 @@ def lookup(q_shape, k_shape, dtype, *, causal: bool = False, segments: bool = Fa
            kernel: str | None = None) -> Lookup:
     """The config `flash_attention` would use for inputs of these shapes on the current device."""
     q_shape, k_shape = tuple(q_shape), tuple(k_shape)
+    fast_key = (_override.get() or _settings, q_shape, k_shape, dtype, causal, segments, backward, kernel)
+    found = _fast.get(fast_key)
+    if found is not None:
+        return found
     if len(q_shape) != 4 or len(k_shape) != 4:
         raise ValueError(f"q_shape and k_shape must be [batch, seq, heads, head_dim], got {q_shape} and {k_shape}")
     problem = Problem(batch=q_shape[0], q_len=q_shape[1], kv_len=k_shape[1], heads=q_shape[2],
@@ -214,7 +229,9 @@ def lookup(q_shape, k_shape, dtype, *, causal: bool = False, segments: bool = Fa
                       segments=segments, backward=backward)
     if k_shape[0] != q_shape[0] or k_shape[3] != q_shape[3]:
         raise ValueError(f"k_shape must share batch and head_dim with q_shape, got {k_shape} and {q_shape}")
-    return _lookup_problem(problem, kernel, current_device())
+    found = _lookup_problem(problem, kernel, current_device())
+    _fast[fast_key] = found
+    return found
 
 
 def _backward_fields(kernel: ModuleType) -> tuple[str, ...]:

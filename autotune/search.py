@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any, Callable
 
@@ -45,6 +45,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 KIND_ATTR = "kind"  # user attr marking trials that do not count toward the budget: invalid, duplicate, over_budget,
 #                    interrupted (the worker stopped before evaluating it)
+OUTCOME_ATTR = "outcome"  # user attr: the TrialOutcome as a dict, plus "costs" (seconds of the search's own work)
 RUNNING = optuna.trial.TrialState.RUNNING
 log = logging.getLogger(__name__)
 
@@ -273,25 +274,34 @@ class Search:
 
     def _record_stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """A worker died inside this trial: record it as failed in our table too (once, whoever notices)."""
-        self._record_lost(trial, "the worker running this trial stopped sending heartbeats (killed, crashed or "
-                                 "cut off from the database)")
+        self._record_finished(trial, "the worker running this trial stopped sending heartbeats (killed, crashed "
+                                     "or cut off from the database)")
 
-    def _record_lost(self, trial: optuna.trial.FrozenTrial, message: str, recorded: set[int] | None = None) -> None:
+    def _record_finished(self, trial: optuna.trial.FrozenTrial, lost: str, recorded: set[int] | None = None) -> None:
+        """Copy a finished trial of the study into our table unless it is there: its outcome if its worker got
+        that far (and the study agrees), else a `WorkerLost` failure with the message `lost`."""
         config = trial.user_attrs.get("config")
         if config is None or KIND_ATTR in trial.user_attrs:
             return  # it died before its config was chosen, or it was never to be evaluated: nothing to record
         if recorded is None:
             recorded = {row.number for row in self.store.trials(self.key)}
-        if trial.number not in recorded:  # it may have died after recording the trial but before telling Optuna
-            self.store.add_trial(self.key, config=config, status="runtime_error", run_id=self.run_id,
-                                 number=trial.number, error_class="WorkerLost", error_message=message)
+        if trial.number in recorded:
+            return
+        data = dict(trial.user_attrs.get(OUTCOME_ATTR) or {})
+        data.pop("costs", None)
+        complete = trial.state == optuna.trial.TrialState.COMPLETE
+        if data and (data.get("status") == "ok") == complete:
+            outcome = TrialOutcome(**data)
+        else:
+            outcome = TrialOutcome("runtime_error", error_class="WorkerLost", error_message=lost)
+        self._record(trial.number, config, outcome)
 
     def _reconcile(self) -> None:
-        """Record the failed trials our table lacks (a worker died between Optuna's failing and our recording)."""
+        """Copy into our table the finished trials it lacks (their worker died between the study and our table)."""
         recorded = {row.number for row in self.store.trials(self.key)}
         for trial in self.counted_trials():
-            if trial.state == optuna.trial.TrialState.FAIL and trial.number not in recorded:
-                self._record_lost(trial, "the worker running this trial stopped before recording it", recorded)
+            if trial.state != RUNNING and trial.number not in recorded:
+                self._record_finished(trial, "the worker running this trial stopped before recording it", recorded)
 
     def _fail_stale(self) -> None:
         """Fail the trials of dead workers: Optuna's heartbeat check, and trials that never got a first heartbeat.
@@ -334,10 +344,10 @@ class Search:
         return [t for t in self.study.get_trials(deepcopy=False, states=states)
                 if KIND_ATTR not in t.user_attrs and (t.state == RUNNING or "config" in t.user_attrs)]
 
-    def evaluated_configs(self) -> dict[str, float | None]:
+    def evaluated_configs(self, counted: list | None = None) -> dict[str, float | None]:
         """JSON of every config this study already evaluated, with its value (None if it failed)."""
         seen: dict[str, float | None] = {}
-        for t in self.counted_trials():
+        for t in self.counted_trials() if counted is None else counted:
             if t.state != optuna.trial.TrialState.RUNNING and "config" in t.user_attrs:
                 seen[json.dumps(t.user_attrs["config"], sort_keys=True)] = t.value
         return seen
@@ -516,7 +526,8 @@ class Search:
             self.store.add_trial(self.key, config=config.to_dict(), status="invalid", run_id=self.run_id,
                                  number=trial.number, error_class="InvalidConfig", error_message="; ".join(reasons))
             return "skip"
-        seen = self.evaluated_configs()
+        counted = self.counted_trials()
+        seen = self.evaluated_configs(counted)
         previous = json.dumps(config.to_dict(), sort_keys=True)
         if previous in seen:
             trial.set_user_attr(KIND_ATTR, "duplicate")
@@ -525,7 +536,7 @@ class Search:
             else:
                 self.study.tell(trial, seen[previous])
             return "skip"
-        earlier = [t for t in self.counted_trials() if t.number < trial.number]
+        earlier = [t for t in counted if t.number < trial.number]
         if len(earlier) >= self.budget:
             trial.set_user_attr(KIND_ATTR, "over_budget")
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -555,27 +566,32 @@ class Search:
         return outcome, compiled_at - start, time.perf_counter() - compiled_at
 
     def _finish(self, trial: optuna.Trial, config, outcome: TrialOutcome, costs: dict) -> None:
-        """Record the outcome in our table and in the study. `costs` (seconds of the main thread's slot for this
-        trial, of waiting for its compile and of checking and timing it) goes into the study for benchmarks."""
-        if self.storage.get_trial(trial._trial_id).state != RUNNING:
-            # Another worker failed it as stale (this worker stalled past the grace period): it is recorded already.
-            log.warning("trial %d was failed by another worker while this one evaluated it", trial.number)
-            return
-        trial.set_user_attr("costs", costs)
-        self.store.add_trial(
-            self.key, config=config.to_dict(), status=outcome.status, run_id=self.run_id, number=trial.number,
-            error_class=outcome.error_class, error_message=outcome.error_message, compile_s=outcome.compile_s,
-            time_s=outcome.time_s, time_spread_s=outcome.spread_s, time_count=outcome.count,
-            max_error=outcome.max_error,
-        )
+        """Record the outcome in the study, then in our table.
+
+        The study goes first and carries the whole outcome as a user attr, so a worker that dies (or loses the
+        database) between the two leaves a trial that the next run's `_reconcile` copies into our table. `costs`
+        (seconds of the main thread's slot for this trial, of waiting for its compile and of checking and timing
+        it) goes along, for benchmarks.
+        """
         try:
-            trial.set_user_attr("status", outcome.status)
+            trial.set_user_attr(OUTCOME_ATTR, {**asdict(outcome), "costs": costs})
             if outcome.status == "ok":
                 self.study.tell(trial, outcome.time_s)
             else:
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
-            log.warning("trial %d was failed by another worker while this one recorded it", trial.number)
+            # Another worker failed it as stale (this worker stalled past the grace period) and recorded it.
+            log.warning("trial %d was failed by another worker while this one evaluated it", trial.number)
+            return
+        self._record(trial.number, config.to_dict(), outcome)
+
+    def _record(self, number: int, config: dict, outcome: TrialOutcome) -> None:
+        self.store.add_trial(
+            self.key, config=config, status=outcome.status, run_id=self.run_id, number=number,
+            error_class=outcome.error_class, error_message=outcome.error_message, compile_s=outcome.compile_s,
+            time_s=outcome.time_s, time_spread_s=outcome.spread_s, time_count=outcome.count,
+            max_error=outcome.max_error,
+        )
 
     def _best_so_far(self) -> float | None:
         values = [t.value for t in self.counted_trials() if t.state == optuna.trial.TrialState.COMPLETE]

@@ -85,3 +85,30 @@ def describe_database_error(exc: BaseException, where: str) -> str:
         what = f"it failed: {text}"
     return (f"the results database {where} cannot be used: {what}. Every trial recorded before this is kept; "
             "run the same command again to resume.")
+
+
+def explain_open_failure(url: str, message: str) -> str:
+    """`message` (why a database could not be opened), with the likely cause when SQLite's own words hide it: a
+    read-only file, directory or filesystem ("unable to open database file") or a full disk ("disk I/O error")."""
+    from db.urls import sqlite_file
+
+    try:
+        path = sqlite_file(url)
+    except Exception:  # noqa: BLE001 - an unparsable URL has its own message already
+        return message
+    if path is None or not path.exists():
+        return message
+    import shutil
+
+    folder = path.parent
+    if not os.access(path, os.W_OK) or not os.access(folder, os.W_OK):
+        what = path if not os.access(path, os.W_OK) else folder
+        return (f"{message} (the database is read-only: {what} cannot be written, and SQLite needs to write both "
+                "the file and its directory, for its journal)")
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return message
+    if free < 1 << 20:
+        return f"{message} (the disk is full: {free} bytes free on the filesystem of {folder})"
+    return message

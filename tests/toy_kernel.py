@@ -2,8 +2,9 @@
 
 `AUTOTUNE_TOY_FAULTS` holds JSON like {"mismatch": {"block_k": 32}, "crash": {"block_q": 16}}: a config whose
 fields match a fault's fields misbehaves that way (wrong output, a compile-time error, resources exhausted, the
-process killing itself with SIGKILL, or "hang": tracing sleeps for an hour, so a test can kill the worker in the middle
-of a trial). `AUTOTUNE_TOY_INVALID` marks configs invalid the same way, and `AUTOTUNE_TOY_LOG` names a file that gets
+process killing itself with SIGKILL, "hang": tracing sleeps for an hour, so a test can kill the worker in the middle
+of a trial, or "slow": tracing sleeps $AUTOTUNE_TOY_SLOW_S seconds, default 3). A fault's name may carry a suffix
+after a colon ("slow:2") so that one kind can match several configs. `AUTOTUNE_TOY_INVALID` marks configs invalid the same way, and `AUTOTUNE_TOY_LOG` names a file that gets
 one line per config traced (written before any fault), so tests can see what was compiled. `AUTOTUNE_TOY_SPACE`
 holds JSON like {"num_warps": [1, 2, 4, 8]} that adds fields to the search space (the blocks stay 16 and 32), so
 multi-worker tests get a space too big to exhaust. Environment variables carry into the child processes of
@@ -55,11 +56,13 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, c
     if log:
         with open(log, "a") as f:
             f.write(json.dumps(config.to_dict(), sort_keys=True) + "\n")
-    faults = _matches(config, "AUTOTUNE_TOY_FAULTS")
+    faults = [name.split(":")[0] for name in _matches(config, "AUTOTUNE_TOY_FAULTS")]
     if "crash" in faults:
         os.kill(os.getpid(), signal.SIGKILL)
     if "hang" in faults:
         time.sleep(3600)
+    if "slow" in faults:
+        time.sleep(float(os.environ.get("AUTOTUNE_TOY_SLOW_S", "3")))
     if "compile_error" in faults:
         raise RuntimeError("injected compile failure")
     if "resource_exhausted" in faults:
