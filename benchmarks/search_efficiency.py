@@ -2,7 +2,9 @@
 
 For each problem: run the grid (every valid config once) and a TPE search with a quarter of the grid's trials, each
 in its own fresh database, then report how many TPE trials and how much wall time it took to get within 3% of the
-grid's best. Because the two runs time candidates at different moments, a replay also runs TPE many times against
+grid's best. Because the two runs time candidates at different moments, every config TPE held as its best is re-timed
+interleaved with the grid's best in one run, and "within 3%" is judged on those figures. A replay also runs TPE
+many times against
 the grid's recorded times (like KernelTuner's replay mode) to give the trials-to-3% distribution without noise.
 
     python benchmarks/search_efficiency.py --out benchmarks/results/search-efficiency-cpu
@@ -24,8 +26,9 @@ import optuna
 from autotune.device import current_device
 from autotune.keys import make_key
 from autotune.kernels_registry import load_kernel
-from autotune.search import SearchOptions, Space, make_sampler, search_problem
-from autotune.timing import TimingPolicy
+from autotune.candidate import compile_candidate
+from autotune.search import SearchOptions, Space, make_sampler, search_problem, timing_inputs
+from autotune.timing import TimingPolicy, time_interleaved
 from db import Store
 from kernels import Problem
 
@@ -75,6 +78,32 @@ def trials_to_target(times: list[float | None], target: float) -> int | None:
     return None
 
 
+def incumbent_reaching(problem: Problem, kernel: str, grid, tpe, timing: TimingPolicy):
+    """The TPE trial from which its best-so-far config is within 3% of the grid's best, re-timed side by side.
+
+    Times recorded in two separate runs differ by more than 3% from noise alone, and the grid's recorded minimum
+    over hundreds of noisy samples is biased low; so every config TPE held as its best at some point is timed
+    interleaved with the grid's best config, in one run.
+    """
+    module = load_kernel(kernel)
+    grid_best = min((t, c) for c, s, t, _ in grid if s == "ok")[1]
+    incumbents, best = [], None
+    for number, (config, status, value, _) in enumerate(tpe, 1):
+        if status == "ok" and (best is None or value < best):
+            best = value
+            incumbents.append((number, config))
+    configs = {c for _, c in incumbents} | {grid_best}
+    calls = {c: compile_candidate(module, module.Config.from_dict(json.loads(c)), problem,
+                                  interpret=current_device().interpret).call for c in configs}
+    timings = time_interleaved(calls, timing_inputs(problem, SearchOptions(), 0), timing)
+    target = timings[grid_best].median_s * WITHIN
+    retimed = {c: timings[c].median_s * 1e3 for c in configs}
+    for number, config in incumbents:
+        if timings[config].median_s <= target:
+            return number, retimed
+    return None, retimed
+
+
 def replay(problem: Problem, kernel: str, table: dict[str, float], budget: int, seeds: int) -> list[int | None]:
     """Run TPE against recorded grid times: trials it needs to reach within 3% of the table's best."""
     space = Space(load_kernel(kernel), problem, None)
@@ -122,14 +151,15 @@ def main() -> None:
         budget = max(1, len(grid) // 4)
         print(f"tpe: {budget} trials", flush=True)
         tpe, tpe_wall = run_search(problem, "tpe", budget, 0, args.kernel, timing)
-        reached = trials_to_target([t for _, s, t, _ in tpe], best * WITHIN)
+        reached, retimed = incumbent_reaching(problem, args.kernel, grid, tpe, timing)
         reached_wall = tpe[reached - 1][3] if reached else None
         replays = replay(problem, args.kernel, table, budget, args.replays)
         hits = [r for r in replays if r is not None]
         entry = {
             "problem": problem.to_dict(), "grid_trials": len(grid), "grid_wall_s": grid_wall, "grid_best_s": best,
             "tpe_budget": budget, "tpe_best_s": min(t for _, s, t, _ in tpe if s == "ok"),
-            "tpe_trials_to_3pct": reached, "tpe_wall_to_3pct_s": reached_wall, "tpe_wall_s": tpe_wall,
+            "tpe_trials_to_3pct": reached, "retimed_ms": retimed,
+            "tpe_trials_to_3pct_of_recorded_min": trials_to_target([t for _, s, t, _ in tpe], best * WITHIN), "tpe_wall_to_3pct_s": reached_wall, "tpe_wall_s": tpe_wall,
             "replay_trials_to_3pct": replays,
             "replay_success_rate": len(hits) / len(replays),
             "replay_median_trials": statistics.median(hits) if hits else None,
@@ -141,15 +171,16 @@ def main() -> None:
     lines = [f"# TPE against the exhaustive grid: {report['device']}", "",
              f"jax {report['jax']}, kernel `{args.kernel}`, {report['date']}. Goal: within 3% of the grid's best in at "
              "most a quarter of the grid's trials.", "",
-             "| problem | grid trials | grid wall s | TPE budget | TPE trials to 3% | TPE wall to 3% (s) | replays reaching 3% | median replay trials |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| problem | grid trials | grid wall s | TPE budget | TPE trials to 3% (re-timed side by side) | TPE wall to 3% (s) | TPE trials to 3% of the grid's recorded min | replays reaching 3% | median replay trials |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for e in report["problems"]:
         p = Problem.from_dict(e["problem"])
         name = f"b{p.batch} q{p.q_len} kv{p.kv_len} h{p.heads}/{p.kv_heads} d{p.head_dim} {p.dtype}" + \
             " causal" * p.causal + " seg" * p.segments
         wall = "-" if e["tpe_wall_to_3pct_s"] is None else f"{e['tpe_wall_to_3pct_s']:.1f}"
         lines.append(f"| {name} | {e['grid_trials']} | {e['grid_wall_s']:.0f} | {e['tpe_budget']} | "
-                     f"{e['tpe_trials_to_3pct'] or 'not reached'} | {wall} | {e['replay_success_rate']:.0%} | "
+                     f"{e['tpe_trials_to_3pct'] or 'not reached'} | {wall} | "
+                     f"{e['tpe_trials_to_3pct_of_recorded_min'] or 'not reached'} | {e['replay_success_rate']:.0%} | "
                      f"{e['replay_median_trials'] or '-'} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
