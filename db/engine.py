@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sqlite3
+import time
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, exc
@@ -44,12 +46,28 @@ def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
         try:
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             cursor.execute("PRAGMA foreign_keys = ON")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(cursor, busy_timeout_s)
             cursor.execute("PRAGMA synchronous = NORMAL")  # durable enough with WAL, and much faster
         finally:
             cursor.close()
         # The driver then issues BEGIN IMMEDIATE before the first INSERT/UPDATE/DELETE of each transaction.
         dbapi_connection.isolation_level = "IMMEDIATE"
+
+
+def _enable_wal(cursor: Any, busy_timeout_s: float) -> None:
+    """Switch a new database to WAL. SQLite answers 'locked' at once (no busy handler) when another process is
+    switching it at the same moment, so this retries until the busy timeout instead of failing."""
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) and "busy" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _guard_against_fork(engine: Engine) -> None:
