@@ -4,9 +4,10 @@ The study lives in Optuna's own tables of the results database, named by the key
 stopped resumes where it was and several workers can share it. `--trials` is the study's total budget over all
 workers and all resumptions. Every trial being evaluated carries a heartbeat; a worker that dies in the middle of one
 (SIGKILL, a candidate that crashes the process, a lost machine) leaves a trial that whichever worker looks next
-fails and records as `WorkerLost`, and a worker whose asks run into the budget waits for the other workers' last
-trials, so that each picks its best from every trial of the study. Candidates are compiled ahead in background threads while the main thread checks and
-times the previous one. The default config is always the first trial and takes part in the final interleaved
+fails and records as `WorkerLost` (its config counts as failed: it may be what killed the worker), and a worker
+whose asks run into the budget waits for the other workers' last trials, so that each picks its best from every
+trial of the study. Candidates are compiled ahead in background threads while the main thread checks and times the
+previous one. The default config is always the first trial and takes part in the final interleaved
 re-timing, so the stored best is never slower than the default.
 """
 from __future__ import annotations
@@ -181,16 +182,36 @@ def optuna_storage(store: Store, on_stale: Callable | None = None) -> optuna.sto
         engine_kwargs["pool_pre_ping"] = True
     for attempt in range(6):
         try:
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 store.url, engine_kwargs=engine_kwargs, heartbeat_interval=config.heartbeat_interval_s,
                 grace_period=config.grace_period_s, heartbeat_stale_trial_callback=on_stale,
             )
+            break
         except Exception as exc:  # noqa: BLE001 - only a lost table-creation race is retried
             text_ = f"{exc} {exc.__cause__}".lower()
             if attempt == 5 or not ("already exists" in text_ or "duplicate key" in text_ or "unique" in text_):
                 raise
             time.sleep(0.1 + 0.2 * attempt)
-    raise AssertionError("unreachable")
+    if store.url.startswith("sqlite"):
+        _sync_like_our_tables(storage.engine)
+    return storage
+
+
+def _sync_like_our_tables(engine) -> None:
+    """Optuna's SQLite connections sync the write-ahead log as our own do (db/engine.py): at checkpoints, not at
+    every commit. A killed process loses nothing; a power cut may lose the last commits, never consistency. It
+    makes Optuna's many small writes per trial several times cheaper."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    engine.dispose()  # the connections opened while creating the storage are replaced by configured ones
 
 
 # ---------------------------------------------------------------- evaluating one candidate
@@ -269,6 +290,8 @@ class Search:
         self._lock = threading.Lock()
         self._stale_lock = threading.Lock()
         self._unbeaten: dict[int, float] = {}  # others' running trials seen without any heartbeat: since when
+        self._unbeaten_mine: set[int] = set()  # this worker's new trials, for their first heartbeat
+        self._kick = threading.Event()  # wakes the heartbeat thread for a new trial, or to stop
 
     # -- bookkeeping on the study
 
@@ -335,13 +358,20 @@ class Search:
                 except optuna.exceptions.UpdateFinishedTrialError:
                     pass  # it finished, or another worker failed it first
 
-    def counted_trials(self) -> list[optuna.trial.FrozenTrial]:
+    def counted_trials(self, *, since_ask: bool = False) -> list[optuna.trial.FrozenTrial]:
         """Trials that count toward the budget: evaluated or being evaluated, not invalid or duplicate.
 
-        A trial whose worker died before choosing its config evaluated nothing and does not count.
+        A trial whose worker died before choosing its config evaluated nothing and does not count. `since_ask`: use
+        the trials Optuna read for the sampler after the last ask created its trial (one read less per trial;
+        every trial numbered below the asked one is in it, which is what the budget check needs).
         """
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, RUNNING)
-        return [t for t in self.study.get_trials(deepcopy=False, states=states)
+        read = getattr(self.study, "_get_trials", None)
+        if since_ask and read is not None:
+            trials = read(deepcopy=False, states=states, use_cache=True)
+        else:
+            trials = self.study.get_trials(deepcopy=False, states=states)
+        return [t for t in trials
                 if KIND_ATTR not in t.user_attrs and (t.state == RUNNING or "config" in t.user_attrs)]
 
     def evaluated_configs(self, counted: list | None = None) -> dict[str, float | None]:
@@ -384,29 +414,44 @@ class Search:
         return None
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
-        """Beat for this worker's trials in flight, and fail other workers' stale ones, every interval."""
-        while not stop.wait(self.storage.get_heartbeat_interval() or 5):
+        """Beat for this worker's trials in flight every interval, and for a new one at once (off the main thread,
+        which is told by `_track`); each interval, also fail other workers' stale trials."""
+        interval = self.storage.get_heartbeat_interval() or 5
+        next_check = time.monotonic() + interval
+        while True:
+            self._kick.wait(max(0.0, next_check - time.monotonic()))
+            self._kick.clear()
+            if stop.is_set():
+                return
             with self._lock:
-                ids = list(self._in_flight)
+                ids = list(self._in_flight) if time.monotonic() >= next_check else list(self._unbeaten_mine)
+                self._unbeaten_mine.clear()
             for trial_id in ids:
                 try:
                     self.storage.record_heartbeat(trial_id)
                 except Exception:  # noqa: BLE001 - a missed beat only risks a stale mark later
                     pass
+            if time.monotonic() < next_check:
+                continue
+            next_check = time.monotonic() + interval
             try:
                 self._fail_stale()
             except Exception:  # noqa: BLE001 - the next round, or the next worker, tries again
                 log.debug("checking for stale trials failed", exc_info=True)
 
     def _track(self, trial: optuna.Trial) -> None:
-        """This worker now owns the trial: beat for it at once, so a death from here on is noticed."""
+        """This worker now owns the trial: the heartbeat thread beats for it at once, so a death is noticed.
+
+        (A worker killed before that first beat leaves a trial without any; `_fail_stale` handles those.)"""
         with self._lock:
             self._in_flight[trial._trial_id] = trial
-        self.storage.record_heartbeat(trial._trial_id)
+            self._unbeaten_mine.add(trial._trial_id)
+        self._kick.set()
 
     def _untrack(self, trial: optuna.Trial) -> None:
         with self._lock:
             self._in_flight.pop(trial._trial_id, None)
+            self._unbeaten_mine.discard(trial._trial_id)
 
     def _wait_for_others(self, started: float) -> bool:
         """This worker's asks ran into the budget: wait for the other workers' last trials (or their failing as
@@ -496,6 +541,7 @@ class Search:
             raise
         finally:
             stop_beats.set()
+            self._kick.set()
             bar.close()
             pool.shutdown(wait=False, cancel_futures=True)
         return self.finish(started, arg_sets)
@@ -526,7 +572,7 @@ class Search:
             self.store.add_trial(self.key, config=config.to_dict(), status="invalid", run_id=self.run_id,
                                  number=trial.number, error_class="InvalidConfig", error_message="; ".join(reasons))
             return "skip"
-        counted = self.counted_trials()
+        counted = self.counted_trials(since_ask=True)
         seen = self.evaluated_configs(counted)
         previous = json.dumps(config.to_dict(), sort_keys=True)
         if previous in seen:
@@ -616,6 +662,7 @@ class Search:
         return configs
 
     def finish(self, started: float, arg_sets: list[tuple]) -> SearchResult:
+        self._reconcile()  # trials of workers that died between telling Optuna and recording them
         counted = self.counted_trials()
         statuses: dict[str, int] = {}
         for row in self.store.trials(self.key):

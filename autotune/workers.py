@@ -79,7 +79,10 @@ def describe_database_error(exc: BaseException, where: str) -> str:
         what = f"the disk is full ({text})"
     elif any(s in lowered for s in ("terminating connection", "server closed the connection", "connection refused",
                                     "connection failed", "connection is closed", "consuming input failed",
-                                    "the connection is lost", "no such file or directory", "could not connect")):
+                                    "the connection is lost", "no such file or directory", "could not connect",
+                                    "not currently accepting connections", "can't reconnect until invalid")):
+        if "can't reconnect until invalid" in lowered:  # SQLAlchemy's words for a session whose connection died
+            text = "the server closed a connection in the middle of a transaction"
         what = f"the connection to the database server was lost ({text})"
     else:
         what = f"it failed: {text}"
