@@ -51,6 +51,15 @@ RUNNING = optuna.trial.TrialState.RUNNING
 log = logging.getLogger(__name__)
 
 
+def _drop_fallback_notice(record: logging.LogRecord) -> bool:
+    """Optuna logs a database error it works around ("Falling back to a slower alternative") with the whole SQL
+    statement; when the fallback fails too, the command ends with one clear message instead (autotune/cli.py)."""
+    return "Falling back to a slower alternative" not in record.getMessage()
+
+
+logging.getLogger("optuna.storages._rdb.storage").addFilter(_drop_fallback_notice)
+
+
 @dataclass(frozen=True)
 class SearchOptions:
     """How hard to search. `trials` is the study's total (None: 30, or every valid config for the grid)."""

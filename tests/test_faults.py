@@ -8,11 +8,9 @@ kept, and a rerun that resumes to the budget. Bad problem files are refused befo
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-import threading
 import time
 import uuid
 from contextlib import contextmanager
