@@ -10,18 +10,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from autotune.candidate import jitted_call
 from kernels import Problem
-
-
-def _with_backward(forward: Callable, problem: Problem) -> Callable:
-    if not problem.backward:
-        return jax.jit(forward)
-
-    def forward_backward(q, k, v, q_ids, kv_ids, d_out):
-        out, vjp = jax.vjp(lambda q_, k_, v_: forward(q_, k_, v_, q_ids, kv_ids), q, k, v)
-        return (out, *vjp(d_out))
-
-    return jax.jit(forward_backward)
 
 
 def dot_product_attention_call(problem: Problem, implementation: str = "xla") -> Callable:
@@ -34,7 +24,7 @@ def dot_product_attention_call(problem: Problem, implementation: str = "xla") ->
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=problem.causal,
                                             implementation=implementation)
 
-    return _with_backward(forward, problem)
+    return jitted_call(forward, problem)
 
 
 def xla_attention_call(problem: Problem) -> Callable:
@@ -70,4 +60,4 @@ def pallas_mha_call(problem: Problem, *, interpret: bool) -> Callable | None:
         return jax_attention.mha(q, k_full, v_full, q_ids, sm_scale=scale, causal=problem.causal,
                                  block_sizes=sizes, interpret=interpret)
 
-    return _with_backward(forward, problem)
+    return jitted_call(forward, problem)

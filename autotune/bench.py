@@ -63,22 +63,14 @@ def measure_peak(dtype: str, size: int, policy) -> Peak:
 
 def reference_call(problem) -> Callable:
     """The einsum reference with the candidates' signature, forward or forward plus backward."""
-    import jax
-
+    from autotune.candidate import jitted_call
     from kernels import attention_reference
 
     def forward(q, k, v, q_ids, kv_ids):
         ids = None if q_ids is None else (q_ids, kv_ids)
         return attention_reference(q, k, v, causal=problem.causal, segment_ids=ids)
 
-    if not problem.backward:
-        return jax.jit(forward)
-
-    def forward_backward(q, k, v, q_ids, kv_ids, d_out):
-        out, vjp = jax.vjp(lambda q_, k_, v_: forward(q_, k_, v_, q_ids, kv_ids), q, k, v)
-        return (out, *vjp(d_out))
-
-    return jax.jit(forward_backward)
+    return jitted_call(forward, problem)
 
 
 def contenders(problem, kernel, device, best) -> list[Entry]:

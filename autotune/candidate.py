@@ -17,6 +17,19 @@ import jax.numpy as jnp
 from kernels import Problem
 
 
+def jitted_call(forward: Callable, problem: Problem) -> Callable:
+    """`forward(q, k, v, q_ids, kv_ids)` jitted with the candidates' signature: forward alone, or forward plus
+    backward returning (out, dq, dk, dv) for a cotangent `d_out`. Kernels and baselines all go through here."""
+    if not problem.backward:
+        return jax.jit(forward)
+
+    def forward_backward(q, k, v, q_ids, kv_ids, d_out):
+        out, vjp = jax.vjp(lambda q_, k_, v_: forward(q_, k_, v_, q_ids, kv_ids), q, k, v)
+        return (out, *vjp(d_out))
+
+    return jax.jit(forward_backward)
+
+
 def make_function(kernel: ModuleType, config: Any, problem: Problem, *, interpret: bool) -> Callable:
     """The jitted function a candidate is: forward, or forward plus backward (returning out, dq, dk, dv)."""
 
@@ -26,14 +39,7 @@ def make_function(kernel: ModuleType, config: Any, problem: Problem, *, interpre
             q, k, v, causal=problem.causal, segment_ids=segment_ids, config=config, interpret=interpret
         )
 
-    if not problem.backward:
-        return jax.jit(forward)
-
-    def forward_backward(q, k, v, q_ids, kv_ids, d_out):
-        out, vjp = jax.vjp(lambda q_, k_, v_: forward(q_, k_, v_, q_ids, kv_ids), q, k, v)
-        return (out, *vjp(d_out))
-
-    return jax.jit(forward_backward)
+    return jitted_call(forward, problem)
 
 
 def abstract_args(problem: Problem) -> tuple:
