@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import sys
@@ -281,13 +280,20 @@ def describe_problem(p) -> str:
     return text + " causal" * p.causal + " seg" * p.segments + " +bwd" * p.backward
 
 
+def table_config(config: dict, key) -> str:
+    """A config for a table cell. A forward-only key's backward fields (bwd_*) are left out: they change nothing
+    that runs. `--json` always has every field."""
+    shown = {k: v for k, v in config.items() if key.backward or not k.startswith("bwd_")}
+    return " ".join(f"{name}={value}" for name, value in shown.items())
+
+
 def print_summary(results) -> None:
     if not results:
         return
     rows = []
     for r in results:
         rows.append([
-            describe_problem(r.problem), json.dumps(r.best_config, separators=(",", ":")),
+            describe_problem(r.problem), table_config(r.best_config, r.key),
             format_ms(r.best_time_s), format_ms(r.default_time_s),
             f"{r.speedup:.2f}x" if r.speedup else "-", format_ms(r.xla_time_s),
             f"{r.trials_run}/{r.trials_failed}", f"{r.wall_s:.1f}",

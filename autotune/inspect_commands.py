@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from autotune.cli import (DB_HELP, database_errors, describe_problem, format_ms, open_store,
+from autotune.cli import (DB_HELP, table_config, database_errors, describe_problem, format_ms, open_store,
                           print_table, problem_options, specs_from_flags)
 
 SHAPE_FLAGS = ("batch", "seq_len", "kv_seq_len", "heads", "kv_heads", "head_dim")
@@ -76,13 +76,6 @@ def where(store) -> str:
 
 def plural(count: int, word: str, words: str | None = None) -> str:
     return f"{count} {word if count == 1 else words or word + 's'}"
-
-
-def table_config(config: dict, key) -> str:
-    """A config for a table cell. A forward-only key's backward fields (bwd_*) are left out: they change nothing
-    that runs. `--json` always has every field."""
-    shown = {k: v for k, v in config.items() if key.backward or not k.startswith("bwd_")}
-    return " ".join(f"{name}={value}" for name, value in shown.items())
 
 
 def when(moment: datetime | None) -> str:
