@@ -5,13 +5,11 @@ fails only at compile time. Rejecting such configs here is cheap and keeps the s
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
+from kernels.configs import IntConfig
 from kernels.problem import Problem
 
 FORWARD_FIELDS = ("block_q", "block_k", "num_warps", "num_stages")
@@ -39,7 +37,7 @@ def block_cap(length: int) -> int:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(IntConfig):
     """Forward tiles and Triton launch parameters, and the same for the two backward kernels."""
 
     block_q: int
@@ -50,30 +48,6 @@ class Config:
     bwd_block_k: int
     bwd_num_warps: int
     bwd_num_stages: int
-
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"Config field {field.name} must be an int, got {value!r}")
-            object.__setattr__(self, field.name, int(value))
-
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Config":
-        """Build from a dict with exactly the Config fields (as stored in JSON); ValueError names what is wrong."""
-        if not isinstance(data, dict):
-            raise ValueError(f"Config.from_dict needs a dict, got {type(data).__name__}")
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown Config field(s) {unknown}; expected {fields}")
-        missing = [name for name in fields if name not in data]
-        if missing:
-            raise ValueError(f"missing Config field(s) {missing}")
-        return cls(**data)
 
     @classmethod
     def default(cls, problem: Problem, *, device_kind: str | None = None) -> "Config":

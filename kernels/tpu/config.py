@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 
+from kernels.configs import IntConfig
 from kernels.problem import Problem
 
 LANES = 128  # TPU vreg lane count: minor block dims are multiples of this
@@ -20,7 +19,7 @@ DEFAULT_VMEM_LIMIT = 16 * MIB  # the scoped VMEM default of the smallest current
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(IntConfig):
     """Forward blocks (batch, query rows, kv rows per grid step, kv rows per inner step) and backward blocks."""
 
     block_b: int
@@ -31,31 +30,7 @@ class Config:
     bwd_block_k_major: int
     bwd_block_k: int
 
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"Config.{field.name} must be an int, got {value!r}")
-            if value <= 0:
-                raise ValueError(f"Config.{field.name} must be positive, got {value}")
-            object.__setattr__(self, field.name, int(value))
-
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Config":
-        """Build from a dict with exactly the config's fields; ValueError names unknown, missing or non-int ones."""
-        if not isinstance(data, dict):
-            raise ValueError(f"a Config needs a dict, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        missing = [n for n in names if n not in data]
-        if unknown:
-            raise ValueError(f"unknown Config field(s) {unknown}; expected {names}")
-        if missing:
-            raise ValueError(f"missing Config field(s) {missing}")
-        return cls(**{n: data[n] for n in names})
+    positive = True
 
     @classmethod
     def default(cls, problem: Problem) -> "Config":
