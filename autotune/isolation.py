@@ -14,17 +14,16 @@ import os
 import signal
 from dataclasses import asdict
 
-from autotune.search import SearchOptions, TrialOutcome
+from autotune.candidate import compile_candidate
+from autotune.evaluation import TrialOutcome, evaluate, failure, timing_inputs
+from autotune.kernels_registry import load_kernel
+from autotune.options import SearchOptions
 from kernels import Problem
 
 
 def _child(conn, kernel_name: str, config: dict, problem: dict, options: SearchOptions, seed: int,
            interpret: bool) -> None:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before the first JAX call starts the backend
-    from autotune.candidate import compile_candidate
-    from autotune.kernels_registry import load_kernel
-    from autotune.search import evaluate, failure, timing_inputs
-
     problem_ = Problem(**problem)
     kernel = load_kernel(kernel_name)
     try:

@@ -1,6 +1,7 @@
 """Tuning keys: the kernel, the hardware and the problem, as the database stores them."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import ModuleType
 
@@ -8,7 +9,10 @@ from autotune.device import DeviceInfo
 from db import TuningKey
 from kernels import Problem
 
-PROBLEM_FIELDS = ("batch", "q_len", "kv_len", "heads", "kv_heads", "head_dim", "dtype", "causal", "segments", "backward")
+# The problem's fields are Problem's (kernels/problem.py); a TuningKey carries each under the same name (db/ cannot
+# import kernels/, so tests/test_imports.py checks that the two agree).
+PROBLEM_FIELDS = tuple(field.name for field in dataclasses.fields(Problem))
+SIZE_FIELDS = tuple(field.name for field in dataclasses.fields(Problem) if field.type in (int, "int"))
 
 
 def make_key(kernel: ModuleType, problem: Problem, device: DeviceInfo) -> TuningKey:
@@ -26,5 +30,4 @@ def problem_of(key: TuningKey) -> Problem:
 
 def shape_distance(a: TuningKey, b: TuningKey) -> float:
     """How far apart two problems are: summed |log2| ratios of their sizes (0 for the same shape)."""
-    sizes = ("batch", "q_len", "kv_len", "heads", "kv_heads", "head_dim")
-    return sum(abs(math.log2(getattr(a, s) / getattr(b, s))) for s in sizes)
+    return sum(abs(math.log2(getattr(a, s) / getattr(b, s))) for s in SIZE_FIELDS)

@@ -4,7 +4,8 @@ The lookup happens once per key per process (results kept in memory behind a loc
 call costs what the kernel with a fixed config costs. On a miss the policy decides: `heuristic` (the default
 config, one warning naming the command that would tune it), `nearest` (the best of the nearest tuned problem, if
 valid here), `error`, or `tune` (a short search now). A missing, read-only or locked database never breaks
-inference: the lookup falls back to the heuristic with one warning.
+inference: the lookup falls back to the heuristic with one warning. Warnings point at the user's call (the
+first frame outside this package), since that is the line the user can change.
 """
 from __future__ import annotations
 
@@ -12,20 +13,27 @@ import contextlib
 import contextvars
 import functools
 import os
+import shlex
+import sys
 import threading
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
 
+from sqlalchemy.engine import make_url
+
 from autotune.device import DeviceInfo, current_device, device_of
 from autotune.keys import make_key, shape_distance
-from autotune.kernels_registry import kernel_for_platform, load_kernel
+from autotune.kernels_registry import device_kind_of, kernel_for_platform, load_kernel
 from db import Store, TuningKey, default_url, resolve_url
+from db.urls import display_url, scrub, sqlite_file
 from kernels import Problem, canonical_dtype, check_inputs
 
 MISS_POLICIES = ("heuristic", "nearest", "error", "tune")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class TuningMissError(LookupError):
@@ -68,7 +76,7 @@ _override: contextvars.ContextVar[Settings | None] = contextvars.ContextVar("aut
 _lock = threading.RLock()
 _cache: dict[tuple, Lookup] = {}
 _fast: dict[tuple, Lookup] = {}  # lookup() by its raw arguments, to skip building the problem on a hit
-_stores: dict[str, Store | None] = {}
+_stores: dict[str, tuple[Store | None, str]] = {}  # url -> (store, why not)
 _warned: set = set()
 
 
@@ -100,11 +108,19 @@ def reload() -> None:
         _settings = Settings(_settings.db, _settings.on_miss)  # re-read the environment's defaults
         _cache.clear()
         _fast.clear()
-        for store in _stores.values():
+        for store, _why in _stores.values():
             if store is not None:
                 store.close()
         _stores.clear()
         _warned.clear()
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel, counted from the caller of this function, of the first frame outside this package."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _warn_once(tag: Any, message: str) -> None:
@@ -112,30 +128,43 @@ def _warn_once(tag: Any, message: str) -> None:
         if tag in _warned:
             return
         _warned.add(tag)
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
 
 
-def _store(url: str) -> Store | None:
-    """The open store for a URL, or None (with one warning) when it is missing or cannot be opened."""
+def _sqlite_path(url: str) -> Path | None:
+    """The file an SQLite URL names, `file:` URIs (e.g. `?mode=ro`) included; None for other databases."""
+    path = sqlite_file(url)
+    if path is not None:
+        return path
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and (parsed.database or "").startswith("file:"):
+        return Path(urllib.parse.unquote(urllib.parse.urlsplit(parsed.database).path))
+    return None
+
+
+def _store(url: str) -> tuple[Store | None, str]:
+    """The open store for a URL, or None and why not (missing, or cannot be opened). Never creates a database;
+    never warns: the caller folds the reason into the one warning of the call."""
     with _lock:
         if url in _stores:
             return _stores[url]
-        store = None
-        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
-        if path is not None and not Path(path).exists():
-            _warn_once(("db", url), f"no results database at {path}: using heuristic configs "
-                                    "(run `autotune search` to tune)")
+        store, why = None, ""
+        path = _sqlite_path(url)
+        if path is not None and not path.exists():
+            why = f"there is no results database at {path}"
         else:
             try:
                 # Inference waits little for a locked database: the heuristic beats a stalled model.
-                store = Store(url, busy_timeout_s=float(os.environ.get("AUTOTUNE_DB_BUSY_TIMEOUT", "1")))
+                store = Store(url, busy_timeout_s=float(os.environ.get("AUTOTUNE_DB_BUSY_TIMEOUT", "1")),
+                              create=False, read_only=None)  # never creates; read-only where it cannot write
             except Exception as exc:  # noqa: BLE001 - inference must never break on the database
-                _warn_once(("db", url), f"cannot open the results database {url} ({exc}); using heuristic configs")
-        _stores[url] = store
-        return store
+                why = f"the results database {display_url(url)} cannot be opened ({scrub(str(exc), url)})"
+        _stores[url] = (store, why)
+        return store, why
 
 
-def _tune_command(key: TuningKey) -> str:
+def _tune_command(key: TuningKey, url: str) -> str:
+    """The `autotune search` command that tunes this key into the database the runtime reads."""
     flags = [f"--batch {key.batch}", f"--seq-len {key.q_len}", f"--heads {key.heads}", f"--head-dim {key.head_dim}",
              f"--dtype {key.dtype}"]
     if key.kv_len != key.q_len:
@@ -143,46 +172,47 @@ def _tune_command(key: TuningKey) -> str:
     if key.kv_heads != key.heads:
         flags.append(f"--kv-heads {key.kv_heads}")
     flags += ["--causal"] * key.causal + ["--segments 3"] * key.segments + ["--backward"] * key.backward
+    if url != default_url():
+        flags.append(f"--db {shlex.quote(display_url(url))}")
     return "autotune search " + " ".join(flags)
 
 
-def _stored_config(kernel: ModuleType, problem: Problem, config_dict: dict, device: DeviceInfo, what: str):
-    """The stored config as the kernel's Config, or None (with a warning) if it cannot run this problem."""
+def _stored_config(kernel: ModuleType, problem: Problem, config_dict: dict, device: DeviceInfo):
+    """The stored config as the kernel's Config and "", or None and why it cannot run this problem."""
     try:
         config = kernel.Config.from_dict(config_dict)
-        reasons = kernel.invalid_reasons(config, problem, device_kind=None if device.interpret else device.device_kind)
+        reasons = kernel.invalid_reasons(config, problem, device_kind=device_kind_of(device))
     except (ValueError, TypeError) as exc:
-        reasons = [str(exc)]
-        config = None
+        config, reasons = None, [str(exc)]
     if reasons:
-        _warn_once(("invalid", what, repr(config_dict)),
-                   f"ignoring the {what} config {config_dict}: it cannot run {problem} ({'; '.join(reasons)})")
-        return None
-    return config
+        return None, f"it cannot run {problem} ({'; '.join(reasons)})"
+    return config, ""
 
 
 def _resolve(kernel: ModuleType, kernel_name: str, problem: Problem, device: DeviceInfo, settings: Settings) -> Lookup:
-    """The uncached lookup: one indexed query, then the miss policy."""
+    """The uncached lookup: one indexed query, then the miss policy. At most one warning, saying why it missed."""
     key = make_key(kernel, problem, device)
-    policy = settings.policy()
-    store = _store(settings.url())
+    policy, url = settings.policy(), settings.url()
+    store, why = _store(url)
     if store is not None:
         try:
             best = store.get_best(key)
         except Exception as exc:  # noqa: BLE001 - a locked or broken database falls back
-            _warn_once(("db-read", settings.url()), f"cannot read the results database ({exc}); using heuristics")
-            best, store = None, None
+            best, store, why = None, None, f"the results database {display_url(url)} cannot be read ({scrub(str(exc), url)})"
         if best is not None:
-            config = _stored_config(kernel, problem, best.config, device, "stored")
+            config, invalid = _stored_config(kernel, problem, best.config, device)
             if config is not None:
                 return Lookup(config, "tuned", key)
+            why = f"ignoring the stored config {best.config}: {invalid}"
     if store is not None:
         with contextlib.suppress(Exception):  # a read-only database cannot count misses: not worth failing for
             store.record_miss(key)
+    why = why or f"no tuned config for this problem on {device.device_kind}"
     if policy == "error":
-        raise TuningMissError(f"no tuned config for {key.to_dict()}; tune it with: {_tune_command(key)}")
+        raise TuningMissError(f"{why} (key {key.to_dict()}); tune it with: {_tune_command(key, url)}")
     if policy == "tune" and store is not None:
-        from autotune.search import SearchOptions, search_problem
+        from autotune.options import SearchOptions
+        from autotune.search import search_problem
 
         result = search_problem(problem, kernel_name=kernel_name, store=store, device=device,
                                 options=SearchOptions(trials=int(os.environ.get("AUTOTUNE_TUNE_TRIALS", "8")),
@@ -191,12 +221,13 @@ def _resolve(kernel: ModuleType, kernel_name: str, problem: Problem, device: Dev
     if policy == "nearest" and store is not None:
         with contextlib.suppress(Exception):
             for best in sorted(store.neighbours(key), key=lambda b: shape_distance(b.key, key)):
-                config = _stored_config(kernel, problem, best.config, device, "nearest problem's")
+                config, _invalid = _stored_config(kernel, problem, best.config, device)
                 if config is not None:
                     return Lookup(config, "nearest", key, f"from {best.key.to_dict()}")
-    _warn_once(("miss", key), f"no tuned config for this problem on {device.device_kind}; using the heuristic "
-                              f"default. Tune it with: {_tune_command(key)}")
-    return Lookup(kernel.Config.default(problem), "heuristic", key)
+        why += "; no config of a nearby tuned problem can run it either"
+    _warn_once(("miss", url, key), f"{why}: using the heuristic default config. "
+                                   f"Tune it with: {_tune_command(key, url)}")
+    return Lookup(kernel.Config.default(problem, device_kind=device_kind_of(device)), "heuristic", key)
 
 
 def _lookup_problem(problem: Problem, kernel_name: str | None, device: DeviceInfo) -> Lookup:
@@ -270,15 +301,18 @@ def _peek_tuned(problem: Problem, kernel_name: str, device: DeviceInfo) -> Looku
     with _lock:
         if cache_key not in _cache:
             found = None
-            store = _store(settings.url())
+            store, _why = _store(settings.url())
             kernel = load_kernel(kernel_name)
             key = make_key(kernel, problem, device)
             if store is not None:
                 with contextlib.suppress(Exception):
                     best = store.get_best(key)
                     if best is not None:
-                        config = _stored_config(kernel, problem, best.config, device, "stored")
+                        config, invalid = _stored_config(kernel, problem, best.config, device)
                         if config is not None:
                             found = Lookup(config, "tuned", key)
+                        else:
+                            _warn_once(("invalid", settings.url(), key),
+                                       f"ignoring the stored backward config {best.config}: {invalid}")
             _cache[cache_key] = found  # type: ignore[assignment]
         return _cache[cache_key]

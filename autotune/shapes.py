@@ -4,6 +4,7 @@ Every entry is validated before anything is compiled; errors name the entry and 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,19 @@ try:
 except ImportError:  # pragma: no cover - Python < 3.11
     import tomli as tomllib
 
-FIELDS = {
-    "batch": int, "seq_len": int, "kv_seq_len": int, "heads": int, "kv_heads": int, "head_dim": int,
-    "dtype": str, "causal": bool, "segments": int, "backward": bool,
-}
+# The fields of a shapes file and of the problem flags: Problem's fields, in Problem's order, with the lengths
+# named as users name them and `segments` a number of packed documents (0: no segment ids) instead of a flag.
+USER_NAMES = {"q_len": "seq_len", "kv_len": "kv_seq_len"}
+_TYPES = {"int": int, "str": str, "bool": bool}
+FIELDS = {USER_NAMES.get(f.name, f.name): int if f.name == "segments" else _TYPES[str(f.type)]
+          for f in dataclasses.fields(Problem)}
 REQUIRED = ("batch", "seq_len", "heads", "head_dim")
+# The largest sizes a search is asked to tune: beyond them a problem is a typo or an attack, and would fail only
+# after a run and a study were written (out of memory, or no valid config).
+LIMITS = {"batch": 1 << 16, "seq_len": 1 << 20, "kv_seq_len": 1 << 20, "heads": 1 << 10, "kv_heads": 1 << 10,
+          "head_dim": 1 << 10}
+MAX_ELEMENTS = 1 << 34  # of q, k or v: 32 GiB in bfloat16, more than one device holds three times over
+INT_FIELDS = tuple(name for name, kind in FIELDS.items() if kind is int)
 
 
 @dataclass(frozen=True)
@@ -51,10 +60,20 @@ def spec_from_fields(fields: dict[str, Any], where: str = "problem") -> ProblemS
             raise ValueError(f"{where}: field '{name}' must be true or false, got {value!r}")
         if kind is str and not isinstance(value, str):
             raise ValueError(f"{where}: field '{name}' must be a string, got {value!r}")
-    for name in ("batch", "seq_len", "kv_seq_len", "heads", "kv_heads", "head_dim"):
-        if fields.get(name) is not None and fields[name] <= 0:
+    for name in INT_FIELDS:
+        if name != "segments" and fields.get(name) is not None and fields[name] <= 0:
             raise ValueError(f"{where}: field '{name}' must be positive, got {fields[name]}")
+    for name, limit in LIMITS.items():
+        if fields.get(name) is not None and fields[name] > limit:
+            raise ValueError(f"{where}: field '{name}' must be at most {limit}, got {fields[name]}")
+    longest = max(fields["seq_len"], fields.get("kv_seq_len") or 0)
+    elements = fields["batch"] * longest * fields["heads"] * fields["head_dim"]
+    if elements > MAX_ELEMENTS:
+        raise ValueError(f"{where}: q, k and v would hold {elements} elements each; at most {MAX_ELEMENTS} are "
+                         "tuned (lower 'batch', 'seq_len', 'heads' or 'head_dim')")
     documents = fields.get("segments") or 0
+    if documents > min(fields["seq_len"], fields.get("kv_seq_len") or fields["seq_len"]):
+        raise ValueError(f"{where}: field 'segments' ({documents}) must be at most the sequence length")
     if documents < 0:
         raise ValueError(f"{where}: field 'segments' must be 0 (no segment ids) or a number of documents, got {documents}")
     heads = fields["heads"]

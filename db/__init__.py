@@ -6,15 +6,16 @@ between databases as JSON.
 """
 from db.errors import (DatabaseError, ForeignDatabaseError, ImportValidationError, NotADatabaseError,
                        SchemaTooNewError)
-from db.records import (PLATFORMS, RUN_STATUSES, TRIAL_STATUSES, BestOffer, BestRecord, RunRecord, TrialRecord,
-                        TuningKey)
+from db.records import (DTYPES, PLATFORMS, RUN_STATUSES, TRIAL_STATUSES, BestOffer, BestRecord, ConfigCheck,
+                        RunRecord, TrialRecord, TuningKey)
 from db.schema import SCHEMA_VERSION
 from db.store import Store
-from db.transfer import export_document, import_document
+from db.transfer import export_document, import_document, read_document
 from db.urls import default_url, resolve_url
 
 __all__ = [
-    "PLATFORMS", "RUN_STATUSES", "SCHEMA_VERSION", "TRIAL_STATUSES", "BestOffer", "BestRecord", "DatabaseError",
-    "ForeignDatabaseError", "ImportValidationError", "NotADatabaseError", "RunRecord", "SchemaTooNewError", "Store",
-    "TrialRecord", "TuningKey", "default_url", "export_document", "import_document", "resolve_url",
+    "DTYPES", "PLATFORMS", "RUN_STATUSES", "SCHEMA_VERSION", "TRIAL_STATUSES", "BestOffer", "BestRecord",
+    "ConfigCheck", "DatabaseError", "ForeignDatabaseError", "ImportValidationError", "NotADatabaseError", "RunRecord",
+    "SchemaTooNewError", "Store", "TrialRecord", "TuningKey", "default_url", "export_document", "import_document",
+    "read_document", "resolve_url",
 ]

@@ -8,7 +8,6 @@ in use in WAL mode, so the main file alone may be stale) is it opened read-only 
 from __future__ import annotations
 
 import sqlite3
-import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from sqlalchemy import Engine, inspect, text
 
 from db.errors import DatabaseError, ForeignDatabaseError, NotADatabaseError, SchemaTooNewError
 from db.schema import META_TABLE, PREFIX, SCHEMA_VERSION
+from db.retry import retry
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -49,14 +49,11 @@ def sqlite_inventory(path: Path, *, busy_timeout_s: float = 30.0) -> Inventory |
     A file that another process is creating right now can look torn for a moment, so a failed read is tried
     again a few times before the file is called damaged.
     """
-    for attempt in range(_ATTEMPTS):
-        try:
-            return _sqlite_inventory_once(path, busy_timeout_s)
-        except _Unreadable as exc:
-            if attempt == _ATTEMPTS - 1:
-                raise NotADatabaseError(str(exc)) from None
-            time.sleep(0.05)
-    raise AssertionError("unreachable")
+    try:
+        return retry(lambda: _sqlite_inventory_once(path, busy_timeout_s), attempts=_ATTEMPTS,
+                     retry_on=lambda exc: isinstance(exc, _Unreadable), delay_s=lambda _attempt: 0.05)
+    except _Unreadable as exc:
+        raise NotADatabaseError(str(exc)) from None
 
 
 def _sqlite_inventory_once(path: Path, busy_timeout_s: float) -> Inventory | None:

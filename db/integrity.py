@@ -1,4 +1,4 @@
-"""Consistency checks for `autotune check`-style commands: problems are listed, never repaired here.
+"""Consistency checks of a results database (`Store.integrity_check`): problems are listed, never repaired here.
 
 SQLite gets its own page-level check and foreign-key check; every backend gets the checks only we can do: rows
 pointing at missing keys or runs, key rows whose digest does not match their fields (hand-edited or written by a
@@ -6,13 +6,12 @@ buggy version, so lookups would miss them), and bests with impossible times.
 """
 from __future__ import annotations
 
-import math
-
 from sqlalchemy import Connection, select, text
 from sqlalchemy.orm import Session
 
 from db.records import TuningKey
 from db.schema import SCHEMA_VERSION, BestRow, KeyRow, MetaRow, MissRow, RunRow, TrialRow
+from db.validation import is_physical_time
 
 _LIMIT = 20  # problems listed per check, so a badly broken database still gives a readable report
 
@@ -36,7 +35,7 @@ def find_problems(session: Session) -> list[str]:
     problems += _key_checks(session)
     for best_id, time_s, default in session.execute(select(BestRow.id, BestRow.time_s, BestRow.default_time_s)):
         for name, value in (("time_s", time_s), ("default_time_s", default)):
-            if value is not None and not (math.isfinite(value) and value > 0):
+            if value is not None and not is_physical_time(value):
                 problems.append(f"autotune_bests row {best_id} has {name} = {value!r}")
     return problems
 

@@ -9,18 +9,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from db.validation import check_bool, check_choice, check_datetime, check_int, check_json_object, check_text, check_time
+from db.validation import (check_bool, check_choice, check_datetime, check_int, check_json_object, check_name,
+                           check_time)
 
 PLATFORMS = ("gpu", "tpu", "cpu-interpret")
+DTYPES = ("float32", "bfloat16", "float16")  # the kernels' dtypes (kernels.problem.DTYPES; a test keeps them equal)
 TRIAL_STATUSES = ("ok", "invalid", "compile_error", "resource_exhausted", "mismatch", "runtime_error", "timeout")
 RUN_STATUSES = ("running", "ok", "failed", "interrupted", "crashed")
 
-_TEXT_FIELDS = ("kernel", "kernel_version", "device_kind", "jax_version", "dtype")
+_TEXT_FIELDS = ("kernel", "kernel_version", "device_kind", "jax_version")
 _SHAPE_FIELDS = ("batch", "q_len", "kv_len", "heads", "kv_heads", "head_dim")
 _FLAG_FIELDS = ("causal", "segments", "backward")
 
@@ -47,10 +49,13 @@ class TuningKey:
 
     def __post_init__(self) -> None:
         for name in _TEXT_FIELDS:
-            check_text(name, getattr(self, name))
+            check_name(name, getattr(self, name))
         check_choice("platform", self.platform, PLATFORMS)
+        check_choice("dtype", self.dtype, DTYPES)
         for name in _SHAPE_FIELDS:
             object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
+        if self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads must divide heads, got heads={self.heads} and kv_heads={self.kv_heads}")
         for name in _FLAG_FIELDS:
             check_bool(name, getattr(self, name))
 
@@ -76,6 +81,11 @@ class TuningKey:
         """32 hex digits of the SHA-256 of the canonical JSON of all fields: stable across processes and versions."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:32]
+
+
+ConfigCheck = Callable[[TuningKey, Mapping[str, Any]], None]
+"""Raises ValueError (its message naming the field) when a config cannot run for a key; the autotune layer passes
+the kernels' rules in this way, since db/ knows no kernels."""
 
 
 @dataclass(frozen=True)

@@ -159,5 +159,3 @@ class ClaimRow(Base):
     heartbeat_at: Mapped[datetime]
     done: Mapped[bool] = mapped_column(Boolean)
 
-
-OUR_TABLES = frozenset(Base.metadata.tables)

@@ -2,16 +2,14 @@
 
 Every write is one short transaction, retried when it loses a race to another process (a unique-key collision when
 two workers create the same key row, or a deadlock on PostgreSQL), so many workers can share one SQLite file or one
-PostgreSQL database. "Keep the faster" is a conditional UPDATE (`... WHERE time_s > new`) plus an INSERT that the
-unique key_id guards, re-compared when a row appears between the two statements (PostgreSQL's read committed), so
-concurrent writers can never both win or overwrite a faster result.
+PostgreSQL database. "Keep the faster" lives in `db.bests`, run liveness in `db.runs`, how a database is opened
+(for writing, only if it exists, or read-only) in `db.opening`.
 """
 from __future__ import annotations
 
 import logging
 import os
 import random
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -21,25 +19,34 @@ from sqlalchemy import ColumnElement, Engine, delete, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from db import claims
-from db.engine import make_engine
+from db import claims, runs
+from db.bests import best_record, key_row_id, offer_best, require_run
 from db.errors import DatabaseError
-from db.inspection import check_inventory, engine_inventory, sqlite_inventory
 from db.integrity import find_problems
-from db.migrations import prepare_schema
+from db.opening import open_engine
 from db.pruning import prune_keys
-from db.records import (RUN_STATUSES, TRIAL_STATUSES, BestOffer, BestRecord, RunRecord, TrialRecord,
+from db.retry import retry
+from db.records import (RUN_STATUSES, TRIAL_STATUSES, BestOffer, BestRecord, ConfigCheck, RunRecord, TrialRecord,
                         TuningKey)
 from db.schema import BestRow, KeyRow, MissRow, RunRow, TrialRow
-from db.urls import default_url, display_url, resolve_url, sqlite_file
+from db.urls import default_url, display_url, resolve_url
 from db.validation import (check_choice, check_datetime, check_error_size, check_int, check_json_object,
-                           check_text, check_time, utc_now)
+                           check_name, check_text, check_time, utc_now)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ATTEMPTS = 8
 _RETRY_SQLSTATES = {"40001", "40P01"}  # PostgreSQL serialization failure, deadlock
+
+
+def _lost_race(exc: BaseException) -> bool:
+    """A write that lost a race to another writer (a racing insert, a serialization failure): worth trying again."""
+    lost = isinstance(exc, IntegrityError) or (isinstance(exc, DBAPIError)
+                                                and getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES)
+    if lost:
+        log.debug("retrying a write that lost a race: %s", getattr(exc, "orig", exc))
+    return lost
 _NO_SYNC = {"synchronize_session": False}
 _FINAL_RUN_STATUSES = tuple(status for status in RUN_STATUSES if status != "running")
 
@@ -48,26 +55,25 @@ _MERGE_LOCK = 0x6175746F  # 'auto': the advisory lock that serialises bulk merge
 
 
 class Store:
-    """The results database at `url` (default: `default_url()`); creates or upgrades its tables on open."""
+    """The results database at `url` (default: `default_url()`).
 
-    def __init__(self, url: str | os.PathLike[str] | None = None, *, busy_timeout_s: float = 30.0) -> None:
+    By default its tables are created or upgraded on open. `create=False` refuses (without writing) a database that
+    holds no results yet; `read_only=True` never writes at all and works on read-only storage; `read_only=None`
+    is read-only only where the storage cannot be written (the runtime: it records misses where it can).
+    """
+
+    def __init__(self, url: str | os.PathLike[str] | None = None, *, busy_timeout_s: float = 30.0,
+                 create: bool = True, read_only: bool | None = False) -> None:
         self.url: str = default_url() if url is None else resolve_url(url)
         self._where = display_url(self.url)
-        path = sqlite_file(self.url)
-        if path is not None:
-            check_inventory(sqlite_inventory(path, busy_timeout_s=busy_timeout_s), self._where)  # before anything can create or change the file
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = make_engine(self.url, busy_timeout_s=busy_timeout_s)
-        try:
-            if path is None:
-                check_inventory(engine_inventory(self.engine, self._where), self._where)
-            prepare_schema(self.engine, self._where)
-        except OperationalError as exc:
-            self.engine.dispose()
-            raise DatabaseError(f"cannot open the results database {self._where}: {exc.orig}") from exc
-        except BaseException:
-            self.engine.dispose()
-            raise
+        self.engine: Engine
+        self.engine, self.read_only = open_engine(self.url, self._where, busy_timeout_s=busy_timeout_s,
+                                                  create=create and not read_only, read_only=read_only)
+
+    @property
+    def where(self) -> str:
+        """The database for messages: an SQLite file's path, or the URL with its password hidden."""
+        return self._where
 
     def __repr__(self) -> str:
         return f"Store({self._where!r})"
@@ -91,76 +97,51 @@ class Store:
 
     def _write(self, work: Callable[[Session], T]) -> T:
         """Run `work` in one transaction, retrying it when it lost a race to another writer."""
-        for attempt in range(_ATTEMPTS):
-            try:
-                with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                    return work(session)
-            except DBAPIError as exc:
-                lost_race = isinstance(exc, IntegrityError) or getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES
-                if lost_race and attempt < _ATTEMPTS - 1:
-                    log.debug("retrying a write that lost a race (attempt %d): %s", attempt + 1, exc.orig)
-                    time.sleep(random.uniform(0.0, 0.002 * 2 ** attempt))
-                    continue
-                if isinstance(exc, OperationalError) and "database is locked" in str(exc.orig):
-                    raise DatabaseError(f"the results database {self._where} stayed locked by another process "
-                                        f"for longer than the busy timeout") from exc
-                raise
-        raise AssertionError("unreachable")
+        if self.read_only:
+            raise DatabaseError(f"the results database {self._where} was opened read-only; nothing was written")
+        def once() -> T:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                return work(session)
 
-    @staticmethod
-    def _key_id(session: Session, key: TuningKey) -> int:
-        """The id of the key's row, inserting it if new (a racing insert fails on the unique digest; retried)."""
-        if not isinstance(key, TuningKey):
-            raise ValueError(f"key must be a TuningKey, got {type(key).__name__}")
-        digest = key.digest()
-        key_id = session.scalar(select(KeyRow.id).where(KeyRow.digest == digest))
-        if key_id is None:
-            row = KeyRow(digest=digest, created_at=utc_now(), **key.to_dict())
-            session.add(row)
-            session.flush()
-            key_id = row.id
-        return key_id
-
-    @staticmethod
-    def _require_run(session: Session, run_id: int | None) -> None:
-        if run_id is not None and session.get(RunRow, run_id) is None:
-            raise ValueError(f"run_id {run_id} is not a run in this database")
+        try:
+            return retry(once, attempts=_ATTEMPTS, retry_on=_lost_race,
+                         delay_s=lambda attempt: random.uniform(0.0, 0.002 * 2 ** attempt))
+        except OperationalError as exc:
+            if "database is locked" in str(exc.orig):
+                raise DatabaseError(f"the results database {self._where} stayed locked by another process "
+                                    f"for longer than the busy timeout") from exc
+            raise
 
     # -- runs -----------------------------------------------------------------------------------------------------
 
     def start_run(self, *, host: str, device_kind: str, platform: str, jax_version: str,
                   arguments: dict[str, Any]) -> int:
         """Record the start of a search run; returns its id (for trials, bests and `finish_run`)."""
-        values = dict(host=check_text("host", host), device_kind=check_text("device_kind", device_kind),
-                      platform=check_text("platform", platform), jax_version=check_text("jax_version", jax_version),
+        values = dict(host=check_name("host", host), device_kind=check_name("device_kind", device_kind),
+                      platform=check_name("platform", platform), jax_version=check_name("jax_version", jax_version),
                       arguments=check_json_object("arguments", arguments))
+        return self._write(lambda session: runs.start(session, values, utc_now()))
 
-        def work(session: Session) -> int:
-            row = RunRow(**values, started_at=utc_now(), ended_at=None, status="running", message="")
-            session.add(row)
-            session.flush()
-            return row.id
-
-        return self._write(work)
+    def heartbeat_run(self, run_id: int) -> bool:
+        """Show the run is alive (call it more often than `mark_crashed_runs`' limit); False once it is not running."""
+        run_id = check_int("run_id", run_id)
+        return self._write(lambda session: runs.beat(session, run_id, utc_now()))
 
     def finish_run(self, run_id: int, status: str, message: str = "") -> None:
-        """Record how a run ended."""
+        """Record how a run ended (also after it was marked crashed: a run that was only stalled says so itself)."""
         check_choice("status", status, _FINAL_RUN_STATUSES)
         check_text("message", message, allow_empty=True)
+        self._write(lambda session: runs.finish(session, run_id, status, message, utc_now()))
 
-        def work(session: Session) -> None:
-            result = session.execute(update(RunRow).where(RunRow.id == run_id)
-                                     .values(status=status, message=message, ended_at=utc_now())
-                                     .execution_options(**_NO_SYNC))
-            if not result.rowcount:
-                raise ValueError(f"run_id {run_id} is not a run in this database")
-
-        self._write(work)
+    def mark_crashed_runs(self, stale_after_s: float) -> list[int]:
+        """Mark `crashed` the running runs with no heartbeat for `stale_after_s` seconds; returns their ids."""
+        stale = check_time("stale_after_s", stale_after_s, positive=True)
+        return self._write(lambda session: runs.mark_crashed(session, stale, utc_now()))
 
     def runs(self) -> list[RunRecord]:
         """All runs, oldest first."""
         with self._reading() as session:
-            return [_run_record(row) for row in session.scalars(select(RunRow).order_by(RunRow.id))]
+            return [runs.run_record(row) for row in session.scalars(select(RunRow).order_by(RunRow.id))]
 
     # -- trials ---------------------------------------------------------------------------------------------------
 
@@ -175,14 +156,14 @@ class Store:
             error_class=check_text("error_class", error_class, optional=True, allow_empty=True),
             error_message=check_text("error_message", error_message, optional=True, allow_empty=True),
             compile_s=check_time("compile_s", compile_s, optional=True),
-            time_s=check_time("time_s", time_s, optional=True),
+            time_s=check_time("time_s", time_s, optional=True, positive=True),
             time_spread_s=check_time("time_spread_s", time_spread_s, optional=True),
             time_count=check_int("time_count", time_count, optional=True, minimum=0),
             max_error=check_error_size("max_error", max_error))
 
         def work(session: Session) -> int:
-            self._require_run(session, values["run_id"])
-            row = TrialRow(key_id=self._key_id(session, key), created_at=utc_now(), **values)
+            require_run(session, values["run_id"])
+            row = TrialRow(key_id=key_row_id(session, key), created_at=utc_now(), **values)
             session.add(row)
             session.flush()
             return row.id
@@ -195,23 +176,27 @@ class Store:
         if key is not None:
             query = query.where(KeyRow.digest == key.digest())
         with self._reading() as session:
-            return [_trial_record(trial, _key(key_row)) for trial, key_row in session.execute(query)]
+            return [_trial_record(trial, key) for trial, key_row in session.execute(query)
+                    if (key := _key(key_row)) is not None]
 
     # -- bests ----------------------------------------------------------------------------------------------------
 
     def put_best(self, key: TuningKey, *, config: dict[str, Any], time_s: float, default_time_s: float | None,
-                 trials: int, run_id: int | None = None) -> bool:
-        """Store this config as the key's best unless the key already has one at least as fast; True if stored."""
+                 trials: int, run_id: int | None = None, check: ConfigCheck | None = None) -> bool:
+        """Store this config as the key's best unless the key already has one at least as fast that can run;
+        True if stored. `check` judges whether the stored config can run (db/ knows no kernels)."""
         offer = BestOffer(key=key, config=config, time_s=time_s, default_time_s=default_time_s, trials=trials,
                           run_id=run_id)
-        return self.put_bests([offer])[0]
+        return self.put_bests([offer], check=check)[0]
 
-    def put_bests(self, offers: Iterable[BestOffer]) -> list[bool]:
-        """`put_best` for many offers in one transaction (all or nothing); one bool per offer, in order."""
+    def put_bests(self, offers: Iterable[BestOffer], *, check: ConfigCheck | None = None) -> list[bool]:
+        """`put_best` for many offers in one transaction (all or nothing); one bool per offer, in order. Large
+        merges should go through `db.transfer.merge_offers`, which bounds how long the write lock is held."""
         offers = list(offers)
         for offer in offers:
             if not isinstance(offer, BestOffer):
                 raise ValueError(f"put_bests takes BestOffer values, got {type(offer).__name__}")
+
         def work(session: Session) -> list[bool]:
             # Rows are written in the offers' order, so an import into an empty database lists like its source.
             # Two big merges at once could then deadlock on PostgreSQL: they take turns on one advisory lock
@@ -219,36 +204,16 @@ class Store:
             if len(offers) > 1 and session.get_bind().dialect.name == "postgresql":
                 session.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _MERGE_LOCK})
             now = utc_now()
-            return [self._offer(session, offer, now) for offer in offers]
+            return [offer_best(session, offer, now, check) for offer in offers]
 
         return self._write(work)
-
-    def _offer(self, session: Session, offer: BestOffer, now: datetime) -> bool:
-        self._require_run(session, offer.run_id)
-        key_id = self._key_id(session, offer.key)
-        values = dict(config=offer.config, time_s=offer.time_s, default_time_s=offer.default_time_s,
-                      trials=offer.trials, run_id=offer.run_id, updated_at=offer.updated_at or now)
-        while True:
-            replaced = session.execute(update(BestRow).where(BestRow.key_id == key_id, BestRow.time_s > offer.time_s)
-                                       .values(**values).execution_options(**_NO_SYNC))
-            if replaced.rowcount:
-                return True
-            stored = session.scalar(select(BestRow.time_s).where(BestRow.key_id == key_id))
-            if stored is None:
-                session.add(BestRow(key_id=key_id, **values))
-                session.flush()  # a racing first insert for this key fails here on the unique key_id; retried
-                return True
-            if stored <= offer.time_s:
-                return False  # the stored best is at least as fast (and bests only ever get faster)
-            # PostgreSQL (read committed) gives each statement a new snapshot: the row was committed by another
-            # writer after our UPDATE looked, so it may be slower than ours; compare again.
 
     def get_best(self, key: TuningKey) -> BestRecord | None:
         """The key's best, in one indexed query (the runtime calls this on every kernel call it has not cached)."""
         query = select(BestRow).join(KeyRow, KeyRow.id == BestRow.key_id).where(KeyRow.digest == key.digest())
         with self._reading() as session:
             row = session.scalars(query).first()
-            return None if row is None else _best_record(row, key)
+            return None if row is None else best_record(row, key)
 
     def bests(self, *, device_kind: str | None = None, kernel: str | None = None, dtype: str | None = None,
               causal: bool | None = None, platform: str | None = None) -> list[BestRecord]:
@@ -273,7 +238,8 @@ class Store:
         query = (select(BestRow, KeyRow).join(KeyRow, KeyRow.id == BestRow.key_id).where(*conditions)
                  .order_by(BestRow.id))
         with self._reading() as session:
-            return [_best_record(best, _key(key_row)) for best, key_row in session.execute(query)]
+            return [best_record(best, key) for best, key_row in session.execute(query)
+                    if (key := _key(key_row)) is not None]
 
     # -- misses ---------------------------------------------------------------------------------------------------
 
@@ -281,7 +247,7 @@ class Store:
         """Count one lookup of a key that had no best."""
 
         def work(session: Session) -> None:
-            key_id = self._key_id(session, key)
+            key_id = key_row_id(session, key)
             now = utc_now()
             counted = session.execute(update(MissRow).where(MissRow.key_id == key_id)
                                       .values(count=MissRow.count + 1, last_seen=now).execution_options(**_NO_SYNC))
@@ -296,7 +262,7 @@ class Store:
         query = (select(KeyRow, MissRow.count).join(MissRow, MissRow.key_id == KeyRow.id)
                  .order_by(MissRow.count.desc(), MissRow.last_seen.desc(), KeyRow.id))
         with self._reading() as session:
-            return [(_key(row), count) for row, count in session.execute(query)]
+            return [(key, count) for row, count in session.execute(query) if (key := _key(row)) is not None]
 
     def clear_miss(self, key: TuningKey) -> None:
         """Forget the misses of a key (typically once it has been tuned)."""
@@ -364,14 +330,14 @@ def _key_filters(**filters: Any) -> list[ColumnElement[bool]]:
     return [getattr(KeyRow, name) == value for name, value in filters.items() if value is not None]
 
 
-def _key(row: KeyRow) -> TuningKey:
-    return TuningKey(**{name: getattr(row, name) for name in TuningKey.__dataclass_fields__})
-
-
-def _run_record(row: RunRow) -> RunRecord:
-    return RunRecord(id=row.id, host=row.host, device_kind=row.device_kind, platform=row.platform,
-                     jax_version=row.jax_version, arguments=row.arguments, started_at=row.started_at,
-                     ended_at=row.ended_at, status=row.status, message=row.message)
+def _key(row: KeyRow) -> TuningKey | None:
+    """The row's key, or None (skipped, with a log line) when an older version or a hand edit stored one that is
+    not valid now: reading never fails on a stored value, and `integrity_check` names the row."""
+    try:
+        return TuningKey(**{name: getattr(row, name) for name in TuningKey.__dataclass_fields__})
+    except ValueError as exc:
+        log.warning("skipping autotune_keys row %s: %s", row.id, exc)
+        return None
 
 
 def _trial_record(row: TrialRow, key: TuningKey) -> TrialRecord:
@@ -380,8 +346,3 @@ def _trial_record(row: TrialRow, key: TuningKey) -> TrialRecord:
                        compile_s=row.compile_s, time_s=row.time_s, time_spread_s=row.time_spread_s,
                        time_count=row.time_count, max_error=row.max_error, created_at=row.created_at)
 
-
-def _best_record(row: BestRow, key: TuningKey) -> BestRecord:
-    speedup = row.default_time_s / row.time_s if row.default_time_s is not None else None
-    return BestRecord(id=row.id, key=key, config=row.config, time_s=row.time_s, default_time_s=row.default_time_s,
-                      speedup=speedup, trials=row.trials, run_id=row.run_id, updated_at=row.updated_at)

@@ -7,6 +7,8 @@ working directory) and why a bare `postgresql://` gets the psycopg driver (the o
 from __future__ import annotations
 
 import os
+import re
+import urllib.parse
 from pathlib import Path
 
 from sqlalchemy.engine import URL, make_url
@@ -45,8 +47,9 @@ def resolve_url(url_or_path: str | os.PathLike[str]) -> str:
         return _sqlite_file_url(Path(text))
     try:
         url = make_url(text)
-    except ArgumentError as exc:
-        raise ValueError(f"cannot parse the database URL {text!r}: {exc}") from None
+    except (ArgumentError, ValueError) as exc:
+        shown = mask_password(text)
+        raise ValueError(f"cannot parse the database URL {shown!r}: {mask_password(str(exc))}") from None
     if url.drivername in _POSTGRES_ALIASES:
         url = url.set(drivername="postgresql+psycopg")
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
@@ -65,10 +68,46 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def in_memory(url: str) -> bool:
+    """Whether an SQLite URL names an in-memory database (`sqlite://`, `:memory:`, a `mode=memory` URI)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    database = parsed.database or ""
+    if database in ("", ":memory:"):
+        return True
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(database).query) if database.startswith("file:") else {}
+    return database.startswith("file::memory:") or "memory" in query.get("mode", []) or \
+        "memory" in parsed.query.get("mode", ())
+
+
 def display_url(url: str) -> str:
-    """The URL for messages: the password hidden, an SQLite file shown as its path."""
-    path = sqlite_file(url)
-    return str(path) if path is not None else make_url(url).render_as_string(hide_password=True)
+    """The URL for messages: the password hidden, an SQLite file shown as its path. Never raises."""
+    try:
+        path = sqlite_file(url)
+        return str(path) if path is not None else make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparseable URL is still shown, masked, rather than failing a message
+        return mask_password(str(url))
+
+
+_USERINFO = re.compile(r"(://[^/@:\s]*:)[^/\s]*@")
+
+
+def mask_password(text: str) -> str:
+    """`text` with the password of every URL in it replaced by ***, for messages about URLs that may not parse."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def scrub(message: str, url: str) -> str:
+    """A driver's message with the URL's password hidden, wherever the driver may have copied it."""
+    try:
+        password = make_url(url).password
+    except Exception:  # noqa: BLE001
+        password = None
+    if password:
+        message = message.replace(str(password), "***")
+        message = message.replace(urllib.parse.quote(str(password), safe=""), "***")
+    return mask_password(message)
 
 
 def _absolute(path: Path) -> Path:

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -89,6 +90,8 @@ def check_inputs(q, k, v, segment_ids=None, *, causal: bool = False):
     Layout: q [batch, q_len, heads, head_dim], k and v [batch, kv_len, kv_heads, head_dim].
     `segment_ids` is one int array [batch, seq] (only when q_len == kv_len) or a pair (q_ids, kv_ids).
     """
+    if not isinstance(causal, (bool, np.bool_)):  # one rule for every kernel: bool(x) would accept anything
+        raise TypeError(f"causal must be a bool (Python or numpy), got {type(causal).__name__} {causal!r}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
@@ -125,6 +128,7 @@ def check_inputs(q, k, v, segment_ids=None, *, causal: bool = False):
             q_ids = kv_ids = segment_ids
         q_ids = _check_ids(q_ids, "segment_ids (q)", (batch, q_len))
         kv_ids = _check_ids(kv_ids, "segment_ids (kv)", (batch, kv_len))
+        q_ids, kv_ids = _int32_ids(q_ids, kv_ids)
 
     problem = Problem(
         batch=batch, q_len=q_len, kv_len=kv_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
@@ -140,7 +144,58 @@ def _check_ids(ids, name: str, shape: tuple[int, int]):
         raise ValueError(f"{name} must have shape {shape} [batch, seq], got {tuple(ids.shape)}")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"{name} must have an integer dtype, got {jnp.dtype(ids.dtype).name}")
-    return jnp.asarray(ids, jnp.int32)
+    if not isinstance(ids, jax.core.Tracer) and not _fits_int32(ids.dtype):
+        values = np.asarray(ids)
+        info = np.iinfo(np.int32)
+        if values.size and (values.min() < info.min or values.max() > info.max):
+            raise ValueError(f"{name} must fit in int32 ({info.min} to {info.max}), got values from "
+                             f"{values.min()} to {values.max()}; number the segments from 0")
+    return ids
+
+
+def _fits_int32(dtype) -> bool:
+    return np.can_cast(np.dtype(dtype), np.int32, casting="safe")
+
+
+def _int32_ids(q_ids, kv_ids):
+    """Both id arrays as int32, equal exactly where the given ids are equal.
+
+    Concrete ids were checked to fit int32 (a plain cast then keeps equality). Traced ids of a wider type cannot be
+    looked at, so they are relabelled exactly instead of wrapped (2**32 must not meet 0, nor uint32 2**31 int32
+    -2**31): without a common integer type an unsigned id above the signed range, or a negative signed id, can
+    match nothing; 64-bit ids become the rank of their value among the kv ids of their row."""
+    traced = isinstance(q_ids, jax.core.Tracer) or isinstance(kv_ids, jax.core.Tracer)
+    if not traced or (_fits_int32(q_ids.dtype) and _fits_int32(kv_ids.dtype)):
+        return jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32)
+    q_ids, kv_ids = jnp.asarray(q_ids), jnp.asarray(kv_ids)
+    if q_ids.dtype != kv_ids.dtype:
+        common = np.promote_types(q_ids.dtype, kv_ids.dtype)
+        if common.kind in "iu" and (common.itemsize <= 4 or jax.config.jax_enable_x64):
+            q_ids, kv_ids = q_ids.astype(common), kv_ids.astype(common)
+        else:
+            signed = np.dtype(np.int64 if jax.config.jax_enable_x64 else np.int32)
+            q_ids, kv_ids = _split_range(q_ids, signed, -1), _split_range(kv_ids, signed, -2)
+    if q_ids.dtype.itemsize < 4:
+        return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
+    if q_ids.dtype.itemsize == 4:  # int32 or uint32 on both sides: reinterpreting the bits is one-to-one
+        return (jax.lax.bitcast_convert_type(q_ids, jnp.int32), jax.lax.bitcast_convert_type(kv_ids, jnp.int32))
+    return jax.vmap(_ranks)(q_ids, kv_ids)
+
+
+def _split_range(ids, signed: np.dtype, nothing: int):
+    """Ids as `signed`, with every id that no id of the other (signed or unsigned) side can equal set to `nothing`."""
+    if jnp.issubdtype(ids.dtype, jnp.unsignedinteger):
+        return jnp.where(ids > np.iinfo(signed).max, nothing, ids.astype(signed)).astype(signed)
+    return jnp.where(ids < 0, nothing, ids.astype(signed)).astype(signed)
+
+
+def _ranks(q_row, kv_row):
+    """One row's ids as ranks among its kv ids (a query id no key has becomes -1): fits int32, keeps equality."""
+    sorted_kv = jnp.sort(kv_row)
+    kv_rank = jnp.searchsorted(sorted_kv, kv_row, side="left")
+    position = jnp.searchsorted(sorted_kv, q_row, side="left")
+    found = sorted_kv[jnp.minimum(position, kv_row.shape[0] - 1)] == q_row
+    return jnp.where(found, position, -1).astype(jnp.int32), kv_rank.astype(jnp.int32)
 
 
 def resolve_scale(sm_scale: float | None, head_dim: int) -> float:

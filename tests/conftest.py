@@ -8,13 +8,23 @@ import pytest
 
 try:
     from tests.pg_server import PostgresUnavailable, start_postgres
+    from tests.worker_procs import stop_workers
 except ModuleNotFoundError:  # tests/ without __init__.py: pytest puts tests/ itself on sys.path
     from pg_server import PostgresUnavailable, start_postgres
+    from worker_procs import stop_workers
+
+
+@pytest.fixture(autouse=True)
+def no_worker_outlives_its_test() -> Iterator[None]:
+    """Worker processes a failed test left running are killed, so they cannot hold a database or a core."""
+    yield
+    stop_workers()
 
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """An SQLAlchemy URL of a PostgreSQL database: $AUTOTUNE_TEST_PG_URL, or a throwaway server for the session."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is not installed: pip install -e '.[postgres]'")
     given = os.environ.get("AUTOTUNE_TEST_PG_URL", "").strip()
     if given:
         yield given

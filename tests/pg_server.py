@@ -57,7 +57,8 @@ def find_bin_dir() -> Path:
         return Path(on_path).resolve().parent
     candidates = [path for path in Path("/usr/lib/postgresql").glob("*/bin") if (path / "pg_ctl").exists()]
     if not candidates:
-        raise PostgresUnavailable("no PostgreSQL server binaries (pg_ctl) on PATH or in /usr/lib/postgresql")
+        raise PostgresUnavailable("no PostgreSQL server binaries (pg_ctl) on PATH or in /usr/lib/postgresql: "
+                                  "install them with `apt-get install postgresql` (.ci/run does)")
     return max(candidates, key=lambda path: [int(part) for part in re.findall(r"\d+", path.parent.name)] or [0])
 
 

@@ -11,7 +11,6 @@ import json
 import signal
 import sqlite3
 import subprocess
-import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +29,8 @@ from kernels import Problem
 from tests import toy_kernel
 from tests.worker_procs import (TOY, WIDE_SPACE, check_recorded_once, problem_args, run_worker, start_worker,
                                 wait_for, worker_env)
+
+GATED = "tests.gated_kernel"
 
 PROBLEM = Problem(batch=1, q_len=32, kv_len=32, heads=1, kv_heads=1, head_dim=16)
 
@@ -66,6 +67,7 @@ def assert_clean_failure(worker, *words: str) -> str:
 # ---------------------------------------------------------------- workers killed in the middle of a trial
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_trial_is_failed_on_restart_and_the_search_resumes(tmp_path):
     db, log = tmp_path / "killed.db", tmp_path / "traced.jsonl"
     args = [*problem_args(), "--sampler", "grid", "--trials", "4"]  # the grid: (32,32) default, then (16,16), ...
@@ -99,6 +101,8 @@ def test_worker_killed_mid_trial_is_failed_on_restart_and_the_search_resumes(tmp
     store.close()
 
 
+@pytest.mark.slow
+@pytest.mark.postgres
 def test_killed_workers_trial_and_claim_are_taken_over_by_another_worker(pg_url, tmp_path):
     url = fresh_pg_database(pg_url)
     shapes = tmp_path / "shapes.toml"
@@ -109,12 +113,15 @@ def test_killed_workers_trial_and_claim_are_taken_over_by_another_worker(pg_url,
     doomed = start_worker(url, args, out=tmp_path / "doomed.log",
                           env=worker_env(AUTOTUNE_TOY_FAULTS=json.dumps({"hang": {}}), AUTOTUNE_TOY_LOG=str(log)))
     wait_for(lambda: traced(log), 120, "the doomed worker to start a trial")
-    survivor = start_worker(url, args, out=tmp_path / "survivor.log")
-    time.sleep(1.0)
+    # The survivor's claim TTL is long enough that a live doomed worker's late heartbeats on a loaded machine
+    # cannot make its claim look stale; the doomed worker is killed only once the survivor has seen the claim held.
+    survivor = start_worker(url, args, out=tmp_path / "survivor.log", env=worker_env(AUTOTUNE_CLAIM_TTL="8"))
+    wait_for(lambda: "Skipping problem 1 for now" in survivor.text or survivor.process.poll() is not None, 180,
+             "the survivor to find problem 1 claimed by the doomed worker")
+    assert "Skipping problem 1 for now" in survivor.text, survivor.text
     doomed.process.send_signal(signal.SIGKILL)
     doomed.wait()
-    assert survivor.wait() == 0, survivor.text
-    assert "Skipping problem 1 for now" in survivor.text  # held by the doomed worker until its claim went stale
+    assert survivor.wait() == 0, survivor.text  # it came back to problem 1 once the claim went stale, and tuned it
 
     store = Store(url)
     device = current_device()
@@ -130,6 +137,7 @@ def test_killed_workers_trial_and_claim_are_taken_over_by_another_worker(pg_url,
     store.close()
 
 
+@pytest.mark.slow
 def test_trial_of_a_worker_killed_before_its_first_heartbeat_is_failed(tmp_path):
     db = tmp_path / "early.db"
     url = f"sqlite:///{db}"
@@ -149,6 +157,7 @@ def test_trial_of_a_worker_killed_before_its_first_heartbeat_is_failed(tmp_path)
 # ---------------------------------------------------------------- a candidate that kills its process
 
 
+@pytest.mark.slow
 def test_isolated_candidate_that_kills_its_process_is_a_failed_trial(tmp_path):
     db = tmp_path / "isolated.db"
     env = worker_env(AUTOTUNE_TOY_FAULTS=json.dumps({"crash": {"block_q": 16}}),
@@ -170,6 +179,7 @@ def test_isolated_candidate_that_kills_its_process_is_a_failed_trial(tmp_path):
 # ---------------------------------------------------------------- the database failing under the search
 
 
+@pytest.mark.slow
 def test_database_locked_past_the_busy_timeout_stops_cleanly_and_a_rerun_resumes(tmp_path):
     db = tmp_path / "locked.db"
     args = [*problem_args(), "--trials", "6", "--seed", "0"]
@@ -209,6 +219,7 @@ def tiny_filesystem(where: Path, size: str):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_read_only_database_stops_cleanly_and_a_rerun_resumes(tmp_path):
     with tiny_filesystem(tmp_path / "fs", "8m") as fs:
         db = fs / "results.db"
@@ -233,6 +244,7 @@ def test_read_only_database_stops_cleanly_and_a_rerun_resumes(tmp_path):
         store.close()
 
 
+@pytest.mark.slow
 def test_full_disk_stops_cleanly_and_a_rerun_resumes(tmp_path):
     with tiny_filesystem(tmp_path / "fs", "8m") as fs:
         db = fs / "results.db"
@@ -272,6 +284,8 @@ def fresh_pg_database(pg_url: str) -> str:
     return make_url(pg_url).set(database=name).render_as_string(hide_password=False)
 
 
+@pytest.mark.slow
+@pytest.mark.postgres
 def test_postgres_dropping_connections(pg_url, tmp_path):
     """Connections the server drops while idle are replaced (pool pre-ping) and the search goes on; once the
     server drops them all and refuses new ones, the search stops with a clear message; a rerun resumes."""
@@ -285,19 +299,22 @@ def test_postgres_dropping_connections(pg_url, tmp_path):
             "AND pid <> pg_backend_pid()")
     args = [*problem_args(), "--sampler", "grid", "--trials", "4"]
     log = tmp_path / "traced.jsonl"
-    # The first two candidates take 3 s to compile: once both are traced, the worker only waits (its heartbeats
-    # are 30 s apart here), so every connection it has is idle in the pool when the server drops them.
-    slow = {"slow": {"block_q": 32, "block_k": 32}, "slow:2": {"block_q": 16, "block_k": 16}}
-    env = worker_env(AUTOTUNE_TOY_FAULTS=json.dumps(slow), AUTOTUNE_TOY_LOG=str(log),
+    # The first two candidates wait at a gate while compiling: once both are traced, the worker only waits (its
+    # heartbeats are 30 s apart here), so every connection it has is idle in the pool when the server drops them;
+    # the gate opens after the drop, however long the test took to get there.
+    gate = tmp_path / "gate"
+    gated = {"gated": {"block_q": 32, "block_k": 32}, "gated:2": {"block_q": 16, "block_k": 16}}
+    env = worker_env(AUTOTUNE_TOY_FAULTS=json.dumps(gated), AUTOTUNE_TOY_LOG=str(log), AUTOTUNE_TOY_GATE=str(gate),
                      AUTOTUNE_HEARTBEAT_INTERVAL="30", AUTOTUNE_HEARTBEAT_GRACE="60")
     store = Store(url)
-    worker = start_worker(url, args, out=tmp_path / "dropped.log", env=env)
+    worker = start_worker(url, args, out=tmp_path / "dropped.log", env=env, kernel=GATED)
     try:
         wait_for(lambda: {(c["block_q"], c["block_k"]) for c in traced(log)} >= {(32, 32), (16, 16)}, 120,
-                 "both slow candidates to be compiling")
+                 "both gated candidates to be compiling")
         store.engine.dispose()
         with admin.connect() as connection:
             dropped = len(connection.execute(text(drop + " AND state = 'idle'"), {"name": name}).all())
+        gate.touch()
         assert dropped >= 1
         wait_for(lambda: len(store.trials(key_of())) >= 2 or worker.process.poll() is not None, 120,
                  "trials recorded after the drop")

@@ -336,6 +336,8 @@ BAD_INPUTS = [
     ("config_type", _call(_q, _k, _v, config=Config.default(PROBLEM).to_dict()), TypeError, "config"),
     ("config_invalid", _call(_q, _k, _v, config=_with(block_q=24)), ValueError, "config.*block_q=24"),
     ("config_too_big", _call(_q, _k, _v, config=_with(block_q=64)), ValueError, "config.*q_len"),
+    ("causal_type", _call(_q, _k, _v, causal="yes"), TypeError, "causal must be a bool"),
+    ("device_kind_type", _call(_q, _k, _v, device_kind=3), TypeError, "device_kind"),
 ]
 
 
@@ -343,3 +345,34 @@ BAD_INPUTS = [
 def test_bad_inputs(make_call, error, pattern):
     with pytest.raises(error, match=pattern):
         make_call()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flags: numpy bools, jax_enable_x64, and the device kind of a compile target.
+
+def test_causal_numpy_bool_and_x64():
+    rng = np.random.default_rng(7)
+    q = jnp.asarray(rng.standard_normal((1, 40, 2, 24)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 40, 1, 24)), jnp.float32)
+    want = attention_reference(q, k, k, causal=True)
+    with jax.enable_x64(True):
+        got = flash_attention(q, k, k, causal=np.bool_(True), config=SMALL, interpret=True)
+        grads = jax.grad(lambda *a: flash_attention(*a, causal=True, config=SMALL, interpret=True).sum(),
+                         argnums=(0, 1, 2))(q, k, k)
+    want_grads = jax.grad(lambda *a: attention_reference(*a, causal=True).sum(), argnums=(0, 1, 2))(q, k, k)
+    atol, rtol = tolerance("float32")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=atol, rtol=rtol)
+    atol, rtol = tolerance("float32", grad=True)
+    for a, b in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=rtol)
+
+
+def test_device_kind_is_what_the_shared_memory_check_uses():
+    """A config that fits Hopper's shared memory but not an A100's is refused when compiling for an A100."""
+    q = jnp.ones((1, 128, 1, 128), jnp.float32)
+    config = Config(block_q=128, block_k=64, num_warps=8, num_stages=2,
+                    bwd_block_q=32, bwd_block_k=32, bwd_num_warps=8, bwd_num_stages=2)
+    with pytest.raises(ValueError, match="shared memory"):
+        flash_attention(q, q, q, config=config, interpret=True, device_kind="NVIDIA A100-SXM4-80GB")
+    problem = Problem(1, 128, 128, 1, 1, 128)
+    assert invalid_reasons(config, problem, device_kind="NVIDIA H100 80GB HBM3") == []

@@ -1,7 +1,11 @@
 """Tuned kernels at runtime, after a real small search on the CPU (GPU kernel in interpret mode)."""
 from __future__ import annotations
 
+import json
+import sqlite3
+import sys
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +53,22 @@ def fresh_runtime():
     autotune.reload()
 
 
+def copy_db(source: Path, target: Path) -> Path:
+    """A private copy of a results database, made with SQLite's backup API: it carries what is still in the
+    source's write-ahead log, which copying the bare file would lose."""
+    src, dst = sqlite3.connect(source), sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
+    return target
+
+
+def runtime_warnings(record: list) -> list[warnings.WarningMessage]:
+    return [w for w in record if issubclass(w.category, RuntimeWarning)]
+
+
 def stored_config(db_path, problem: Problem) -> dict:
     store = Store(db_path)
     try:
@@ -68,6 +88,7 @@ def test_jitted_call_uses_the_stored_config_and_matches_the_reference(tuned_db):
     np.testing.assert_allclose(out, attention_reference(q, k, v, causal=True), atol=atol, rtol=rtol)
 
 
+@pytest.mark.slow
 def test_grad_and_vmap_work(tuned_db):
     q, k, v = inputs(TUNED, 1)
     with autotune.using(db=tuned_db):
@@ -106,8 +127,9 @@ def test_miss_policies(tuned_db):
     other = TUNED.replace(q_len=48, kv_len=48)
     shape_q, shape_k = (1, 48, 2, 16), (1, 48, 1, 16)
     with autotune.using(db=tuned_db, on_miss="heuristic"):
-        with pytest.warns(RuntimeWarning, match="autotune search --batch 1 --seq-len 48"):
+        with pytest.warns(RuntimeWarning, match="autotune search --batch 1 --seq-len 48") as record:
             found = autotune.lookup(shape_q, shape_k, "float32", causal=True)
+    assert f"--causal --db {tuned_db}" in str(record[0].message)  # tunes into the database the runtime reads
     assert found.source == "heuristic" and found.config == gpu.Config.default(other)
 
     autotune.reload()
@@ -122,6 +144,7 @@ def test_miss_policies(tuned_db):
             autotune.lookup(shape_q, shape_k, "float32", causal=True)
 
 
+@pytest.mark.slow
 def test_tune_on_miss_runs_a_short_search_and_stores_it(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOTUNE_TUNE_TRIALS", "2")
     db = tmp_path / "tune.db"
@@ -136,6 +159,7 @@ def test_tune_on_miss_runs_a_short_search_and_stores_it(tmp_path, monkeypatch):
     np.testing.assert_allclose(out, attention_reference(q, k, v), atol=5e-3, rtol=5e-3)
 
 
+@pytest.mark.slow
 def test_misses_are_counted_and_search_misses_tunes_them(tmp_path):
     db = tmp_path / "miss.db"
     Store(db).close()
@@ -172,43 +196,51 @@ def test_a_missing_database_falls_back_without_creating_it(tmp_path):
     np.testing.assert_allclose(out, attention_reference(q, k, v, causal=True), atol=5e-3, rtol=5e-3)
 
 
-def test_a_read_only_database_still_serves_lookups(tuned_db):
-    url = f"sqlite:///file:{tuned_db}?mode=ro&uri=true"
+def test_a_read_only_database_still_serves_lookups(tuned_db, tmp_path):
+    db = copy_db(tuned_db, tmp_path / "read-only.db")
+    with Store(db) as store:
+        misses = store.misses()
+    url = f"sqlite:///file:{db}?mode=ro&uri=true"
     q, k, v = inputs(TUNED, 6)
-    with autotune.using(db=url), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with autotune.using(db=url):
         found = autotune.lookup(q.shape, k.shape, q.dtype, causal=True)
-        other = autotune.lookup((1, 40, 2, 16), (1, 40, 1, 16), q.dtype, causal=True)  # a miss it cannot count
+        with pytest.warns(RuntimeWarning, match="no tuned config"):
+            other = autotune.lookup((1, 40, 2, 16), (1, 40, 1, 16), q.dtype, causal=True)  # a miss it cannot count
         out = autotune.flash_attention(q, k, v, causal=True)
-    assert found.source in ("tuned", "heuristic") and other.source == "heuristic"
+    assert found.source == "tuned" and found.config.to_dict() == stored_config(db, TUNED)
+    assert other.source == "heuristic"
     np.testing.assert_allclose(out, attention_reference(q, k, v, causal=True), atol=5e-3, rtol=5e-3)
+    with Store(db) as store:
+        assert store.misses() == misses  # nothing was written through the read-only URL
 
 
-def test_a_locked_database_falls_back_to_the_heuristic(tuned_db, monkeypatch):
+def test_a_locked_database_falls_back_to_the_heuristic(tuned_db, tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOTUNE_DB_BUSY_TIMEOUT", "0.2")
-    import sqlite3
-
-    holder = sqlite3.connect(tuned_db, timeout=0.1)
+    db = copy_db(tuned_db, tmp_path / "locked.db")
+    holder = sqlite3.connect(db, timeout=0.1)
     holder.execute("PRAGMA locking_mode=EXCLUSIVE")
     holder.execute("BEGIN EXCLUSIVE")
     try:
-        with autotune.using(db=tuned_db), pytest.warns(RuntimeWarning):
+        with autotune.using(db=db), warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
             found = autotune.lookup((1, 32, 2, 16), (1, 32, 1, 16), "float32", causal=True)
     finally:
         holder.rollback()
         holder.close()
+    [warning] = runtime_warnings(record)
+    assert "locked" in str(warning.message) and "using the heuristic default" in str(warning.message)
     assert found.source == "heuristic"
+    autotune.reload()
+    with autotune.using(db=db):  # the lock is gone: the stored best is served
+        assert autotune.lookup((1, 32, 2, 16), (1, 32, 1, 16), "float32", causal=True).source == "tuned"
 
 
 def test_a_corrupted_stored_config_is_ignored_with_a_warning(tuned_db, tmp_path):
-    import shutil
-
-    db = tmp_path / "corrupt.db"
-    shutil.copy(tuned_db, db)
+    db = copy_db(tuned_db, tmp_path / "corrupt.db")
     store = Store(db)
     bad = {**stored_config(db, TUNED), "block_q": 24}  # not a power of two: invalid for any problem
     with store.engine.begin() as conn:
-        conn.execute(text("UPDATE autotune_bests SET config = :c"), {"c": __import__("json").dumps(bad)})
+        conn.execute(text("UPDATE autotune_bests SET config = :c"), {"c": json.dumps(bad)})
     store.close()
     with autotune.using(db=db), pytest.warns(RuntimeWarning, match="ignoring the stored config"):
         found = autotune.lookup((1, 32, 2, 16), (1, 32, 1, 16), "float32", causal=True)
@@ -236,3 +268,34 @@ def test_bad_inputs_raise_the_kernels_errors(tuned_db):
             autotune.flash_attention(q.astype(jnp.int32), k, v)
     with pytest.raises(ValueError, match="on_miss"):
         autotune.configure(on_miss="sometimes")
+
+
+def test_one_call_on_a_missing_database_warns_once_at_the_callers_line(tmp_path):
+    db = tmp_path / "absent" / "results.db"
+    q, k, v = inputs(TUNED, 8)
+    with autotune.using(db=db), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        out = jax.jit(lambda q, k, v: autotune.flash_attention(q, k, v, causal=True))(q, k, v)
+        autotune.flash_attention(q, k, v, causal=True)  # the same key again: remembered, no second warning
+    [warning] = runtime_warnings(record)
+    message = str(warning.message)
+    assert f"there is no results database at {db}" in message
+    assert message.endswith(f"Tune it with: autotune search --batch 1 --seq-len 32 --heads 2 --head-dim 16 "
+                            f"--dtype float32 --kv-heads 1 --causal --db {db}")
+    assert (warning.filename, warning.lineno) == (__file__, line)
+    np.testing.assert_allclose(out, attention_reference(q, k, v, causal=True), atol=5e-3, rtol=5e-3)
+
+
+def test_the_miss_warning_names_no_db_for_the_default_database(tuned_db, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOTUNE_DB", str(copy_db(tuned_db, tmp_path / "default.db")))
+    autotune.reload()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        found = autotune.lookup((1, 56, 2, 16), (1, 56, 1, 16), "float32")
+    [warning] = runtime_warnings(record)
+    assert found.source == "heuristic"
+    assert str(warning.message).endswith("Tune it with: autotune search --batch 1 --seq-len 56 --heads 2 "
+                                         "--head-dim 16 --dtype float32 --kv-heads 1")
+    assert (warning.filename, warning.lineno) == (__file__, line)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+from pathlib import Path
 
 import optuna
 import pytest
@@ -33,6 +35,7 @@ def store(tmp_path):
     s.close()
 
 
+@pytest.mark.slow
 def test_search_stores_a_best_no_slower_than_the_default(store):
     result = search_problem(PROBLEM, kernel_name="gpu", store=store, device=current_device(),
                             options=options(trials=4, compare_xla=True), progress=False)
@@ -48,6 +51,7 @@ def test_search_stores_a_best_no_slower_than_the_default(store):
     assert result.xla_time_s is not None and result.xla_time_s > 0
 
 
+@pytest.mark.slow
 def test_second_invocation_resumes_the_same_study(store):
     device = current_device()
     search_problem(PROBLEM, kernel_name=TOY, store=store, device=device, options=options(trials=2), progress=False)
@@ -93,6 +97,7 @@ def test_invalid_configs_are_never_compiled(store, monkeypatch, tmp_path):
     assert {t.config["block_q"] for t in store.trials(result.key) if t.status != "invalid"} == {32}
 
 
+@pytest.mark.slow
 def test_grid_visits_every_valid_config_once(store, monkeypatch):
     monkeypatch.setenv("AUTOTUNE_TOY_INVALID", json.dumps({"one": {"block_q": 16, "block_k": 32}}))
     result = search_problem(PROBLEM, kernel_name=TOY, store=store, device=current_device(),
@@ -111,6 +116,7 @@ def test_every_candidate_failing_raises_with_a_summary(store, monkeypatch):
     assert store.get_best(make_key(toy_kernel, PROBLEM, current_device())) is None
 
 
+@pytest.mark.slow
 def test_cli_shapes_file_stores_one_best_each(tmp_path):
     shapes = tmp_path / "shapes.toml"
     shapes.write_text(
@@ -122,31 +128,59 @@ def test_cli_shapes_file_stores_one_best_each(tmp_path):
     run = CliRunner().invoke(main, ["search", "--shapes", str(shapes), "--kernel", TOY, "--trials", "2",
                                     "--samples", "3", "--no-xla", "--quiet", "--seed", "1", "--db", str(db)])
     assert run.exit_code == 0, run.output
-    store = Store(db)
-    bests = store.bests()
+    with Store(db) as store:
+        bests = store.bests()
+        runs = store.runs()
     assert sorted((b.key.q_len, b.key.kv_len, b.key.segments) for b in bests) == [(40, 40, False), (48, 32, True)]
     assert "speedup" in run.output and run.output.count("b1 q4") == 2
-    runs = store.runs()
     assert len(runs) == 1 and runs[0].status == "ok"
 
 
 def test_cli_exits_nonzero_when_everything_fails(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOTUNE_TOY_FAULTS", json.dumps({"compile_error": {}}))
+    db = tmp_path / "f.db"
     run = CliRunner().invoke(main, ["search", "--batch", "1", "--seq-len", "32", "--heads", "1", "--head-dim", "16",
-                                    "--kernel", TOY, "--trials", "2", "--quiet", "--db", str(tmp_path / "f.db")])
-    assert run.exit_code != 0
-    assert "no valid config found" in run.output and "compile_error" in run.output
+                                    "--kernel", TOY, "--trials", "2", "--quiet", "--db", str(db)])
+    assert run.exit_code == 1, run.output
+    assert "Error: no valid config found:\n" in run.output and "(2 failed: 2 compile_error)" in run.output, run.output
+    assert "Traceback" not in run.output
+    with Store(db) as store:  # the failed trials are kept, and no best
+        assert [t.status for t in store.trials()] == ["compile_error", "compile_error"]
+        assert store.bests() == []
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--batch", "1", "--seq-len", "32", "--heads", "3", "--kv-heads", "2", "--head-dim", "16"], "kv_heads"),
-    (["--batch", "0", "--seq-len", "32", "--heads", "2", "--head-dim", "16"], "batch"),
-    (["--seq-len", "32", "--heads", "2", "--head-dim", "16"], "--batch"),
-    (["--batch", "1", "--seq-len", "32", "--heads", "2", "--head-dim", "16", "--kernel", "nope"], "kernel"),
+    (["--batch", "1", "--seq-len", "32", "--heads", "3", "--kv-heads", "2", "--head-dim", "16"],
+     "Error: flags: field 'kv_heads' (2) must divide 'heads' (3)"),
+    (["--batch", "0", "--seq-len", "32", "--heads", "2", "--head-dim", "16"],
+     "Error: flags: field 'batch' must be positive, got 0"),
+    (["--seq-len", "32", "--heads", "2", "--head-dim", "16"], "Error: missing --batch (or give --shapes FILE)"),
+    (["--batch", "1", "--seq-len", "32", "--heads", "2", "--head-dim", "16", "--kernel", "nope"],
+     "Error: Invalid value for --kernel: kernel must be 'gpu', 'tpu' or an importable module path, got 'nope'"),
 ])
 def test_cli_rejects_bad_problems_before_anything_is_written(tmp_path, args, message):
     db = tmp_path / "bad.db"
     run = CliRunner().invoke(main, ["search", *args, "--db", str(db), "--quiet"])
-    assert run.exit_code == 2 or (run.exit_code != 0 and "Error" in run.output)
-    assert message in run.output
-    assert not db.exists() or not Store(db).runs()
+    assert run.exit_code == 2, run.output  # a usage error: click's code for bad arguments
+    assert message in run.output.splitlines()[-1], run.output
+    assert not db.exists()  # refused before the database was even created
+
+
+@pytest.mark.slow
+def test_a_finished_search_leaves_nothing_open(tmp_path):
+    """Once the search has returned and our store is closed, no connection of this process holds the file: the
+    write-ahead log is folded back into it (so a copy of the bare file is complete) and another process can take
+    an exclusive lock at once."""
+    db = tmp_path / "closed.db"
+    store = Store(db)
+    search_problem(PROBLEM, kernel_name=TOY, store=store, device=current_device(), options=options(trials=2),
+                   progress=False)
+    store.close()
+    assert not Path(f"{db}-wal").exists(), "a connection of the search is still open (the log was not checkpointed)"
+    other = sqlite3.connect(db, timeout=0)
+    try:
+        other.execute("PRAGMA locking_mode=EXCLUSIVE")
+        other.execute("BEGIN EXCLUSIVE")
+        other.rollback()
+    finally:
+        other.close()

@@ -267,3 +267,33 @@ def test_bad_backward_config_raises_under_grad():
 
     with pytest.raises(ValueError, match="bwd_block_q"):
         jax.grad(loss)(q)
+
+
+# ----------------------------------------------------------------------------------------------- flags and modes
+
+def test_forward_and_grad_under_x64():
+    """jax_enable_x64 makes Python ints int64: the kernels' index arithmetic must stay int32."""
+    q, k, v, g, ids = _inputs(11, batch=1, q_len=72, kv_len=72, heads=2, kv_heads=1, head_dim=16,
+                              dtype=jnp.float32, segments="one")
+    with jax.enable_x64(True):
+        out, grads = _out_and_grads(flash_attention, q, k, v, g, ids, causal=True, interpret=True)
+    want_out, want_grads = _out_and_grads(attention_reference, q, k, v, g, ids, causal=True)
+    _assert_close("out", out, want_out, jnp.float32, grad=False)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, want_grads):
+        _assert_close(name, got, want, jnp.float32, grad=True)
+
+
+def test_causal_accepts_numpy_bool():
+    q, k, v, _, _ = _inputs(12, batch=1, q_len=64, kv_len=64, heads=2, kv_heads=1, head_dim=16,
+                            dtype=jnp.float32, segments=None)
+    got = flash_attention(q, k, v, causal=np.bool_(True), interpret=True)
+    _assert_close("out", got, attention_reference(q, k, v, causal=True), jnp.float32, grad=False)
+
+
+def test_device_kind_sets_the_default_config_and_checks():
+    """The device kind given (a compile target) is what the default config and the VMEM checks are for."""
+    q, k, v = _qkv(q_len=64, kv_len=64)
+    with pytest.raises(TypeError, match="device_kind"):
+        flash_attention(q, k, v, interpret=True, device_kind=5)
+    out = flash_attention(q, k, v, interpret=True, device_kind="TPU v5 lite")
+    assert out.shape == q.shape and bool(jnp.all(jnp.isfinite(out)))

@@ -19,10 +19,11 @@ from autotune.shapes import load_shapes
 from db import Store
 from kernels import Problem
 from tests import toy_kernel
-from tests.worker_procs import (WIDE_SPACE, check_best, check_recorded_once, problem_args, start_worker,
-                                worker_env)
+from tests.worker_procs import (PATIENT_TIMINGS, WIDE_SPACE, check_best, check_recorded_once, problem_args,
+                                start_worker, worker_env)
 
 WORKERS = 4
+pytestmark = pytest.mark.slow
 
 
 def fresh_pg_database(pg_url: str, name: str) -> str:
@@ -38,7 +39,7 @@ def fresh_pg_database(pg_url: str, name: str) -> str:
     return make_url(pg_url).set(database=name).render_as_string(hide_password=False)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "shared.db")
@@ -47,11 +48,11 @@ def db_url(request, tmp_path):
 
 def test_four_workers_share_one_study(db_url, tmp_path):
     budget = 8
-    env = worker_env(AUTOTUNE_TOY_SPACE=WIDE_SPACE)
+    env = worker_env(AUTOTUNE_TOY_SPACE=WIDE_SPACE, **PATIENT_TIMINGS)  # no worker dies here: none may look dead
     workers = [start_worker(db_url, [*problem_args(), "--trials", str(budget), "--seed", str(i)],
                             out=tmp_path / f"worker{i}.log", env=env) for i in range(WORKERS)]
     for worker in workers:
-        assert worker.wait() == 0, worker.text
+        assert worker.wait(timeout=400) == 0, worker.text
     store = Store(db_url)
     problem = Problem(batch=1, q_len=32, kv_len=32, heads=1, kv_heads=1, head_dim=16)
     key = make_key(toy_kernel, problem, current_device())
@@ -72,10 +73,11 @@ def test_four_workers_share_a_shapes_list(db_url, tmp_path):
     budget = 2
     shapes = tmp_path / "shapes.json"
     shapes.write_text(json.dumps({"problems": SHAPES}))
+    env = worker_env(**PATIENT_TIMINGS)  # no worker dies here: a claim must not go stale under a live worker
     workers = [start_worker(db_url, ["--shapes", str(shapes), "--trials", str(budget), "--seed", str(i)],
-                            out=tmp_path / f"worker{i}.log") for i in range(WORKERS)]
+                            out=tmp_path / f"worker{i}.log", env=env) for i in range(WORKERS)]
     for worker in workers:
-        assert worker.wait() == 0, worker.text
+        assert worker.wait(timeout=400) == 0, worker.text
     store = Store(db_url)
     device = current_device()
     assert len(store.bests()) == len(SHAPES)

@@ -32,7 +32,8 @@ class Config(gpu.Config):
 
     @classmethod
     def default(cls, problem, *, device_kind=None):
-        return cls.from_dict({**gpu.Config.default(problem).to_dict(), "block_q": 32, "block_k": 32})
+        return cls.from_dict({**gpu.Config.default(problem, device_kind=device_kind).to_dict(), "block_q": 32,
+                              "block_k": 32})
 
 
 def _matches(config: Config, env: str) -> list[str]:

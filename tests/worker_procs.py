@@ -23,6 +23,9 @@ TOY = "tests.toy_kernel"
 # A 64-config space (blocks 16/32 x warps x stages) that a few trials cannot exhaust.
 WIDE_SPACE = json.dumps({"num_warps": [1, 2, 4, 8], "num_stages": [1, 2, 3, 4]})
 FAST_TIMINGS = {"AUTOTUNE_HEARTBEAT_INTERVAL": "1", "AUTOTUNE_HEARTBEAT_GRACE": "3", "AUTOTUNE_CLAIM_TTL": "4"}
+# For tests where no worker dies: on a loaded machine a live worker's heartbeat can come seconds late, which must
+# not make it look dead (its trial failed, its claim taken over) and change what the test checks.
+PATIENT_TIMINGS = {"AUTOTUNE_HEARTBEAT_GRACE": "300", "AUTOTUNE_CLAIM_TTL": "300"}
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
 
 
@@ -50,20 +53,42 @@ class Worker:
     output: Path
 
     def wait(self, timeout: float = 240) -> int:
-        return self.process.wait(timeout=timeout)
+        """The exit code; a worker still running after `timeout` seconds is killed (so no test leaves one behind)
+        and reported with its output."""
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"worker still running after {timeout} s; its output:\n{self.text}") from None
 
     @property
     def text(self) -> str:
         return self.output.read_text(errors="replace")
 
 
-def start_worker(db: str, args: list[str], *, out: Path, env: dict[str, str] | None = None) -> Worker:
-    command = [sys.executable, "-m", "autotune", "search", *args, "--kernel", TOY, "--quiet", "--no-xla",
+def start_worker(db: str, args: list[str], *, out: Path, env: dict[str, str] | None = None,
+                 kernel: str = TOY) -> Worker:
+    command = [sys.executable, "-m", "autotune", "search", *args, "--kernel", kernel, "--quiet", "--no-xla",
                "--samples", "3", "--db", db]
     with open(out, "w") as handle:
         process = subprocess.Popen(command, cwd=REPO, env=env or worker_env(), stdout=handle,
                                    stderr=subprocess.STDOUT)
-    return Worker(process, out)
+    worker = Worker(process, out)
+    _started.append(worker)
+    return worker
+
+
+_started: list[Worker] = []
+
+
+def stop_workers() -> None:
+    """Kill the workers a test started and left running (it failed half-way): none outlives its test."""
+    while _started:
+        worker = _started.pop()
+        if worker.process.poll() is None:
+            worker.process.kill()
+            worker.process.wait()
 
 
 def run_worker(db: str, args: list[str], *, out: Path, env: dict[str, str] | None = None,

@@ -1,8 +1,8 @@
 """The public entry point: validation, then a custom_vjp whose forward and backward are the Pallas kernels.
 
 Everything that can be wrong with the arguments is reported here, before anything is traced into a kernel.
-Padding (sequence to the blocks, head_dim to a power of two) happens inside each pass, so the forward and the
-backward can use different block sizes and the saved residuals stay unpadded.
+Nothing is padded: ragged sequence tails and a head_dim that is not a power of two are masked inside each kernel,
+so the forward and the backward can use different block sizes and no pass copies its operands in HBM.
 """
 from __future__ import annotations
 
@@ -54,8 +54,13 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 _attention_jit = jax.jit(_attention, static_argnums=(5,))
 
 
-def _device_kind(interpret: bool) -> str | None:
-    """The accelerator the kernel will be compiled for; None in interpret mode (validated as Hopper)."""
+def _device_kind(device_kind: str | None, interpret: bool) -> str | None:
+    """The GPU the kernel is compiled for: the caller's (a compile target or the real device), else the default
+    device when compiling, None in interpret mode (validated as Hopper)."""
+    if device_kind is not None:
+        if not isinstance(device_kind, str):
+            raise TypeError(f"device_kind must be a str or None, got {type(device_kind).__name__}")
+        return device_kind
     if interpret:
         return None
     return jax.devices()[0].device_kind
@@ -63,7 +68,7 @@ def _device_kind(interpret: bool) -> str | None:
 
 def flash_attention(
     q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None,
-    config: Config | None = None, interpret: bool = False,
+    config: Config | None = None, interpret: bool = False, device_kind: str | None = None,
 ):
     """Flash attention on the GPU (Triton lowering of Pallas), or on the CPU with `interpret=True`.
 
@@ -71,14 +76,17 @@ def flash_attention(
     `segment_ids`: one int array [batch, seq] or a pair (q_ids, kv_ids); a query sees a key only in its segment.
     Causal is top-left (query i sees key j iff j <= i). A query that sees no key gets zeros. Differentiable in
     q, k and v; works under jit and vmap. Output: like q.
+    `device_kind` (e.g. 'NVIDIA H100 80GB HBM3') is the GPU the default config and the shared-memory checks are
+    for; give it when compiling for a target that is not `jax.devices()[0]` (deviceless compiles).
     """
     problem, q_ids, kv_ids = check_inputs(q, k, v, segment_ids, causal=causal)
     scale = resolve_scale(sm_scale, problem.head_dim)
+    kind = _device_kind(device_kind, interpret)
     if config is None:
-        config = Config.default(problem, device_kind=_device_kind(interpret))
+        config = Config.default(problem, device_kind=kind)
     elif not isinstance(config, Config):
         raise TypeError(f"config must be a kernels.gpu.Config or None, got {type(config).__name__}")
-    reasons = invalid_reasons(config, problem, device_kind=_device_kind(interpret))
+    reasons = invalid_reasons(config, problem, device_kind=kind)
     if reasons:
         raise ValueError(f"config {config.to_dict()} cannot run {problem}: " + "; ".join(reasons))
     static = _Static(scale=scale, causal=bool(causal), config=config, interpret=bool(interpret))

@@ -1,9 +1,11 @@
-"""Backward kernels: dq (one program per q block, streaming key blocks) and dk/dv (one per key block and query
-head, streaming q blocks).
+"""Backward kernels: dq (one program per q block, streaming key blocks) and dk/dv (one per key block and kv head,
+streaming the q blocks of every query head in its group).
 
 Two kernels instead of one fused pass avoid atomics: each program owns the rows it writes. Probabilities are
 recomputed from the saved base-2 logsumexp, and delta = rowsum(o * do) comes precomputed from JAX. With GQA the
-dk/dv kernel runs per query head and the group is summed in JAX (in float32), so no program races another.
+dk/dv program sums over the query heads of its group in its float32 accumulators, so dk/dv are written once per kv
+head in the input dtype (no per-query-head buffer, no reduction in XLA). Like the forward, nothing is padded in
+HBM: tiles past the sequence ends or head_dim are masked loads and stores.
 """
 from __future__ import annotations
 
@@ -11,44 +13,57 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels.cost import estimate
 from kernels.gpu.common import (
-    LOG2E, LSE_EMPTY, block_loop, dot_nn, dot_nt, dot_tn, kv_blocks, kv_head, pad_axis, q_blocks, round_up,
-    visible,
+    LOG2E, LSE_EMPTY, block_loop, dot_nn, dot_nt, dot_tn, kv_blocks, kv_head, load, q_blocks, rows_at, store,
+    tile_mask, visible,
 )
 from kernels.gpu.config import Config, padded_head_dim
 
 
 def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-    scale: float, causal: bool, segments: bool, kv_len: int, block_q: int, block_k: int,
+    scale: float, causal: bool, segments: bool, q_len: int, kv_len: int, head_dim: int, block_q: int, block_k: int,
 ):
     if segments:
         q_ids_ref, kv_ids_ref, dq_ref = refs
-        q_ids = q_ids_ref[...]
     else:
         (dq_ref,) = refs
-        q_ids = kv_ids_ref = None
+        kv_ids_ref = None
+    width = padded_head_dim(head_dim)
+    cols = pl.ds(np.int32(0), width)
     i = pl.program_id(0)
     q_start = i * block_q
-    q = q_ref[...]
-    do = do_ref[...]
-    lse = lse_ref[...]
-    delta = delta_ref[...]
+    q_rows = rows_at(q_start, block_q)
+    ragged_q = q_len % block_q != 0
+    q_mask = tile_mask(q_start, block_q, q_len if ragged_q else None, width, head_dim)
+    row_mask = tile_mask(q_start, block_q, q_len if ragged_q else None)
+    q = load(q_ref.at[q_rows, cols], q_mask)
+    do = load(do_ref.at[q_rows, cols], q_mask)
+    lse = load(lse_ref.at[q_rows], row_mask, other=LSE_EMPTY)
+    delta = load(delta_ref.at[q_rows], row_mask)
+    q_ids = load(q_ids_ref.at[q_rows], row_mask) if segments else None
     padded_kv = kv_len % block_k != 0
 
     def step(j, dq, *, masked: bool):
-        k_start = pl.multiple_of(j * block_k, block_k)
-        k = k_ref[pl.ds(k_start, block_k), :]
-        v = v_ref[pl.ds(k_start, block_k), :]
+        k_start = j * block_k
+        k_rows = rows_at(k_start, block_k)
+        tail = masked and padded_kv
+        kv_mask = tile_mask(k_start, block_k, kv_len if tail else None, width, head_dim)
+        k = load(k_ref.at[k_rows, cols], kv_mask)
+        v = load(v_ref.at[k_rows, cols], kv_mask)
         s = dot_nt(q, k) * (scale * LOG2E)
+        kv_ids = None
+        if kv_ids_ref is not None:
+            kv_ids = load(kv_ids_ref.at[k_rows], tile_mask(k_start, block_k, kv_len if tail else None), other=-1)
         mask = visible(
             q_start, k_start, block_q, block_k,
-            causal=causal and masked,
-            kv_len=kv_len if (masked and padded_kv) else None,
-            q_ids=q_ids, kv_ids=None if kv_ids_ref is None else kv_ids_ref[pl.ds(k_start, block_k)],
+            causal=causal and masked, kv_len=kv_len if tail else None, q_ids=q_ids, kv_ids=kv_ids,
         )
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
@@ -56,43 +71,54 @@ def _dq_kernel(
         ds = p * (dot_nt(do, v) - delta[:, None])
         return dq + dot_nn(ds.astype(k.dtype), k)
 
-    dq = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
+    dq = jnp.zeros((block_q, width), jnp.float32)
     n_full, n_all = kv_blocks(i, block_q=block_q, block_k=block_k, kv_len=kv_len, causal=causal)
     dq = block_loop(0, n_full, functools.partial(step, masked=False), dq)
     dq = block_loop(n_full, n_all, functools.partial(step, masked=True), dq)
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    store(dq_ref.at[q_rows, cols], (dq * scale).astype(dq_ref.dtype), q_mask)
 
 
 def _dkv_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-    scale: float, causal: bool, segments: bool, q_blocks_total: int, block_q: int, block_k: int,
+    scale: float, causal: bool, segments: bool, q_len: int, kv_len: int, head_dim: int, groups: int,
+    block_q: int, block_k: int,
 ):
-    # Padded keys need no mask here: their rows of dk/dv are sliced off and they touch no other key's rows.
-    # Padded queries have do = 0 and lse = LSE_EMPTY, so they contribute exactly zero.
+    # q/do refs are [q_len, groups, head_dim] and lse/delta [groups, q_len]: the query heads of this kv head.
+    # Keys past kv_len need no mask: their dk/dv rows are never stored and they touch no other key's rows.
+    # Query rows past q_len read do = 0 and lse = LSE_EMPTY, so they contribute exactly zero.
     if segments:
         q_ids_ref, kv_ids_ref, dk_ref, dv_ref = refs
-        kv_ids = kv_ids_ref[...]
     else:
         dk_ref, dv_ref = refs
-        q_ids_ref = kv_ids = None
+        q_ids_ref = None
+    width = padded_head_dim(head_dim)
+    cols = pl.ds(np.int32(0), width)
     j = pl.program_id(0)
     k_start = j * block_k
-    k = k_ref[...]
-    v = v_ref[...]
+    k_rows = rows_at(k_start, block_k)
+    ragged_kv = kv_len % block_k != 0
+    kv_mask = tile_mask(k_start, block_k, kv_len if ragged_kv else None, width, head_dim)
+    k = load(k_ref.at[k_rows, cols], kv_mask)
+    v = load(v_ref.at[k_rows, cols], kv_mask)
+    kv_ids = None
+    if segments:
+        kv_ids = load(kv_ids_ref.at[k_rows], tile_mask(k_start, block_k, kv_len if ragged_kv else None), other=-1)
+    ragged_q = q_len % block_q != 0
+    q_blocks_total = -(-q_len // block_q)
 
-    def step(i, carry, *, masked: bool):
+    def step(i, carry, *, g, masked: bool):
         dk, dv = carry
-        q_start = pl.multiple_of(i * block_q, block_q)
-        rows = pl.ds(q_start, block_q)
-        q = q_ref[rows, :]
-        do = do_ref[rows, :]
-        lse = lse_ref[rows]
-        delta = delta_ref[rows]
+        q_start = i * block_q
+        rows = rows_at(q_start, block_q)
+        q_mask = tile_mask(q_start, block_q, q_len if ragged_q else None, width, head_dim)
+        row_mask = tile_mask(q_start, block_q, q_len if ragged_q else None)
+        q = load(q_ref.at[rows, g, cols], q_mask)
+        do = load(do_ref.at[rows, g, cols], q_mask)
+        lse = load(lse_ref.at[g, rows], row_mask, other=LSE_EMPTY)
+        delta = load(delta_ref.at[g, rows], row_mask)
         s = dot_nt(q, k) * (scale * LOG2E)
-        mask = visible(
-            q_start, k_start, block_q, block_k, causal=causal and masked,
-            q_ids=None if q_ids_ref is None else q_ids_ref[rows], kv_ids=kv_ids,
-        )
+        q_ids = None if q_ids_ref is None else load(q_ids_ref.at[rows], row_mask)
+        mask = visible(q_start, k_start, block_q, block_k, causal=causal and masked, q_ids=q_ids, kv_ids=kv_ids)
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
         p = jnp.exp2(s - lse[:, None])
@@ -101,12 +127,19 @@ def _dkv_kernel(
         dk = dk + dot_tn(ds.astype(q.dtype), q)
         return dk, dv
 
-    zeros = jnp.zeros((block_k, k.shape[-1]), jnp.float32)
     first, unmasked = q_blocks(j, block_q=block_q, block_k=block_k, q_blocks_total=q_blocks_total, causal=causal)
-    carry = block_loop(first, unmasked, functools.partial(step, masked=True), (zeros, zeros))
-    dk, dv = block_loop(unmasked, q_blocks_total, functools.partial(step, masked=False), carry)
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+    def head(g, carry):
+        carry = block_loop(first, unmasked, functools.partial(step, g=g, masked=True), carry)
+        return block_loop(unmasked, q_blocks_total, functools.partial(step, g=g, masked=False), carry)
+
+    zeros = jnp.zeros((block_k, width), jnp.float32)
+    if groups == 1:
+        dk, dv = head(np.int32(0), (zeros, zeros))
+    else:
+        dk, dv = lax.fori_loop(np.int32(0), np.int32(groups), head, (zeros, zeros))
+    store(dk_ref.at[k_rows, cols], (dk * scale).astype(dk_ref.dtype), kv_mask)
+    store(dv_ref.at[k_rows, cols], dv.astype(dv_ref.dtype), kv_mask)
 
 
 def backward(
@@ -114,73 +147,55 @@ def backward(
     out: jax.Array, lse: jax.Array, dout: jax.Array, *,
     scale: float, causal: bool, config: Config, interpret: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients (dq, dk, dv) of unpadded inputs, given the forward's output, its logsumexp and the cotangent."""
+    """Gradients (dq, dk, dv), given the forward's output, its logsumexp and the cotangent; no padded copies."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     bq, bk = config.bwd_block_q, config.bwd_block_k
-    lq, lk, dp = round_up(q_len, bq), round_up(kv_len, bk), padded_head_dim(head_dim)
     segments = q_ids is not None
 
     delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
-    qp = pad_axis(pad_axis(q, 1, lq), 3, dp)
-    dop = pad_axis(pad_axis(dout.astype(q.dtype), 1, lq), 3, dp)
-    kp = pad_axis(pad_axis(k, 1, lk), 3, dp)
-    vp = pad_axis(pad_axis(v, 1, lk), 3, dp)
-    lse_p = pad_axis(lse, 2, lq, LSE_EMPTY)
-    delta_p = pad_axis(delta, 2, lq)
-    ids = [pad_axis(q_ids, 1, lq), pad_axis(kv_ids, 1, lk)] if segments else []
-    statics = dict(scale=scale, causal=causal, segments=segments, block_q=bq, block_k=bk)
+    dout = dout.astype(q.dtype)
+    ids = [q_ids, kv_ids] if segments else []
+    statics = dict(scale=scale, causal=causal, segments=segments, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+                   block_q=bq, block_k=bk)
     params = pltriton.CompilerParams(num_warps=config.bwd_num_warps, num_stages=config.bwd_num_stages)
+    itemsize = q.dtype.itemsize
+    row_bytes = 2 * batch * heads * q_len * 4  # lse and delta
+    cost = functools.partial(estimate, batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+                             causal=causal)
+    ids_specs = [pl.BlockSpec((None, q_len), lambda x, b, h: (b, 0)),
+                 pl.BlockSpec((None, kv_len), lambda x, b, h: (b, 0))] if segments else []
 
-    # dq: grid over (q block, batch, head); whole k/v sequence of the head's kv head visible to each program.
-    q_tile = pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))
-    kv_whole = pl.BlockSpec((None, lk, None, dp), lambda i, b, h: (b, 0, kv_head(h, groups), 0))
-    row_tile = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-    dq_specs = [q_tile, kv_whole, kv_whole, q_tile, row_tile, row_tile]
-    if segments:
-        dq_specs += [
-            pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-            pl.BlockSpec((None, lk), lambda i, b, h: (b, 0)),
-        ]
+    # dq: grid over (q block, batch, head); whole unpadded sequences of the head (and its kv head) visible.
+    q_whole = pl.BlockSpec((None, q_len, None, head_dim), lambda i, b, h: (b, 0, h, 0))
+    kv_whole = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, kv_head(h, groups), 0))
+    row_whole = pl.BlockSpec((None, None, q_len), lambda i, b, h: (b, h, 0))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, kv_len=kv_len, **statics),
-        grid=(lq // bq, batch, heads),
-        in_specs=dq_specs,
-        out_specs=q_tile,
-        out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+        functools.partial(_dq_kernel, **statics),
+        grid=(-(-q_len // bq), batch, heads),
+        in_specs=[q_whole, kv_whole, kv_whole, q_whole, row_whole, row_whole, *ids_specs],
+        out_specs=q_whole,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params,
+        cost_estimate=cost(matmuls=3, exps=1, nbytes=(3 * q.size + k.size + v.size) * itemsize + row_bytes),
         interpret=interpret,
         name="flash_attention_bwd_dq",
-    )(qp, kp, vp, dop, lse_p, delta_p, *ids)
+    )(q, k, v, dout, lse, delta, *ids)
 
-    # dk/dv: grid over (key block, batch, query head); whole q sequence of that head visible to each program.
-    q_whole = pl.BlockSpec((None, lq, None, dp), lambda j, b, h: (b, 0, h, 0))
-    kv_tile = pl.BlockSpec((None, bk, None, dp), lambda j, b, h: (b, j, kv_head(h, groups), 0))
-    row_whole = pl.BlockSpec((None, None, lq), lambda j, b, h: (b, h, 0))
-    dkv_specs = [q_whole, kv_tile, kv_tile, q_whole, row_whole, row_whole]
-    if segments:
-        dkv_specs += [
-            pl.BlockSpec((None, lq), lambda j, b, h: (b, 0)),
-            pl.BlockSpec((None, bk), lambda j, b, h: (b, j)),
-        ]
-    grad_dtype = k.dtype if groups == 1 else jnp.float32
-    out_tile = pl.BlockSpec((None, bk, None, dp), lambda j, b, h: (b, j, h, 0))
+    # dk/dv: grid over (key block, batch, kv head); the q, do, lse and delta of the whole query-head group visible.
+    q_group = pl.BlockSpec((None, q_len, groups, head_dim), lambda j, b, hk: (b, 0, hk, 0))
+    kv_tile = pl.BlockSpec((None, kv_len, None, head_dim), lambda j, b, hk: (b, 0, hk, 0))
+    row_group = pl.BlockSpec((None, groups, q_len), lambda j, b, hk: (b, hk, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, q_blocks_total=lq // bq, **statics),
-        grid=(lk // bk, batch, heads),
-        in_specs=dkv_specs,
-        out_specs=[out_tile, out_tile],
-        out_shape=[jax.ShapeDtypeStruct((batch, lk, heads, dp), grad_dtype)] * 2,
+        functools.partial(_dkv_kernel, groups=groups, **statics),
+        grid=(-(-kv_len // bk), batch, kv_heads),
+        in_specs=[q_group, kv_tile, kv_tile, q_group, row_group, row_group, *ids_specs],
+        out_specs=[kv_tile, kv_tile],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=params,
+        cost_estimate=cost(matmuls=4, exps=1, nbytes=(2 * q.size + 2 * k.size + 2 * v.size) * itemsize + row_bytes),
         interpret=interpret,
         name="flash_attention_bwd_dkv",
-    )(qp, kp, vp, dop, lse_p, delta_p, *ids)
-
-    dq = dq[:, :q_len, :, :head_dim]
-    dk = dk[:, :kv_len, :, :head_dim]
-    dv = dv[:, :kv_len, :, :head_dim]
-    if groups > 1:
-        dk = dk.reshape(batch, kv_len, kv_heads, groups, head_dim).sum(axis=3).astype(k.dtype)
-        dv = dv.reshape(batch, kv_len, kv_heads, groups, head_dim).sum(axis=3).astype(v.dtype)
+    )(q, k, v, dout, lse, delta, *ids)
     return dq, dk, dv

@@ -1,4 +1,8 @@
-"""Pieces shared by the forward and backward kernels: padding, masks and the causal block ranges.
+"""Pieces shared by the forward and backward kernels: masked tile loads and stores, masks and causal block ranges.
+
+Nothing is padded in HBM: each kernel sees whole unpadded sequences and reads or writes power-of-two tiles
+(Triton's rule) with a mask over the rows past the sequence end and the columns past head_dim, so an overhanging
+tile neither reads nor writes outside its array (masked reads give `other`, never memory).
 
 Scores are kept in base 2 (scale folded with log2(e)) so the kernels use exp2, which is what the GPU computes
 natively. A masked score is -inf and the running max starts at a finite very negative value, so masked entries
@@ -12,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 LOG2E = math.log2(math.e)
 # Start of the running max: finite, so `m_prev - m_new` is never inf - inf.
@@ -20,18 +26,37 @@ M_INIT = -0.5 * float(jnp.finfo(jnp.float32).max)
 LSE_EMPTY = 1e30
 
 
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+def tile_mask(start, block: int, length: int | None, width: int = 0, head_dim: int = 0):
+    """Mask of a [block] or [block, width] tile at row `start`: rows < length (skipped when length is None)
+    and columns < head_dim (skipped when width == head_dim). None when nothing needs masking."""
+    rows = None if length is None else (start + jnp.arange(block, dtype=jnp.int32)) < length
+    if width == 0:
+        return rows
+    cols = None if width == head_dim else jnp.arange(width, dtype=jnp.int32) < head_dim
+    if rows is None:
+        return None if cols is None else cols[None, :]
+    rows = rows[:, None]
+    return rows if cols is None else rows & cols[None, :]
 
 
-def pad_axis(x: jax.Array, axis: int, size: int, value: float | int = 0) -> jax.Array:
-    """Pad `x` along `axis` at the end up to `size` (no copy when already that size)."""
-    extra = size - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
+def load(view, mask, other=0):
+    """A tile of `view` (a ref.at[...] window); masked entries read as `other` without touching memory."""
+    if mask is None:
+        return pltriton.load(view)
+    return pltriton.load(view, mask=jnp.broadcast_to(mask, view.shape), other=other)
+
+
+def store(view, value, mask) -> None:
+    """Write a tile to `view`; masked entries are not written."""
+    if mask is None:
+        pltriton.store(view, value)
+    else:
+        pltriton.store(view, value, mask=jnp.broadcast_to(mask, view.shape))
+
+
+def rows_at(start, block: int) -> pl.Slice:
+    """The `block` rows from `start` (a multiple of `block`, which lets Triton vectorise the addresses)."""
+    return pl.ds(pl.multiple_of(start, block), block)
 
 
 def cdiv(a, b: int):
@@ -64,15 +89,20 @@ def visible(
 
 
 def kv_blocks(i, *, block_q: int, block_k: int, kv_len: int, causal: bool):
-    """For q block `i`: (n_full, n_all): key blocks [0, n_full) need no causal/padding mask, [n_full, n_all)
-    need one, blocks >= n_all are fully masked (skipped)."""
-    n_full = kv_len // block_k
+    """For q block `i`: (n_plain, n_all): key blocks [0, n_plain) need no mask, [n_plain, n_all) need the causal
+    or ragged-tail mask, blocks >= n_all are fully masked (skipped).
+
+    Either every visited block is plain or every one is masked, so a kernel runs one loop: two loops in a row make
+    ptxas serialize Hopper's wgmma pipeline (warning C7515, "non wgmma instructions defining accumulator registers
+    of a wgmma between start and end of the pipeline stage"). The price is the mask's compare and select on every
+    score tile of a causal or ragged problem (not timed here: no GPU on our machines).
+    """
     n_all = -(-kv_len // block_k)
     if causal:
-        # Every key of block j is <= the first row i*block_q  iff  (j+1)*block_k - 1 <= i*block_q.
-        n_full = jnp.minimum(n_full, lax.div(i * block_q + 1, np.int32(block_k)))
-        n_all = jnp.minimum(n_all, cdiv((i + 1) * block_q, block_k))
-    return n_full, n_all
+        return 0, jnp.minimum(n_all, cdiv((i + 1) * block_q, block_k))
+    if kv_len % block_k:
+        return 0, n_all
+    return n_all, n_all
 
 
 def q_blocks(j, *, block_q: int, block_k: int, q_blocks_total: int, causal: bool):

@@ -12,8 +12,6 @@ import jax.numpy as jnp
 from kernels.configs import IntConfig
 from kernels.problem import Problem
 
-FORWARD_FIELDS = ("block_q", "block_k", "num_warps", "num_stages")
-BACKWARD_FIELDS = ("bwd_block_q", "bwd_block_k", "bwd_num_warps", "bwd_num_stages")
 WARPS = (1, 2, 4, 8)
 STAGES = (1, 2, 3, 4)
 MAX_STAGES = 8
@@ -56,11 +54,11 @@ class Config(IntConfig):
         bwd_block = 64 if problem.head_dim <= 64 else 32
         fwd = _fit(
             min(128, block_cap(problem.q_len)), min(64, block_cap(problem.kv_len)), 2,
-            lambda bq, bk, s: forward_smem_bytes(bq, bk, s, problem), device_kind,
+            lambda bq, bk, s: forward_smem_bytes(bq, bk, s, problem, device_kind), device_kind,
         )
         bwd = _fit(
             min(bwd_block, block_cap(problem.q_len)), min(bwd_block, block_cap(problem.kv_len)), 2,
-            lambda bq, bk, s: backward_smem_bytes(bq, bk, s, problem), device_kind,
+            lambda bq, bk, s: backward_smem_bytes(bq, bk, s, problem, device_kind), device_kind,
         )
         return cls(
             block_q=fwd[0], block_k=fwd[1], num_warps=warps, num_stages=fwd[2],
@@ -108,14 +106,32 @@ def _blocks(length: int, *, big: bool) -> tuple[int, ...]:
     return tuple(b for b in (16, 32, 64, 128, 256) if b <= cap)
 
 
+# Opt-in shared memory per block (bytes) by GPU; an unknown GPU gets the smallest current figure (99 KiB: sm_86/89).
+SMEM_PER_BLOCK = (
+    (("h100", "h200", "h800", "h20", "gh200"), 232448),
+    (("a100", "a800", "a30"), 166912),
+    (("l4", "l40", "4090", "4080", "a10", "a40", "3090", "a6000", "ada"), 101376),
+)
+HOPPER = ("h100", "h200", "h800", "h20", "gh200")
+SMALL_SMEM = 101376
+
+
 def smem_limit(device_kind: str | None) -> int:
     """Shared memory a program may use, in bytes; interpret mode (None or CPU) is treated as Hopper."""
     kind = (device_kind or "cpu").lower()
-    if "cpu" in kind or "h100" in kind or "h200" in kind:
-        return 227 * KIB
-    if "a100" in kind:
-        return 163 * KIB
-    return 99 * KIB
+    if "cpu" in kind:
+        return 232448
+    for names, limit in SMEM_PER_BLOCK:
+        if any(name in kind for name in names):
+            return limit
+    return SMALL_SMEM
+
+
+def is_hopper(device_kind: str | None) -> bool:
+    """Hopper (sm_90): Triton feeds 16-bit dots with 64+ rows to wgmma, which reads both operands from shared
+    memory; interpret mode (None or CPU) is treated as Hopper, like its limit."""
+    kind = (device_kind or "cpu").lower()
+    return "cpu" in kind or any(name in kind for name in HOPPER)
 
 
 def _tile_bytes(problem: Problem) -> int:
@@ -123,18 +139,63 @@ def _tile_bytes(problem: Problem) -> int:
     return padded_head_dim(problem.head_dim) * jnp.dtype(problem.dtype).itemsize
 
 
-def forward_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem) -> int:
-    """q tile loaded once, k and v tiles buffered `stages` deep by the software pipeline."""
-    return (block_q + 2 * block_k * stages) * _tile_bytes(problem)
+def _smem(fixed_rows: int, streamed_rows: int, m_rows: int, block_q: int, block_k: int, stages: int,
+          problem: Problem, device_kind: str | None, *, forward: bool = False, dkv: bool = False) -> int:
+    """Shared memory of one kernel as Triton lays it out (calibrated on deviceless compiles for sm_90a and sm_80):
 
-
-def backward_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem) -> int:
-    """The larger of the two backward kernels: dq (q, do fixed; k, v streamed) and dk/dv (k, v fixed; q, do
-    streamed, with their lse and delta rows)."""
+    - `fixed_rows` of q/k/v-like tiles stay for the whole program; `streamed_rows` are loaded per loop step;
+    - on Hopper, 16-bit dots whose M (`m_rows`) is 64 or more run on wgmma, which reads both operands from shared
+      memory: the pipeline keeps `stages` buffers of the streamed tiles, and dk/dv stages one [block_q, block_k]
+      tile for its transposed operand;
+    - elsewhere (Ampere's mma, float32, small M) it keeps `stages - 1` buffers (dk/dv on Hopper: at least 2); a
+      single-stage loop of the forward or dq stages one of k and v at a time; a [block_q, block_k] probability tile
+      goes through shared memory on its way to the second dot (two for float32);
+    - dk/dv also buffers the float32 lse and delta of its streamed query rows.
+    """
     row = _tile_bytes(problem)
-    dq = (2 * block_q + 2 * block_k * stages) * row
-    dkv = (2 * block_k + 2 * block_q * stages) * row + 2 * block_q * stages * 4
-    return max(dq, dkv)
+    itemsize = jnp.dtype(problem.dtype).itemsize
+    hopper = is_hopper(device_kind)
+    wgmma = hopper and itemsize == 2 and m_rows >= 64
+    tile = block_q * block_k * itemsize
+    stats = 2 * block_q * 4 if dkv else 0
+    if wgmma:
+        buffers = 2 if dkv and stages == 1 and block_q < 64 else stages
+    else:
+        buffers = max(stages - 1, 2 if dkv and hopper else 1)
+    if stages == 1 and not dkv and not wgmma and (forward or itemsize == 4):
+        streamed_rows //= 2  # one of k and v at a time
+    if wgmma:
+        tiles = 1 if dkv else 0
+    elif hopper:
+        tiles = (0 if stages == 1 and not dkv else 2) if itemsize == 4 else 1
+    elif forward:
+        tiles = 1 if block_q <= (64 if itemsize == 4 else 32) else 0
+    else:
+        tiles = 1
+    return (fixed_rows + streamed_rows * buffers) * row + stats * buffers + tile * tiles
+
+
+def forward_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem,
+                       device_kind: str | None = None) -> int:
+    """The forward kernel: q stays, k and v stream."""
+    return _smem(block_q, 2 * block_k, block_q, block_q, block_k, stages, problem, device_kind, forward=True)
+
+
+def dq_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem, device_kind: str | None = None) -> int:
+    """The dq kernel: q and do stay, k and v stream."""
+    return _smem(2 * block_q, 2 * block_k, block_q, block_q, block_k, stages, problem, device_kind)
+
+
+def dkv_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem, device_kind: str | None = None) -> int:
+    """The dk/dv kernel: k and v stay; q, do and their lse and delta rows stream; M of its dots is block_k."""
+    return _smem(2 * block_k, 2 * block_q, block_k, block_q, block_k, stages, problem, device_kind, dkv=True)
+
+
+def backward_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem,
+                        device_kind: str | None = None) -> int:
+    """The larger of the two backward kernels (dq, and dk/dv)."""
+    return max(dq_smem_bytes(block_q, block_k, stages, problem, device_kind),
+               dkv_smem_bytes(block_q, block_k, stages, problem, device_kind))
 
 
 def invalid_reasons(config: Config, problem: Problem, *, device_kind: str | None = None) -> list[str]:
@@ -163,14 +224,15 @@ def invalid_reasons(config: Config, problem: Problem, *, device_kind: str | None
     if reasons:
         return reasons
     limit = smem_limit(device_kind)
-    used = forward_smem_bytes(config.block_q, config.block_k, config.num_stages, problem)
+    used = forward_smem_bytes(config.block_q, config.block_k, config.num_stages, problem, device_kind)
     if used > limit:
         reasons.append(
             f"forward tiles need about {used // KIB} KiB of shared memory (block_q={config.block_q}, "
             f"block_k={config.block_k}, num_stages={config.num_stages}), over the {limit // KIB} KiB limit"
         )
     if problem.backward:
-        used = backward_smem_bytes(config.bwd_block_q, config.bwd_block_k, config.bwd_num_stages, problem)
+        used = backward_smem_bytes(config.bwd_block_q, config.bwd_block_k, config.bwd_num_stages, problem,
+                                   device_kind)
         if used > limit:
             reasons.append(
                 f"backward tiles need about {used // KIB} KiB of shared memory (bwd_block_q={config.bwd_block_q}, "

@@ -1,8 +1,11 @@
 """The public entry point: input checks, layout and padding around the kernels, and the custom VJP.
 
 Our layout is [batch, seq, heads, head_dim]; the kernels want [batch, heads, seq, head_dim] with the sequence
-padded to whole blocks (interpret mode reads NaN out of bounds, and Mosaic wants whole tiles anyway).
-float16 is widened to float32 here: the kernels then only see MXU-native dtypes.
+padded to whole blocks (interpret mode reads NaN out of bounds, and Mosaic wants whole tiles anyway). The layout
+change copies every operand once in any case, and XLA fuses the padding into that copy (one `pad_bitcast_fusion`
+per operand), so padding costs no extra pass over HBM here, unlike on the GPU where the kernels read our layout.
+float16 is widened to float32 here: Mosaic (libtpu 0.0.42, jax 0.10.2) cannot load float16 vectors on any
+generation (v4, v5e, v5p, v6e: "Invalid vector type for load"), so float16 cannot stay float16 in HBM.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import jax.numpy as jnp
 from kernels.problem import Problem, check_inputs, resolve_scale
 from kernels.tpu.backward import backward
 from kernels.tpu.common import NO_KEY_LSE, Static
-from kernels.tpu.config import Config, invalid_reasons
+from kernels.tpu.config import Config, invalid_reasons, vmem_limit_bytes
 from kernels.tpu.forward import forward
 
 
@@ -73,7 +76,7 @@ def _attention(st: Static, config: Config, problem: Problem, q, k, v, q_ids, kv_
 
 
 def _attention_fwd(st: Static, config: Config, problem: Problem, q, k, v, q_ids, kv_ids):
-    reasons = invalid_reasons(config, problem.replace(backward=True), device_kind=_device_kind(st.interpret))
+    reasons = invalid_reasons(config, problem.replace(backward=True), device_kind=st.device_kind)
     if reasons:
         raise ValueError("config cannot run the backward pass of this problem: " + "; ".join(reasons))
     out, (qt, kt, vt, out_t, lse) = _forward(st, config, q, k, v, q_ids, kv_ids, save_lse=True)
@@ -98,8 +101,13 @@ def _attention_bwd(st: Static, config: Config, problem: Problem, res, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _device_kind(interpret: bool) -> str | None:
-    """The TPU generation the VMEM limit is judged for (None, the conservative limit, off TPU)."""
+def _device_kind(device_kind: str | None, interpret: bool) -> str | None:
+    """The TPU generation the VMEM limit is judged for: the caller's (a compile target or the real device), else
+    the default device when it is a TPU, else None (the conservative limit)."""
+    if device_kind is not None:
+        if not isinstance(device_kind, str):
+            raise TypeError(f"device_kind must be a str or None, got {type(device_kind).__name__}")
+        return device_kind
     if interpret:
         return None
     device = jax.devices()[0]
@@ -107,26 +115,29 @@ def _device_kind(interpret: bool) -> str | None:
 
 
 def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None,
-                    config: Config | None = None, interpret: bool = False):
+                    config: Config | None = None, interpret: bool = False, device_kind: str | None = None):
     """Flash attention on TPU (Mosaic), or on the CPU in TPU interpret mode when `interpret` is true.
 
     q [batch, q_len, heads, head_dim], k and v [batch, kv_len, kv_heads, head_dim] (kv_heads divides heads);
     segment_ids: [batch, seq] when q_len == kv_len, or a pair (q_ids, kv_ids). Top-left causal. Returns an array
     like q. Differentiable in q, k, v (backward kernels for dq and dk/dv); works under jit and vmap.
+    `device_kind` (e.g. 'TPU v5 lite') is the TPU the VMEM checks and the kernels' VMEM limit are for; give it
+    when compiling for a target that is not `jax.devices()[0]` (deviceless compiles).
     """
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not isinstance(interpret, bool):
         raise TypeError(f"interpret must be a bool, got {type(interpret).__name__}")
     problem, q_ids, kv_ids = check_inputs(q, k, v, segment_ids, causal=causal)
     scale = resolve_scale(sm_scale, problem.head_dim)
+    kind = _device_kind(device_kind, interpret)
     if config is None:
-        config = Config.default(problem)
+        config = Config.default(problem, device_kind=kind)
     elif not isinstance(config, Config):
         raise TypeError(f"config must be a kernels.tpu.Config or None, got {type(config).__name__}")
-    reasons = invalid_reasons(config, problem, device_kind=_device_kind(interpret))
+    reasons = invalid_reasons(config, problem, device_kind=kind)
     if reasons:
         raise ValueError("config cannot run this problem: " + "; ".join(reasons))
-    st = Static(causal=causal, scale=scale, q_len=problem.q_len, kv_len=problem.kv_len, groups=problem.groups,
-                segments=q_ids is not None, highest=problem.dtype != "bfloat16", interpret=interpret)
+    st = Static(causal=problem.causal, scale=scale, q_len=problem.q_len, kv_len=problem.kv_len,
+                groups=problem.groups, segments=q_ids is not None, highest=problem.dtype != "bfloat16",
+                interpret=interpret, device_kind=kind,
+                vmem_limit=vmem_limit_bytes(config, problem.replace(backward=True), device_kind=kind))
     return _attention(st, config, problem, q, k, v, q_ids, kv_ids)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.cost import estimate
 from kernels.tpu import common
 from kernels.tpu.common import SQUEEZED, Static
 from kernels.tpu.config import LANES, SUBLANES, Config
@@ -121,6 +122,12 @@ def backward(q, k, v, out, lse, do, q_ids, kv_ids, *, st: Static, config: Config
     n_q, n_kv = q_pad // bq, kv_pad_len // bkm
     kv_pad = kv_pad_len != st.kv_len
     interpret = common.interpret_param(st.interpret)
+    params = common.compiler_params(st.interpret, st.vmem_limit)
+
+    def cost(matmuls: int, operands, outputs):
+        nbytes = sum(x.size * x.dtype.itemsize for x in (*operands, *outputs))
+        return estimate(batch=batch, heads=heads, q_len=st.q_len, kv_len=st.kv_len, head_dim=d, causal=st.causal,
+                        matmuls=matmuls, exps=1, nbytes=nbytes)
     di = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, h, q]
 
     def specs_for(q_block, kv_block, head, row_stats):
@@ -158,7 +165,8 @@ def backward(q, k, v, out, lse, do, q_ids, kv_ids, *, st: Static, config: Config
                            lambda h, y: h, row_stats=False),
         out_specs=pl.BlockSpec((bb, SQUEEZED, bq, d), lambda b, h, qi, j: (b, h, qi, 0)),
         scratch_shapes=[pltpu.VMEM((bb, bq, d), jnp.float32)],
-        compiler_params=common.compiler_params(st.interpret),
+        compiler_params=params,
+        cost_estimate=cost(3, args, [q]),
         interpret=interpret,
         name="flash_attention_tpu_dq",
     )(*args)
@@ -177,7 +185,8 @@ def backward(q, k, v, out, lse, do, q_ids, kv_ids, *, st: Static, config: Config
                            lambda hk, r: hk * st.groups + common.div(r, n_q), row_stats=True),
         out_specs=[kv_spec, kv_spec],
         scratch_shapes=[pltpu.VMEM((bb, bkm, d), jnp.float32), pltpu.VMEM((bb, bkm, d), jnp.float32)],
-        compiler_params=common.compiler_params(st.interpret),
+        compiler_params=params,
+        cost_estimate=cost(4, args, [k, v]),
         interpret=interpret,
         name="flash_attention_tpu_dkv",
     )(*args)

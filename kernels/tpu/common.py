@@ -31,6 +31,8 @@ class Static:
     segments: bool
     highest: bool  # float32 in the kernels (float32 or widened float16 inputs): full-precision MXU passes
     interpret: bool
+    device_kind: str | None = None  # the TPU compiled for (None: unknown, judged by the conservative limit)
+    vmem_limit: int | None = None  # scoped VMEM limit the kernels are compiled with (None: compiler default)
 
     @property
     def precision(self):
@@ -99,13 +101,17 @@ def q_block_clamp(st: Static, qi, j, block_q: int, block_k_major: int, n_q: int)
 
 
 def div(a, b: int):
-    """Integer division of non-negative grid indices (lax.div: jnp's floor division lowers via sign)."""
-    return jax.lax.div(a, b)
+    """Integer division of non-negative grid indices (lax.div: jnp's floor division lowers via sign).
+
+    The divisor is made an int32 like the grid indices: a Python int would be int64 under jax_enable_x64, and
+    lax.div refuses mixed dtypes.
+    """
+    return jax.lax.div(a, np.int32(b))
 
 
 def rem(a, b: int):
-    """Remainder of non-negative grid indices."""
-    return jax.lax.rem(a, b)
+    """Remainder of non-negative grid indices (int32 divisor, as in `div`)."""
+    return jax.lax.rem(a, np.int32(b))
 
 
 def interpret_param(interpret: bool):
@@ -113,15 +119,18 @@ def interpret_param(interpret: bool):
     return pltpu.InterpretParams() if interpret else False
 
 
-def compiler_params(interpret: bool) -> pltpu.CompilerParams:
+def compiler_params(interpret: bool, vmem_limit: int | None = None) -> pltpu.CompilerParams:
     """Grid (batch, head, outer block, reduction block): only the last axis carries state between steps.
 
+    `vmem_limit` (bytes) replaces the compiler's default scoped VMEM limit, so blocks that fit the chip are not
+    refused by a default meant for small kernels.
     TPU interpret mode gets no dimension semantics: in jax 0.10.2 its grid walk does not account for the grid
     axis that vmap prepends (the compiled lowering does), and sequential order is what an unmarked grid means.
     """
     if interpret:
         return pltpu.CompilerParams()
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+                                vmem_limit_bytes=vmem_limit)
 
 
 def lane_layout(x: jax.Array) -> jax.Array:

@@ -33,8 +33,9 @@ class Config(IntConfig):
     positive = True
 
     @classmethod
-    def default(cls, problem: Problem) -> "Config":
-        """A heuristic config that is valid for the problem: big blocks, shrunk until the VMEM estimate fits."""
+    def default(cls, problem: Problem, *, device_kind: str | None = None) -> "Config":
+        """A heuristic config that is valid for the problem: big blocks, shrunk until the VMEM estimate fits the
+        device's limit (the smallest chip's when `device_kind` is None)."""
         q_full = _round_up(problem.q_len, SUBLANES)
         kv_full = _round_up(problem.kv_len, LANES)
         block_q, block_k_major = min(512, q_full), min(512, kv_full)
@@ -42,8 +43,9 @@ class Config(IntConfig):
         bwd_q = q_full if q_full <= 512 else 256
         bwd_k_major = kv_full if kv_full <= 512 else 256
         config = cls(1, block_q, block_k_major, block_k_major, bwd_q, bwd_k_major, bwd_k_major)
-        fits_forward = lambda c: forward_vmem_bytes(c, problem) <= DEFAULT_VMEM_LIMIT  # noqa: E731
-        fits_backward = lambda c: backward_vmem_bytes(c, problem) <= DEFAULT_VMEM_LIMIT  # noqa: E731
+        limit = vmem_limit(device_kind)
+        fits_forward = lambda c: forward_vmem_bytes(c, problem, device_kind) <= limit  # noqa: E731
+        fits_backward = lambda c: backward_vmem_bytes(c, problem, device_kind) <= limit  # noqa: E731
         config = _shrink(config, fits_forward, "block_q", "block_k_major", "block_k")
         return _shrink(config, fits_backward, "bwd_block_q", "bwd_block_k_major", "bwd_block_k")
 
@@ -96,12 +98,29 @@ def search_space(problem: Problem) -> dict[str, tuple[int, ...]]:
     return space
 
 
+# Per TPU generation, measured with deviceless compiles (libtpu 0.0.42): the scoped VMEM limit the compiler applies
+# when a kernel sets none, and the VMEM a kernel may use when it raises the limit (`vmem_limit_bytes`).
+DEFAULT_SCOPED_VMEM = {"v4": 16 * MIB, "v5e": 16 * MIB, "v5p": 16 * MIB, "v6e": 32 * MIB, "7x": 32 * MIB}
+VMEM_CAPACITY = {"v4": 16 * MIB, "v5e": 128 * MIB, "v5p": 64 * MIB, "v6e": 128 * MIB, "7x": 64 * MIB}
+
+
+def tpu_generation(device_kind: str | None) -> str | None:
+    """'v4', 'v5e', 'v5p', 'v6e' or '7x' from a device kind as jax reports it ('TPU v5 lite', 'TPU7x'...)."""
+    kind = " ".join((device_kind or "").lower().replace("tpu", " ").split())
+    table = {"v4": "v4", "v5 lite": "v5e", "v5e": "v5e", "v5litepod": "v5e", "v5": "v5p", "v5p": "v5p",
+             "v6 lite": "v6e", "v6e": "v6e", "7x": "7x", "v7x": "7x", "v7": "7x", "7": "7x"}
+    return table.get(kind)
+
+
+def default_scoped_vmem(device_kind: str | None) -> int:
+    """The scoped VMEM limit the compiler applies by default (16 MiB for an unknown device: the smallest)."""
+    return DEFAULT_SCOPED_VMEM.get(tpu_generation(device_kind), DEFAULT_VMEM_LIMIT)
+
+
 def vmem_limit(device_kind: str | None) -> int:
-    """Scoped VMEM the compiler grants by default: 16 MiB unless the device is known to grant 32 MiB."""
-    kind = (device_kind or "").lower()
-    if any(tag in kind for tag in ("v6", "v7", "v5p")) or kind.strip() == "tpu v5":
-        return 32 * MIB
-    return DEFAULT_VMEM_LIMIT
+    """VMEM one kernel may use on the device (the kernels raise the scoped limit to their need, up to this);
+    16 MiB, the smallest chip's, for an unknown device or interpret mode."""
+    return VMEM_CAPACITY.get(tpu_generation(device_kind), DEFAULT_VMEM_LIMIT)
 
 
 def kernel_itemsize(problem: Problem) -> int:
@@ -115,8 +134,40 @@ def _tile(rows: int, cols: int, itemsize: int) -> int:
     return _round_up(rows, sublanes) * _round_up(cols, LANES) * itemsize
 
 
-def forward_vmem_bytes(config: Config, problem: Problem) -> int:
-    """Estimated VMEM of one forward grid step: double-buffered blocks, scratch and [block_q, block_k] temporaries."""
+# Temporaries per kernel (forward, dq, dk/dv) and TPU generation: coefficients of five sizes (below), fitted as
+# upper bounds to deviceless compiles (libtpu 0.0.42) by benchmarks/compile_sweep.py --fit. Unknown devices get the
+# largest coefficient of any generation.
+TEMPORARIES = {
+    "v4": ((0.7, 1.0, 0.1, 2.8, 0.2), (0.3, 0.1, 0.6, 2.6, 0.4), (1.8, 0.1, 0.1, 4.6, 0.1)),
+    "v5e": ((0.1, 0.7, 0.1, 0.1, 3.9), (0.1, 0.6, 0.1, 6.5, 0.1), (0.1, 0.1, 0.1, 4.2, 0.7)),
+    "v5p": ((0.1, 1.3, 0.1, 0.4, 0.1), (0.1, 1.5, 0.1, 6.5, 7.6), (0.1, 1.9, 0.1, 6.5, 7.4)),
+    "v6e": ((0.1, 1.3, 0.1, 0.4, 3.9), (0.1, 1.5, 0.1, 6.5, 7.6), (0.1, 1.9, 0.1, 6.5, 7.4)),
+    "7x": ((0.1, 1.3, 0.1, 0.4, 3.9), (0.1, 1.5, 0.1, 6.5, 7.6), (0.1, 1.9, 0.1, 6.5, 7.4)),
+}
+
+
+def temporary_sizes(problem: Problem, block_b: int, rows: int, cols: int, block_major: int) -> tuple[int, ...]:
+    """The sizes temporaries scale with, for a [rows, cols] score tile: the score tile (scores, probabilities);
+    the operand tiles in float32 (float32 matmuls are split into bfloat16 passes, casts); the major kv block in
+    float32 (relayouts); the score tile again when segment ids build masks; and a constant (MiB) for the
+    compiler's own scratch."""
+    d = problem.head_dim
+    score = _tile(rows, cols, 4)
+    return (score, block_b * (_tile(rows, d, 4) + _tile(cols, d, 4)), block_b * _tile(block_major, d, 4),
+            score if problem.segments else 0, MIB)
+
+
+def _temporaries(device_kind: str | None, kernel: int, sizes: tuple[int, ...]) -> int:
+    table = TEMPORARIES.get(tpu_generation(device_kind))
+    if table is None:
+        coefficients = [max(TEMPORARIES[g][kernel][i] for g in TEMPORARIES) for i in range(len(sizes))]
+    else:
+        coefficients = table[kernel]
+    return int(sum(c * size for c, size in zip(coefficients, sizes)))
+
+
+def forward_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
+    """VMEM of one forward program: its blocks twice (the pipeline double-buffers them), scratch, temporaries."""
     it, d, bb = kernel_itemsize(problem), problem.head_dim, config.block_b
     bq, bkm, bk = config.block_q, config.block_k_major, config.block_k
     blocks = bb * (2 * _tile(bq, d, it) + 2 * _tile(bkm, d, it))  # q, out; k, v
@@ -124,22 +175,35 @@ def forward_vmem_bytes(config: Config, problem: Problem) -> int:
         blocks += bb * _tile(bq, LANES, 4)  # logsumexp
     if problem.segments:
         blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
-    scratch = bb * (2 * _tile(bq, LANES, 4) + _tile(bq, d, 4))
-    temporaries = 4 * _tile(bq, bk, 4)
-    return 2 * blocks + scratch + temporaries
+    scratch = bb * (2 * _tile(bq, LANES, 4) + _tile(bq, d, 4))  # running max and sum, accumulator
+    return 2 * blocks + scratch + _temporaries(device_kind, 0, temporary_sizes(problem, bb, bq, bk, bkm))
 
 
-def backward_vmem_bytes(config: Config, problem: Problem) -> int:
-    """Estimated VMEM of the larger of the two backward kernels (dq, and dk/dv)."""
+def dq_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
+    """VMEM of one dq program: q, do, k, v, lse, delta (and ids) blocks and dq, double-buffered; an accumulator."""
     it, d, bb = kernel_itemsize(problem), problem.head_dim, config.block_b
     bq, bkm, bk = config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k
-    inputs = bb * (2 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + 2 * _tile(bq, LANES, 4))  # q, do; k, v; lse, di
+    blocks = bb * (3 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + 2 * _tile(bq, LANES, 4))
     if problem.segments:
-        inputs += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
-    temporaries = 6 * _tile(bq, bk, 4)
-    dq = 2 * (inputs + bb * _tile(bq, d, it)) + bb * _tile(bq, d, 4) + temporaries
-    dkv = 2 * (inputs + 2 * bb * _tile(bkm, d, it)) + 2 * bb * _tile(bkm, d, 4) + temporaries
-    return max(dq, dkv)
+        blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
+    return 2 * blocks + bb * _tile(bq, d, 4) + _temporaries(device_kind, 1, temporary_sizes(problem, bb, bq, bk, bkm))
+
+
+def dkv_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
+    """VMEM of one dk/dv program: q, do, k, v, dk, dv, lse and delta rows (and ids), double-buffered; two
+    accumulators over the kv block."""
+    it, d, bb = kernel_itemsize(problem), problem.head_dim, config.block_b
+    bq, bkm, bk = config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k
+    blocks = bb * (2 * _tile(bq, d, it) + 4 * _tile(bkm, d, it) + 2 * _tile(SUBLANES, bq, 4))
+    if problem.segments:
+        blocks += bb * (_tile(SUBLANES, bq, 4) + _tile(bkm, LANES, 4))
+    return 2 * blocks + 2 * bb * _tile(bkm, d, 4) + _temporaries(device_kind, 2,
+                                                                   temporary_sizes(problem, bb, bk, bq, bkm))
+
+
+def backward_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
+    """VMEM of the larger of the two backward kernels (dq, and dk/dv)."""
+    return max(dq_vmem_bytes(config, problem, device_kind), dkv_vmem_bytes(config, problem, device_kind))
 
 
 def _block_reasons(prefix: str, bq: int, bkm: int, bk: int, problem: Problem) -> list[str]:
@@ -177,12 +241,25 @@ def invalid_reasons(config: Config, problem: Problem, *, device_kind: str | None
         reasons.append(f"block_b ({config.block_b}) must divide the batch ({problem.batch})")
     reasons += _block_reasons("", config.block_q, config.block_k_major, config.block_k, problem)
     limit = vmem_limit(device_kind)
-    need = forward_vmem_bytes(config, problem)
+    need = forward_vmem_bytes(config, problem, device_kind)
     if need > limit:
         reasons.append(f"forward needs about {need / MIB:.1f} MiB of VMEM, over the {limit / MIB:.0f} MiB limit")
     if problem.backward:
         reasons += _block_reasons("bwd_", config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k, problem)
-        need = backward_vmem_bytes(config, problem)
+        need = backward_vmem_bytes(config, problem, device_kind)
         if need > limit:
             reasons.append(f"backward needs about {need / MIB:.1f} MiB of VMEM, over the {limit / MIB:.0f} MiB limit")
     return reasons
+
+
+def vmem_limit_bytes(config: Config, problem: Problem, *, device_kind: str | None = None) -> int | None:
+    """The scoped VMEM limit to compile `config` with: None (the compiler's default) when its estimated need (the
+    larger of forward and backward when the problem has one) fits that default, else the need, at most the
+    device's limit; so a config the checks accept is not refused by the default scoped limit, and a small one
+    does not reserve more VMEM than the default (a scoped reservation is VMEM that XLA cannot prefetch into)."""
+    need = forward_vmem_bytes(config, problem, device_kind)
+    if problem.backward:
+        need = max(need, backward_vmem_bytes(config, problem, device_kind))
+    if need <= default_scoped_vmem(device_kind):
+        return None
+    return int(min(need, vmem_limit(device_kind)))

@@ -7,12 +7,14 @@ above the causal diagonal or wholly padding.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.cost import estimate
 from kernels.tpu import common
 from kernels.tpu.common import MASK_VALUE, NO_KEY_LSE, SQUEEZED, Static
 from kernels.tpu.config import LANES, SUBLANES, Config
@@ -129,7 +131,11 @@ def forward(q, k, v, q_ids, kv_ids, *, st: Static, config: Config, save_lse: boo
         in_specs=in_specs,
         out_specs=out_specs,
         scratch_shapes=scratch,
-        compiler_params=common.compiler_params(st.interpret),
+        compiler_params=common.compiler_params(st.interpret, st.vmem_limit),
+        cost_estimate=estimate(batch=batch, heads=heads, q_len=st.q_len, kv_len=st.kv_len, head_dim=d,
+                               causal=st.causal, matmuls=2, exps=1,
+                               nbytes=sum(x.size * x.dtype.itemsize for x in args)
+                               + sum(math.prod(o.shape) * o.dtype.itemsize for o in out_shape)),
         interpret=common.interpret_param(st.interpret),
         name="flash_attention_tpu_fwd",
     )(*args)

@@ -8,15 +8,15 @@ number of marks the browser actually drew (`data-drawn`), which is what the test
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 
 import click
 
-from autotune.cli import DB_HELP, database_errors, describe_problem
-from autotune.inspect_commands import (filter_options, first_line, key_filters, key_matches, open_existing,
-                                       table_config, where)
+from autotune.commands.common import (database_errors, db_option, describe_problem, filter_options, first_line,
+                                      key_filters, key_matches, open_existing, table_config, where)
 
 FAILURE_COLORS = {"compile_error": "#d95f02", "resource_exhausted": "#7570b3", "mismatch": "#e7298a",
                   "runtime_error": "#a6761d", "timeout": "#525252", "invalid": "#969696"}
@@ -151,6 +151,13 @@ def convergence_chart(title: str, trials: list) -> str:
     return svg("convergence", width, height, body, f"convergence of {title}")
 
 
+def _order(value) -> tuple:
+    """Numbers in numeric order, then anything else (a user kernel's string tunables) by its text: mixed types in
+    one field must not stop the report."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (0, value, "") if number else (1, 0, json.dumps(value, sort_keys=True, default=str))
+
+
 def heat_colour(fraction: float) -> str:
     for (f0, c0), (f1, c1) in zip(HEAT_STOPS, HEAT_STOPS[1:]):
         if fraction <= f1:
@@ -167,7 +174,7 @@ def heat_map(trials: list) -> str | None:
             cells[(t.config["block_q"], t.config["block_k"])].append(t)
     if not cells:
         return None
-    rows, cols = sorted({q for q, _ in cells}), sorted({k for _, k in cells})
+    rows, cols = sorted({q for q, _ in cells}, key=_order), sorted({k for _, k in cells}, key=_order)
     times = {cell: min(t.time_s for t in ts if t.status == "ok" and t.time_s is not None)
              for cell, ts in cells.items() if any(t.status == "ok" and t.time_s is not None for t in ts)}
     low, high = (min(times.values()), max(times.values())) if times else (1.0, 1.0)
@@ -177,9 +184,9 @@ def heat_map(trials: list) -> str | None:
     body = [f'<text class="title" x="{left}" y="14">block_k</text>',
             f'<text class="title" x="8" y="{top + 14}">block_q</text>']
     for j, k in enumerate(cols):
-        body.append(f'<text x="{left + j * cw + cw / 2}" y="{top - 8}" text-anchor="middle">{k}</text>')
+        body.append(f'<text x="{left + j * cw + cw / 2}" y="{top - 8}" text-anchor="middle">{esc(k)}</text>')
     for i, q in enumerate(rows):
-        body.append(f'<text x="{left - 8}" y="{top + i * ch + ch / 2 + 4}" text-anchor="end">{q}</text>')
+        body.append(f'<text x="{left - 8}" y="{top + i * ch + ch / 2 + 4}" text-anchor="end">{esc(q)}</text>')
         for j, k in enumerate(cols):
             if (q, k) not in cells:
                 continue
@@ -278,7 +285,7 @@ def build_page(source: str, bests: list, by_key: dict, heat_digest: str | None) 
 @filter_options
 @click.option("--key-id", type=int, default=None,
               help="Key of the block_q x block_k map, by its id in `autotune list` [default: the most trials].")
-@click.option("--db", default=None, help=DB_HELP)
+@db_option
 def report_command(out, device_kind, kernel_filter, dtype_filter, causal_filter, key_id, db):
     """Write a self-contained HTML page of charts.
 
@@ -316,5 +323,3 @@ def report_command(out, device_kind, kernel_filter, dtype_filter, causal_filter,
         raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
     click.echo(f"Wrote {out}: {len(bests)} tuned key(s), {len(trials)} trial(s); open it in any browser.")
 
-
-COMMANDS = [report_command]

@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import click
 
-from autotune.cli import DB_HELP, database_errors, describe_problem, format_ms, open_store, print_table, \
-    problem_options, specs_from_flags
-from autotune.inspect_commands import echo_json, first_line, missing_database
+from autotune.commands.common import (database_errors, db_option, describe_problem, echo_json, first_line,
+                                      format_ms, kernel_option_module, missing_database, open_store, print_table,
+                                      problem_options, specs_from_flags)
 
 # Matmul edge per platform for the peak: big enough to saturate the device, quick on a CPU.
 PEAK_SIZE = {"gpu": 8192, "tpu": 8192, "cpu-interpret": 1024}
@@ -79,7 +79,9 @@ def contenders(problem, kernel, device, best) -> list[Entry]:
     from autotune.candidate import compile_candidate
 
     entries = []
-    default = kernel.Config.default(problem).to_dict()
+    from autotune.kernels_registry import device_kind_of
+
+    default = kernel.Config.default(problem, device_kind=device_kind_of(device)).to_dict()
     for name, config in (("tuned", best.config if best else None), ("default", default)):
         entry = Entry(name, config=config)
         if config is None:
@@ -159,7 +161,7 @@ def entry_json(entry: Entry, flops: float, peak: Peak, default_time: float | Non
 
 
 @click.command("bench")
-@problem_options
+@problem_options(backward_help="Time forward plus backward.")
 @click.option("--shapes", type=click.Path(exists=True, dir_okay=False), help="TOML or JSON file of problems.")
 @click.option("--kernel", default=None, help="gpu | tpu | a module path (default: the platform's kernel).")
 @click.option("--samples", type=click.IntRange(min=3), default=None, help="Timing samples per implementation.")
@@ -167,7 +169,7 @@ def entry_json(entry: Entry, flops: float, peak: Peak, default_time: float | Non
               help="Edge of the matmul that measures the peak [default: 8192 on GPU/TPU, 1024 on CPU].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-@click.option("--db", default=None, help=DB_HELP)
+@db_option
 def bench_command(shapes, kernel, samples, peak_size, seed, as_json, db, **flags):
     """Time tuned, default and other attentions side by side.
 
@@ -177,15 +179,12 @@ def bench_command(shapes, kernel, samples, peak_size, seed, as_json, db, **flags
     """
     from autotune.device import current_device
     from autotune.keys import make_key
-    from autotune.kernels_registry import kernel_for_platform, load_kernel
-    from autotune.search import SearchOptions, timing_inputs
+    from autotune.evaluation import timing_inputs
+    from autotune.options import SearchOptions
     from autotune.timing import TimingPolicy
 
     device = current_device()
-    try:
-        kernel_module = load_kernel(kernel or kernel_for_platform(device.platform))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--kernel") from None
+    kernel_module = kernel_option_module(kernel, device)
     specs = specs_from_flags(flags, shapes)
     missing = missing_database(db)
     store = None if missing else open_store(db)  # no database: nothing is tuned, the rest is still benched
@@ -246,5 +245,3 @@ def print_bench(problem, flops: float, rows: list[dict]) -> None:
               "-" if r["vs_default"] is None else f"{r['vs_default']:.2f}x", r["note"]] for r in rows]
     print_table(["implementation", "ms", "spread ms", "TFLOP/s", "of peak", "vs default", "note"], table)
 
-
-COMMANDS = [bench_command]

@@ -1,0 +1,42 @@
+"""How hard one search works: the options every stage of it reads (the loop, evaluation, isolation, re-timing).
+
+Kept apart from the search loop so that evaluating a candidate, in this process or in a child (`isolation.py`),
+needs nothing from the loop: imports run one way, options -> evaluation -> isolation -> search.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autotune.timing import TimingPolicy
+
+SAMPLERS = ("tpe", "random", "grid", "cmaes")
+DEFAULT_TRIALS = 30  # a study's budget when --trials is not given (the grid: every valid config)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How hard to search. `trials` is the study's total (None: 30, or every valid config for the grid)."""
+
+    trials: int | None = None
+    timeout_s: float | None = None
+    patience: int | None = None
+    sampler: str = "tpe"
+    seed: int | None = None
+    documents: int = 3
+    isolate: bool = False
+    trial_timeout_s: float | None = 600.0
+    compile_ahead: int = 2
+    retime_top: int = 3
+    input_buffers: int = 3
+    timing: TimingPolicy = field(default_factory=TimingPolicy)
+    compare_xla: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        for name in ("trials", "patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"timeout must be positive seconds, got {self.timeout_s!r}")

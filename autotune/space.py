@@ -1,0 +1,65 @@
+"""The search space of one kernel on one problem, and the Optuna sampler that walks it.
+
+Optuna sees every tunable field as an integer index into that field's sorted choices, so every sampler (TPE,
+CMA-ES, random, grid) works on any kernel's space; `Space.config` turns indices back into the kernel's Config.
+"""
+from __future__ import annotations
+
+import itertools
+
+import optuna
+
+from autotune.kernels_registry import KernelModule
+from kernels import Problem
+
+
+class Space:
+    """The kernel's tunable fields for one problem, as Optuna integer indices into each field's sorted choices.
+
+    `device_kind` is the real device's kind (None in interpret mode): the default config and the validity check
+    both depend on it.
+    """
+
+    def __init__(self, kernel: KernelModule, problem: Problem, device_kind: str | None):
+        self.kernel, self.problem, self.device_kind = kernel, problem, device_kind
+        self.default = kernel.Config.default(problem, device_kind=device_kind)
+        self.choices = {name: tuple(sorted(set(values))) for name, values in kernel.search_space(problem).items()}
+
+    def config(self, params: dict[str, int]):
+        values = {name: self.choices[name][index] for name, index in params.items()}
+        return type(self.default).from_dict({**self.default.to_dict(), **values})
+
+    def from_dict(self, data: dict):
+        return type(self.default).from_dict(data)
+
+    def params(self, config) -> dict[str, int] | None:
+        """Indices of a config's values, or None if one is not among the choices."""
+        data = config.to_dict()
+        try:
+            return {name: self.choices[name].index(data[name]) for name in self.choices}
+        except ValueError:
+            return None
+
+    def suggest(self, trial: optuna.Trial):
+        return self.config({name: trial.suggest_int(name, 0, len(vals) - 1) for name, vals in self.choices.items()})
+
+    def invalid_reasons(self, config) -> list[str]:
+        return list(self.kernel.invalid_reasons(config, self.problem, device_kind=self.device_kind))
+
+    def valid_configs(self) -> list:
+        """Every valid config of the space (the grid)."""
+        names = list(self.choices)
+        configs = []
+        for combo in itertools.product(*(range(len(self.choices[n])) for n in names)):
+            config = self.config(dict(zip(names, combo)))
+            if not self.invalid_reasons(config):
+                configs.append(config)
+        return configs
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=8, multivariate=True)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)  # random, and grid (whose configs are all enqueued)

@@ -1,0 +1,97 @@
+"""Opening a results database the way the caller needs: to write (created or upgraded as needed), only if it
+already holds results (never creating one), or only to read (never writing a byte, even on read-only storage).
+
+Everything that can be refused is refused before the database is touched: an in-memory SQLite URL (it would vanish
+with the process, and Optuna's workers could not share it), a busy timeout no one can wait for, a backend whose
+driver is not installed, a file that is not ours. Messages show the URL with its password hidden.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import NoSuchModuleError, OperationalError
+
+from db.engine import make_engine, make_reading_engine
+from db.errors import DatabaseError
+from db.inspection import Inventory, check_inventory, engine_inventory, sqlite_inventory
+from db.migrations import prepare_schema
+from db.schema import SCHEMA_VERSION
+from db.urls import in_memory, scrub, sqlite_file
+from db.validation import check_time
+
+
+def open_engine(url: str, where: str, *, busy_timeout_s: float, create: bool,
+                read_only: bool | None) -> tuple[Engine, bool]:
+    """An engine for `url` and whether it is read-only (`read_only=None`: when the storage cannot be written)."""
+    try:
+        busy = check_time("busy_timeout_s", busy_timeout_s)
+    except ValueError as exc:
+        raise DatabaseError(str(exc)) from None
+    if in_memory(url):
+        raise DatabaseError(
+            "an in-memory SQLite database (sqlite://, :memory: or mode=memory) would vanish when this process ends, "
+            "and search workers could not share it; give --db a file path or a server URL")
+    path = sqlite_file(url)
+    if path is not None:
+        inventory = sqlite_inventory(path, busy_timeout_s=busy)
+        check_inventory(inventory, where)  # before anything can create or change the file
+        if read_only is None:
+            read_only = not _writable(path)
+        if read_only or not create:
+            _require_results(inventory, where, read_only=read_only)
+        if not read_only:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    engine = _engine(url, where, busy, path, bool(read_only))
+    try:
+        if path is None:
+            inventory = engine_inventory(engine, where)
+            check_inventory(inventory, where)
+            if read_only or not create:
+                _require_results(inventory, where, read_only=bool(read_only))
+        if not read_only:
+            prepare_schema(engine, where)
+    except OperationalError as exc:
+        engine.dispose()
+        raise DatabaseError(f"cannot open the results database {where}: {scrub(str(exc.orig), url)}") from None
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine, bool(read_only)
+
+
+def _engine(url: str, where: str, busy_timeout_s: float, path: Path | None, read_only: bool) -> Engine:
+    try:
+        if read_only:
+            return make_reading_engine(url, busy_timeout_s=busy_timeout_s, sqlite_path=path)
+        return make_engine(url, busy_timeout_s=busy_timeout_s)
+    except (NoSuchModuleError, ImportError) as exc:
+        backend = make_url(url).drivername
+        raise DatabaseError(
+            f"cannot open the results database {where}: no driver for {backend!r} is installed "
+            f"({scrub(str(exc), url)}); pallas-autotune supports SQLite files and postgresql:// URLs") from None
+
+
+def _writable(path: Path) -> bool:
+    """Whether SQLite could write here: the file (if any) and its folder (for the -wal file) are writable."""
+    if path.exists():
+        return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
+
+
+def _require_results(inventory: Inventory | None, where: str, *, read_only: bool) -> None:
+    """Refuse, without writing, a database that holds no results yet (absent, empty, or Optuna's tables only), and
+    for reading one this version would have to upgrade first."""
+    if inventory is None or inventory.schema_version is None:
+        raise DatabaseError(f"{where} holds no results database yet (nothing was changed); run `autotune search` "
+                            "or `autotune import` to create one")
+    if read_only and inventory.schema_version < SCHEMA_VERSION:
+        raise DatabaseError(
+            f"{where} holds results schema version {inventory.schema_version}, older than this pallas-autotune's "
+            f"({SCHEMA_VERSION}); it cannot be upgraded while reading: run a command that writes (`autotune "
+            "import` of an empty export, or `autotune search`) with write access once")

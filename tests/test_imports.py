@@ -1,0 +1,138 @@
+"""The import graph of kernels/, db/ and autotune/: no cycles (function-level imports included), and the packages'
+boundaries: kernels/ imports neither db/ nor autotune/, db/ never imports jax (nor kernels/ or autotune/).
+
+The graph is read from the source with `ast`, so an import inside a function counts as much as one at the top: a
+cycle that works only because of where a line sits is still a cycle.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("kernels", "db", "autotune")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(path): path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))}
+
+
+def imported_names(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
+    """Every module an import statement anywhere in the file names (`from a import b` is `a.b` when that is a
+    module, else `a`); relative imports resolved against the file's package."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if candidate in modules else base)
+    return found
+
+
+def project_graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    graph = {}
+    for name, path in modules.items():
+        graph[name] = {target for target in imported_names(path, name, modules)
+                       if target in modules and target != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def all_imports(package: str) -> dict[str, set[str]]:
+    """Every name each module of a package imports, project or not (top-level package names)."""
+    modules = project_modules()
+    return {name: {target.split(".")[0] for target in imported_names(path, name, modules)}
+            for name, path in modules.items() if name.split(".")[0] == package}
+
+
+def test_the_graph_is_read():
+    graph = project_graph()
+    assert "autotune.search" in graph and "autotune.study" in graph["autotune.search"]
+    assert "autotune.evaluation" in graph["autotune.isolation"]  # a function-level import counts too: see below
+    assert "autotune.search" in graph["autotune.runtime"]  # imported inside a function there
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_in_the_project():
+    cycle = find_cycle(project_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("package, forbidden", [("kernels", {"db", "autotune"}),
+                                                ("db", {"jax", "jaxlib", "kernels", "autotune"})])
+def test_package_boundaries(package, forbidden):
+    wrong = {name: sorted(names & forbidden) for name, names in all_imports(package).items() if names & forbidden}
+    assert not wrong, f"{package}/ must not import {sorted(forbidden)}: {wrong}"
+
+
+def test_tuning_keys_carry_every_problem_field():
+    """db/ cannot import kernels/, so TuningKey lists the problem's fields itself: they must be Problem's."""
+    from autotune.keys import PROBLEM_FIELDS
+    from db import TuningKey
+    from kernels import Problem
+
+    key_fields = [field.name for field in dataclasses.fields(TuningKey)]
+    assert PROBLEM_FIELDS == tuple(field.name for field in dataclasses.fields(Problem))
+    assert [name for name in key_fields if name in PROBLEM_FIELDS] == list(PROBLEM_FIELDS)
+
+
+@pytest.mark.parametrize("command", ["search", "show", "bench"])
+def test_the_problem_flags_are_the_fields_of_a_shapes_file(command):
+    """The problem's field list has one source (kernels.Problem); the flags and a shapes file follow it."""
+    from autotune.cli import main
+    from autotune.shapes import FIELDS, USER_NAMES
+    from kernels import Problem
+
+    flags = [p.name for p in main.commands[command].params if p.name in FIELDS]
+    assert flags == list(FIELDS)
+    assert list(FIELDS) == [USER_NAMES.get(f.name, f.name) for f in dataclasses.fields(Problem)]
