@@ -9,7 +9,6 @@ from autotune.commands.report import report_command
 from autotune.commands.search import search_command
 from autotune.commands.targets import targets_command
 from autotune.commands.transfer import export_command, import_command, prune_command
-from autotune.scheduler import claim_name as _claim_name  # noqa: F401 - tests/test_faults.py, test_workers.py
 
 
 def _version() -> str:

@@ -241,6 +241,29 @@ def compile_config(target: str | Target, problem: Problem, config: Any, *, x64: 
     return compile_many([CompileJob(name, problem, data, x64)], processes=1, timeout_s=timeout_s)[0]
 
 
+def estimated_bytes(target: str | Target, problem: Problem, config: dict[str, int]) -> dict[str, int]:
+    """What the validity models expect each kernel (forward; dq and dkv for backward problems) to need, in the
+    units the compiler reports (shared memory per block, or VMEM)."""
+    target = get_target(target) if isinstance(target, str) else target
+    kind = target.device_kind
+    if target.platform == "gpu":
+        from kernels.gpu import config as gpu
+
+        c = config
+        found = {"forward": gpu.forward_smem_bytes(c["block_q"], c["block_k"], c["num_stages"], problem, kind)}
+        if problem.backward:
+            args = (c["bwd_block_q"], c["bwd_block_k"], c["bwd_num_stages"], problem, kind)
+            found.update(dq=gpu.dq_smem_bytes(*args), dkv=gpu.dkv_smem_bytes(*args))
+        return found
+    from kernels.tpu import config as tpu
+
+    c = tpu.Config.from_dict(config)
+    found = {"forward": tpu.forward_vmem_bytes(c, problem, kind)}
+    if problem.backward:
+        found.update(dq=tpu.dq_vmem_bytes(c, problem, kind), dkv=tpu.dkv_vmem_bytes(c, problem, kind))
+    return found
+
+
 def split_jobs(results: Sequence[CompileResult]) -> tuple[list[CompileResult], list[CompileResult]]:
     """(compiled, failed) results."""
     return [r for r in results if r.ok], [r for r in results if not r.ok]

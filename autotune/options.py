@@ -30,6 +30,7 @@ class SearchOptions:
     input_buffers: int = 3
     timing: TimingPolicy = field(default_factory=TimingPolicy)
     compare_xla: bool = True
+    allow_spills: bool = False  # time configs that spilled registers in a compile-only sweep (autotune.compile_results)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:

@@ -43,6 +43,7 @@ class SearchResult:
     best_trial_s: float | None = None
     best_id: int | None = None
     budget_met_before: bool = False
+    ahead_of_time: str | None = None  # what a compile-only sweep let the search skip (autotune.compile_results)
 
     @property
     def speedup(self) -> float | None:

@@ -11,14 +11,17 @@ stored. The jobs it calls on each live in their own module:
   optuna_storage.py  the only module that touches Optuna's internals
   evaluation.py      one candidate: compile, check against the reference, time (isolation.py: in a child process)
   retime.py          the end: interleaved re-timing of the top configs and the default, and the store
+  compile_results.py what a compile-only sweep for this device kind (`search --target`) lets the search skip
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from autotune.candidate import compile_candidate
+from autotune.compile_results import ahead_of_time
 from autotune.device import DeviceInfo
 from autotune.evaluation import TrialOutcome, evaluate_compiling, timing_inputs
 from autotune.isolation import evaluate_isolated
@@ -45,7 +48,10 @@ class Search:
         self.problem, self.kernel, self.kernel_name, self.store = problem, kernel, kernel_name, store
         self.device, self.options, self.run_id, self.progress = device, options, run_id, progress
         self.key = make_key(kernel, problem, device)
-        self.space = Space(kernel, problem, device_kind_of(device))
+        ahead = ahead_of_time(store, self.key, allow_spills=options.allow_spills)
+        self.space = Space(kernel, problem, device_kind_of(device), ahead)
+        self.skip_note = None if ahead is None else ahead.describe(
+            [c.to_dict() for c in self.space.valid_configs()], self.space.default.to_dict())
         if self.space.invalid_reasons(self.space.default):
             raise ValueError(f"the kernel's default config is invalid for {problem}: "
                              f"{self.space.invalid_reasons(self.space.default)}")
@@ -54,7 +60,7 @@ class Search:
         """Search and store; the study's storage is closed when this returns or raises."""
         study = SharedStudy(self.key, self.store, self.space, self.options, run_id=self.run_id)
         try:
-            return self._run(study)
+            return dataclasses.replace(self._run(study), ahead_of_time=self.skip_note)
         finally:
             study.close()
 

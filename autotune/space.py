@@ -20,10 +20,22 @@ class Space:
     both depend on it.
     """
 
-    def __init__(self, kernel: KernelModule, problem: Problem, device_kind: str | None):
+    def __init__(self, kernel: KernelModule, problem: Problem, device_kind: str | None, ahead=None):
         self.kernel, self.problem, self.device_kind = kernel, problem, device_kind
         self.default = kernel.Config.default(problem, device_kind=device_kind)
         self.choices = {name: tuple(sorted(set(values))) for name, values in kernel.search_space(problem).items()}
+        self.ahead = ahead  # autotune.compile_results.AheadOfTime: a compile-only sweep's verdicts, or None
+
+    def skip_reason(self, config) -> str | None:
+        """Why a valid config is not evaluated: the compiler rejected it ahead of time ('rejected') or it spilled
+        ('spills'); None to evaluate it. The default config is always evaluated: it is the baseline."""
+        if self.ahead is None or config == self.default:
+            return None
+        return self.ahead.skip_reason(config.to_dict())
+
+    def searchable_configs(self) -> list:
+        """The valid configs the search evaluates (the grid): those a compile-only sweep did not rule out."""
+        return [c for c in self.valid_configs() if self.skip_reason(c) is None]
 
     def config(self, params: dict[str, int]):
         values = {name: self.choices[name][index] for name, index in params.items()}

@@ -51,7 +51,7 @@ class SharedStudy:
                 sampler=make_sampler(options.sampler, options.seed),
             )
             self.study.set_user_attr("key", key.to_dict())
-            self.budget = options.trials or (len(space.valid_configs()) if options.sampler == "grid"
+            self.budget = options.trials or (len(space.searchable_configs()) if options.sampler == "grid"
                                              else DEFAULT_TRIALS)
         except BaseException:
             adapter.close_storage(self.storage)
@@ -134,7 +134,7 @@ class SharedStudy:
             if warm is not None:
                 self.study.enqueue_trial(warm, skip_if_exists=True)
         if self.options.sampler == "grid":
-            for config in self.space.valid_configs():
+            for config in self.space.searchable_configs():
                 self.study.enqueue_trial(self.space.params(config), skip_if_exists=True)
 
     def warm_start(self) -> dict[str, int] | None:
@@ -172,6 +172,18 @@ class SharedStudy:
             self._set_aside(trial, "invalid", "not evaluated: the config is invalid for this problem")
             self.store.add_trial(self.key, config=config.to_dict(), status="invalid", run_id=self.run_id,
                                  number=trial.number, error_class="InvalidConfig", error_message="; ".join(reasons))
+            return "skip"
+        skip = self.space.skip_reason(config)
+        if skip is not None:  # like an invalid config: not evaluated, not counted toward the budget
+            why = ("the compiler rejected it ahead of time" if skip == "rejected"
+                   else "it spilled registers when compiled ahead of time (--allow-spills times it)")
+            self._set_aside(trial, f"ahead_of_time_{skip}", f"not evaluated: {why}")
+            source = self.space.ahead.source
+            self.store.add_trial(self.key, config=config.to_dict(), status="invalid", run_id=self.run_id,
+                                 number=trial.number, error_class="RejectedAheadOfTime" if skip == "rejected"
+                                 else "SpillsAheadOfTime",
+                                 error_message=f"{why} (compile-only results for {source.device_kind}, "
+                                               f"jax {source.jax_version})")
             return "skip"
         counted = self.counted_trials(since_ask=True)
         seen = self.evaluated_configs(counted)

@@ -26,7 +26,7 @@ from pathlib import Path
 import kernels  # noqa: F401  (environment defaults before jax)
 import jax
 
-from autotune.compilers import CompileJob, CompileResult, compile_many
+from autotune.compilers import CompileJob, CompileResult, compile_many, estimated_bytes
 from autotune.targets import TARGETS, get_target
 from kernels import Problem
 from kernels import gpu as gpu_kernel
@@ -77,20 +77,9 @@ def sample_jobs(target, name: str, problem: Problem, direction: str, count: int,
 
 
 def estimates(target, job: CompileJob, direction: str) -> dict[str, int]:
-    """The validity model's bytes per kernel role."""
-    problem, kind = job.problem, target.device_kind
-    if target.platform == "gpu":
-        from kernels.gpu.config import dkv_smem_bytes, dq_smem_bytes, forward_smem_bytes
-        c = job.config
-        if direction == "forward":
-            return {"forward": forward_smem_bytes(c["block_q"], c["block_k"], c["num_stages"], problem, kind)}
-        args = (c["bwd_block_q"], c["bwd_block_k"], c["bwd_num_stages"], problem, kind)
-        return {"dq": dq_smem_bytes(*args), "dkv": dkv_smem_bytes(*args)}
-    from kernels.tpu.config import Config, dkv_vmem_bytes, dq_vmem_bytes, forward_vmem_bytes
-    config = Config.from_dict(job.config)
-    if direction == "forward":
-        return {"forward": forward_vmem_bytes(config, problem, kind)}
-    return {"dq": dq_vmem_bytes(config, problem, kind), "dkv": dkv_vmem_bytes(config, problem, kind)}
+    """The validity model's bytes per kernel role of this pass."""
+    found = estimated_bytes(target, job.problem, job.config)
+    return {role: found[role] for role in ROLES[direction]}
 
 
 def record(name: str, direction: str, result: CompileResult) -> dict:
@@ -211,8 +200,9 @@ def fit(rows: list[dict]) -> None:
     from scipy.optimize import linprog
 
     import kernels.tpu.config as tpu_config
-    saved = tpu_config.TEMPORARIES
+    saved, margin = tpu_config.TEMPORARIES, tpu_config.MARGIN
     tpu_config.TEMPORARIES = {g: ((0.0,) * 5,) * 3 for g in saved}
+    tpu_config.MARGIN = 1.0
     points: dict = {}
     try:
         for r in rows:
@@ -232,7 +222,7 @@ def fit(rows: list[dict]) -> None:
                     points.setdefault((gen, kernel), []).append((r["kernels"][role]["memory_bytes"] - base[role],
                                                                   sizes))
     finally:
-        tpu_config.TEMPORARIES = saved
+        tpu_config.TEMPORARIES, tpu_config.MARGIN = saved, margin
     table: dict = {}
     for (gen, kernel), pts in sorted(points.items()):
         y = np.array([p[0] for p in pts], float)

@@ -32,8 +32,13 @@ def _v1_to_v2(connection: Connection) -> None:
     claims.create(connection)
 
 
+def _v2_to_v3(connection: Connection) -> None:
+    """Version 3 keeps what the compiler said of a compile-only trial (bytes, registers, spills per kernel)."""
+    connection.execute(text("ALTER TABLE autotune_trials ADD COLUMN figures JSON"))
+
+
 # STEPS[n] upgrades a version-n database to version n + 1.
-STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
+STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def prepare_schema(engine: Engine, where: str) -> None:

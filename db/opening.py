@@ -4,6 +4,10 @@ already holds results (never creating one), or only to read (never writing a byt
 Everything that can be refused is refused before the database is touched: an in-memory SQLite URL (it would vanish
 with the process, and Optuna's workers could not share it), a busy timeout no one can wait for, a backend whose
 driver is not installed, a file that is not ours. Messages show the URL with its password hidden.
+
+A read-only open of a database written by an older version upgrades it first where the storage can be written (as
+every open did before reading became read-only: `list` must not stop working after an upgrade of pallas-autotune)
+and is refused, with what to do, where it cannot; an empty or missing database is never created by it.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import NoSuchModuleError, OperationalError
+from sqlalchemy.exc import DBAPIError, NoSuchModuleError, OperationalError
 
 from db.engine import make_engine, make_reading_engine
 from db.errors import DatabaseError
@@ -38,10 +42,13 @@ def open_engine(url: str, where: str, *, busy_timeout_s: float, create: bool,
     if path is not None:
         inventory = sqlite_inventory(path, busy_timeout_s=busy)
         check_inventory(inventory, where)  # before anything can create or change the file
+        writable = _writable(path)
         if read_only is None:
-            read_only = not _writable(path)
+            read_only = not writable
         if read_only or not create:
-            _require_results(inventory, where, read_only=read_only)
+            _require_results(inventory, where, can_upgrade=writable)
+        if read_only and inventory is not None and inventory.schema_version < SCHEMA_VERSION:
+            _upgrade(url, where, busy, path)
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
     engine = _engine(url, where, busy, path, bool(read_only))
@@ -50,7 +57,9 @@ def open_engine(url: str, where: str, *, busy_timeout_s: float, create: bool,
             inventory = engine_inventory(engine, where)
             check_inventory(inventory, where)
             if read_only or not create:
-                _require_results(inventory, where, read_only=bool(read_only))
+                _require_results(inventory, where, can_upgrade=True)
+            if read_only and inventory is not None and inventory.schema_version < SCHEMA_VERSION:
+                _upgrade(url, where, busy, None)
         if not read_only:
             prepare_schema(engine, where)
     except OperationalError as exc:
@@ -74,6 +83,19 @@ def _engine(url: str, where: str, busy_timeout_s: float, path: Path | None, read
             f"({scrub(str(exc), url)}); pallas-autotune supports SQLite files and postgresql:// URLs") from None
 
 
+def _upgrade(url: str, where: str, busy_timeout_s: float, path: Path | None) -> None:
+    """Bring an older database up to SCHEMA_VERSION with a writing engine, before a read-only open reads it."""
+    engine = _engine(url, where, busy_timeout_s, path, False)
+    try:
+        prepare_schema(engine, where)
+    except DBAPIError as exc:
+        raise DatabaseError(
+            f"{where} holds an older results schema and could not be upgraded for reading "
+            f"({scrub(str(exc.orig), url)}); open it once with write access") from None
+    finally:
+        engine.dispose()
+
+
 def _writable(path: Path) -> bool:
     """Whether SQLite could write here: the file (if any) and its folder (for the -wal file) are writable."""
     if path.exists():
@@ -84,14 +106,14 @@ def _writable(path: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
-def _require_results(inventory: Inventory | None, where: str, *, read_only: bool) -> None:
-    """Refuse, without writing, a database that holds no results yet (absent, empty, or Optuna's tables only), and
-    for reading one this version would have to upgrade first."""
+def _require_results(inventory: Inventory | None, where: str, *, can_upgrade: bool) -> None:
+    """Refuse, without writing, a database that holds no results yet (absent, empty, or Optuna's tables only), or an
+    older one that cannot be upgraded here (read-only storage)."""
     if inventory is None or inventory.schema_version is None:
         raise DatabaseError(f"{where} holds no results database yet (nothing was changed); run `autotune search` "
                             "or `autotune import` to create one")
-    if read_only and inventory.schema_version < SCHEMA_VERSION:
+    if not can_upgrade and inventory.schema_version < SCHEMA_VERSION:
         raise DatabaseError(
             f"{where} holds results schema version {inventory.schema_version}, older than this pallas-autotune's "
-            f"({SCHEMA_VERSION}); it cannot be upgraded while reading: run a command that writes (`autotune "
-            "import` of an empty export, or `autotune search`) with write access once")
+            f"({SCHEMA_VERSION}), on storage that cannot be written, so it cannot be upgraded; open it once where "
+            "it can be written (any command upgrades it)")

@@ -17,9 +17,11 @@ from typing import Any
 from db.validation import (check_bool, check_choice, check_datetime, check_int, check_json_object, check_name,
                            check_time)
 
-PLATFORMS = ("gpu", "tpu", "cpu-interpret")
+PLATFORMS = ("gpu", "tpu", "cpu-interpret", "gpu-compile", "tpu-compile")
+COMPILE_PLATFORMS = ("gpu-compile", "tpu-compile")  # compile-only results for a target: never timed, never a best
 DTYPES = ("float32", "bfloat16", "float16")  # the kernels' dtypes (kernels.problem.DTYPES; a test keeps them equal)
-TRIAL_STATUSES = ("ok", "invalid", "compile_error", "resource_exhausted", "mismatch", "runtime_error", "timeout")
+TRIAL_STATUSES = ("ok", "invalid", "compile_error", "resource_exhausted", "mismatch", "runtime_error", "timeout",
+                  "compiled")  # compiled: a compile-only trial that compiled (no time)
 RUN_STATUSES = ("running", "ok", "failed", "interrupted", "crashed")
 
 _TEXT_FIELDS = ("kernel", "kernel_version", "device_kind", "jax_version")
@@ -122,6 +124,7 @@ class TrialRecord:
     time_count: int | None
     max_error: float | None
     created_at: datetime
+    figures: dict[str, Any] | None = None  # compile-only trials: what the compiler said of each kernel
 
 
 @dataclass(frozen=True)

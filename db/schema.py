@@ -1,9 +1,9 @@
-"""The tables (schema version 2), as typed SQLAlchemy ORM models.
+"""The tables (schema version 3), as typed SQLAlchemy ORM models.
 
 Every table is prefixed `autotune_` because Optuna keeps its own tables (`studies`, `trials`, `alembic_version`, ...)
 in the same database. A key row is written once per distinct `TuningKey` and found by its unique digest; trials,
 bests and misses point at it, so the hot lookup is one indexed join. Version 1 lacked the trial timing spread and
-count and the claims table; `db.migrations` adds them.
+count and the claims table, version 2 the compile figures of compile-only trials; `db.migrations` adds them.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from sqlalchemy.types import TypeDecorator
 
 from db.validation import as_utc
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PREFIX = "autotune_"
 META_TABLE = "autotune_meta"
 
@@ -120,6 +120,7 @@ class TrialRow(Base):
     time_spread_s: Mapped[float | None]  # added in version 2
     time_count: Mapped[int | None]  # added in version 2
     max_error: Mapped[float | None]
+    figures: Mapped[dict[str, Any] | None]  # added in version 3: a compile-only trial's per-kernel figures
     created_at: Mapped[datetime]
 
 

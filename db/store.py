@@ -148,8 +148,10 @@ class Store:
     def add_trial(self, key: TuningKey, *, config: dict[str, Any], status: str, run_id: int | None = None,
                   number: int | None = None, error_class: str | None = None, error_message: str | None = None,
                   compile_s: float | None = None, time_s: float | None = None, time_spread_s: float | None = None,
-                  time_count: int | None = None, max_error: float | None = None) -> int:
-        """Record one trial; returns its id. Times must be finite and >= 0; a NaN `max_error` is stored as +inf."""
+                  time_count: int | None = None, max_error: float | None = None,
+                  figures: dict[str, Any] | None = None) -> int:
+        """Record one trial; returns its id. Times must be finite and >= 0; a NaN `max_error` is stored as +inf.
+        `figures`: what the compiler said of a compile-only trial (a JSON object)."""
         values = dict(
             config=check_json_object("config", config), status=check_choice("status", status, TRIAL_STATUSES),
             run_id=check_int("run_id", run_id, optional=True), number=check_int("number", number, optional=True),
@@ -159,7 +161,8 @@ class Store:
             time_s=check_time("time_s", time_s, optional=True, positive=True),
             time_spread_s=check_time("time_spread_s", time_spread_s, optional=True),
             time_count=check_int("time_count", time_count, optional=True, minimum=0),
-            max_error=check_error_size("max_error", max_error))
+            max_error=check_error_size("max_error", max_error),
+            figures=None if figures is None else check_json_object("figures", figures))
 
         def work(session: Session) -> int:
             require_run(session, values["run_id"])
@@ -178,6 +181,16 @@ class Store:
         with self._reading() as session:
             return [_trial_record(trial, key) for trial, key_row in session.execute(query)
                     if (key := _key(key_row)) is not None]
+
+    def keys(self, *, platform: str | None = None, kernel: str | None = None, kernel_version: str | None = None,
+             device_kind: str | None = None) -> list[TuningKey]:
+        """Every stored key matching each given filter (with or without trials or a best), oldest first: how the
+        device search finds a target's compile-only results for its own problem."""
+        filters = _key_filters(platform=platform, kernel=kernel, kernel_version=kernel_version,
+                               device_kind=device_kind)
+        with self._reading() as session:
+            rows = session.scalars(select(KeyRow).where(*filters).order_by(KeyRow.id))
+            return [key for row in rows if (key := _key(row)) is not None]
 
     # -- bests ----------------------------------------------------------------------------------------------------
 
@@ -344,5 +357,6 @@ def _trial_record(row: TrialRow, key: TuningKey) -> TrialRecord:
     return TrialRecord(id=row.id, key=key, run_id=row.run_id, number=row.number, config=row.config,
                        status=row.status, error_class=row.error_class, error_message=row.error_message,
                        compile_s=row.compile_s, time_s=row.time_s, time_spread_s=row.time_spread_s,
-                       time_count=row.time_count, max_error=row.max_error, created_at=row.created_at)
+                       time_count=row.time_count, max_error=row.max_error, created_at=row.created_at,
+                       figures=row.figures)
 

@@ -19,7 +19,8 @@ import optuna
 import pytest
 from click.testing import CliRunner
 
-from autotune.cli import _claim_name, main
+from autotune.cli import main
+from autotune.scheduler import claim_name
 from autotune.device import current_device
 from autotune.keys import make_key
 from autotune.search import SearchOptions
@@ -130,7 +131,7 @@ def test_killed_workers_trial_and_claim_are_taken_over_by_another_worker(pg_url,
         key = make_key(toy_kernel, spec.problem, device)
         _study, rows = check_recorded_once(store, key, url, 3)
         assert store.get_best(key) is not None
-        assert store.claim_done(_claim_name(toy_kernel, spec, device, SearchOptions(trials=3)))
+        assert store.claim_done(claim_name(toy_kernel, spec, device, SearchOptions(trials=3)))
     lost = [r for r in store.trials(make_key(toy_kernel, specs[0].problem, device)) if r.error_class == "WorkerLost"]
     assert lost, "the doomed worker's running trials should be failed by the survivor"
     assert store.integrity_check() == []
@@ -299,37 +300,42 @@ def test_postgres_dropping_connections(pg_url, tmp_path):
             "AND pid <> pg_backend_pid()")
     args = [*problem_args(), "--sampler", "grid", "--trials", "4"]
     log = tmp_path / "traced.jsonl"
-    # The first two candidates wait at a gate while compiling: once both are traced, the worker only waits (its
-    # heartbeats are 30 s apart here), so every connection it has is idle in the pool when the server drops them;
-    # the gate opens after the drop, however long the test took to get there.
-    gate = tmp_path / "gate"
-    gated = {"gated": {"block_q": 32, "block_k": 32}, "gated:2": {"block_q": 16, "block_k": 16}}
-    env = worker_env(AUTOTUNE_TOY_FAULTS=json.dumps(gated), AUTOTUNE_TOY_LOG=str(log), AUTOTUNE_TOY_GATE=str(gate),
+    # The grid's four candidates wait at gates while compiling, so the test acts on a worker that only waits (its
+    # heartbeats are 30 s apart here), however long the test takes to get there. The first two: every connection
+    # the worker has is idle in the pool when the server drops them; the gate opens after the drop. The last two:
+    # all four trials are asked, with their configs chosen, when the server drops everything and refuses new
+    # connections; the worker then fails on its next write.
+    first, last = tmp_path / "gate1", tmp_path / "gate2"
+    gates = [[str(first), {"block_q": 32, "block_k": 32}], [str(first), {"block_q": 16, "block_k": 16}],
+             [str(last), {"block_q": 16, "block_k": 32}], [str(last), {"block_q": 32, "block_k": 16}]]
+    env = worker_env(AUTOTUNE_TOY_GATES=json.dumps(gates), AUTOTUNE_TOY_LOG=str(log),
                      AUTOTUNE_HEARTBEAT_INTERVAL="30", AUTOTUNE_HEARTBEAT_GRACE="60")
     store = Store(url)
     worker = start_worker(url, args, out=tmp_path / "dropped.log", env=env, kernel=GATED)
+    compiling = lambda: {(c["block_q"], c["block_k"]) for c in traced(log)}  # noqa: E731
     try:
-        wait_for(lambda: {(c["block_q"], c["block_k"]) for c in traced(log)} >= {(32, 32), (16, 16)}, 120,
-                 "both gated candidates to be compiling")
+        wait_for(lambda: compiling() >= {(32, 32), (16, 16)}, 120, "the first two candidates to be compiling")
         store.engine.dispose()
         with admin.connect() as connection:
             dropped = len(connection.execute(text(drop + " AND state = 'idle'"), {"name": name}).all())
-        gate.touch()
+        first.touch()
         assert dropped >= 1
-        wait_for(lambda: len(store.trials(key_of())) >= 2 or worker.process.poll() is not None, 120,
-                 "trials recorded after the drop")
-        assert worker.process.poll() in (None, 0), f"the worker should survive the drop:\n{worker.text}"
+        wait_for(lambda: len(compiling()) == 4 and len(store.trials(key_of())) == 2
+                 or worker.process.poll() is not None, 120,
+                 "the first two trials recorded and the last two candidates compiling")
+        assert worker.process.poll() is None, f"the worker should survive the drop:\n{worker.text}"
+        assert [r.status for r in store.trials(key_of())] == ["ok", "ok"]
         with admin.connect() as connection:  # now the server drops every connection and lets no new one in
             connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
             store.engine.dispose()
             connection.execute(text(drop), {"name": name})
+        last.touch()
         worker.wait(timeout=120)
     finally:
         with admin.connect() as connection:
             connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
         admin.dispose()
-    if worker.process.returncode != 0:  # 0 only if it had finished before the server turned it away
-        assert_clean_failure(worker, "connection to the database server was lost")
+    assert_clean_failure(worker, "connection to the database server was lost")
     before = {(r.number, r.status) for r in store.trials(key_of())}
     rerun = run_worker(url, args, out=tmp_path / "rerun.log")
     assert rerun.process.returncode == 0, rerun.text

@@ -18,6 +18,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -283,7 +284,9 @@ def _in_unwritable_folder(folder: Path, work: Callable[[], Any]) -> Any:
         finally:
             folder.chmod(0o755)
     read, write = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():  # JAX warns about forking its threads; the child never touches JAX
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pid = os.fork()
     if pid == 0:  # the child: no return from here
         try:
             os.close(read)
@@ -333,6 +336,37 @@ def test_a_database_on_read_only_storage_can_be_read() -> None:
 
         assert _in_unwritable_folder(folder, read) == [{"block_q": 64}]
         assert folder_state(path) == before
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_reading_an_older_database_upgrades_it_only_where_it_can() -> None:
+    from tests.test_db import V1_SCHEMA
+
+    folder = Path(tempfile.mkdtemp(prefix="autotune-old-"))
+    try:
+        folder.chmod(0o755)
+        for name in ("here.db", "readonly.db"):
+            connection = sqlite3.connect(folder / name)
+            connection.executescript(V1_SCHEMA)
+            connection.close()
+            (folder / name).chmod(0o644)
+        with Store(folder / "here.db", read_only=True) as reader:  # writable: upgraded, then read
+            assert reader.read_only and reader.bests() == []
+        with Store(folder / "here.db", read_only=True) as warm:  # the modules the child needs, loaded before it
+            warm.bests()
+        before = folder_state(folder / "readonly.db")
+
+        def read() -> str:
+            try:
+                Store(folder / "readonly.db", read_only=True)
+            except DatabaseError as exc:
+                return str(exc)
+            return "opened"
+
+        message = _in_unwritable_folder(folder, read)
+        assert "schema version 1" in message and "cannot be upgraded" in message, message
+        assert folder_state(folder / "readonly.db") == before
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from autotune.cli import _claim_name
+from autotune.scheduler import claim_name
 from autotune.device import current_device
 from autotune.keys import make_key
 from autotune.search import SearchOptions
@@ -89,7 +89,7 @@ def test_four_workers_share_a_shapes_list(db_url, tmp_path):
         assert len(runs) == 1, f"{spec.problem} was tuned by several workers: runs {runs}"
         tuned_by[runs.pop()] += 1
         check_best(store, key, rows, budget, toy_kernel.Config.default(spec.problem).to_dict())
-        claim = _claim_name(toy_kernel, spec, device, SearchOptions(trials=budget))
+        claim = claim_name(toy_kernel, spec, device, SearchOptions(trials=budget))
         assert store.claim_done(claim)
     assert sum(tuned_by.values()) == len(SHAPES)
     assert all(r.status == "ok" for r in store.runs())

@@ -187,7 +187,7 @@ def bench_command(shapes, kernel, samples, peak_size, seed, as_json, db, **flags
     kernel_module = kernel_option_module(kernel, device)
     specs = specs_from_flags(flags, shapes)
     missing = missing_database(db)
-    store = None if missing else open_store(db)  # no database: nothing is tuned, the rest is still benched
+    store = None if missing else open_store(db, create=False, read_only=True)  # none: nothing tuned, still benched
     if missing and not as_json:
         click.echo(f"No results database at {missing}: the tuned column stays empty.")
     policy = TimingPolicy(samples=samples) if samples else TimingPolicy()

@@ -15,6 +15,7 @@ from autotune.commands.common import (SHAPE_FLAGS, database_errors, db_option, d
                                       filter_options, first_line, format_ms, kernel_option_module, key_filters,
                                       open_existing, ordered_config, plain_number, print_table, printable,
                                       problem_options, require_bests, specs_from_flags, table_config, when, where)
+from autotune.commands.compile_listing import figures_text, target_key
 from autotune.keys import PROBLEM_FIELDS
 
 
@@ -33,7 +34,7 @@ def trial_json(trial) -> dict[str, Any]:
         "config": ordered_config(trial.config), "time_s": trial.time_s, "time_spread_s": trial.time_spread_s,
         "time_count": trial.time_count, "compile_s": trial.compile_s, "max_error": plain_number(trial.max_error),
         "error_class": trial.error_class, "error_message": trial.error_message,
-        "created_at": trial.created_at.isoformat(),
+        "created_at": trial.created_at.isoformat(), "figures": trial.figures,
     }
 
 
@@ -110,9 +111,11 @@ def varying_fields(trials, key) -> list[str]:
 @problem_options(backward_help="The forward plus backward key (as tuned with `search --backward`).")
 @click.option("--kernel", default=None, help="gpu | tpu | a module path (default: the platform's kernel).")
 @click.option("--id", "best_id", type=int, default=None, help="The key with this id in `autotune list`.")
+@click.option("--target", "target_name", default=None,
+              help="The compile-only results for this target (`search --target`) of the problem flags.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @db_option
-def show_command(kernel, best_id, as_json, db, **flags):
+def show_command(kernel, best_id, target_name, as_json, db, **flags):
     """One key in full: its best and every trial.
 
     Select the key by the problem flags (as for `search`, on this device) or by --id from `autotune list`. Every
@@ -120,13 +123,18 @@ def show_command(kernel, best_id, as_json, db, **flags):
     """
     store = open_existing(db)
     with database_errors(store):
-        key, best = selected_key(store, best_id, kernel, flags)
+        if target_name is not None:
+            if best_id is not None:
+                raise click.UsageError("give either --id or --target with the problem flags, not both")
+            key, best = target_key(store, target_name, kernel, flags), None
+        else:
+            key, best = selected_key(store, best_id, kernel, flags)
         trials = store.trials(key)
         if best is None and not trials:
             raise click.ClickException(no_results_message(store, key))
     trials.sort(key=lambda t: (t.number is None, t.number if t.number is not None else 0, t.id))
     statuses = Counter(t.status for t in trials)
-    failures = {status: n for status, n in statuses.items() if status != "ok"}
+    failures = {status: n for status, n in statuses.items() if status not in ("ok", "compiled")}
     if as_json:
         echo_json({"digest": key.digest(), "key": key.to_dict(), "problem": describe_problem(key),
                    "best": best_json(best) if best else None, "trials": [trial_json(t) for t in trials],
@@ -136,7 +144,11 @@ def show_command(kernel, best_id, as_json, db, **flags):
     click.echo(printable(f"kernel     {key.kernel} @ {key.kernel_version}"))
     click.echo(printable(f"device     {key.device_kind} [{key.platform}], jax {key.jax_version}"))
     click.echo(f"problem    {describe_problem(key)}")
-    if best:
+    compile_only = any(t.figures is not None for t in trials)
+    if compile_only:
+        click.echo("best       none: compile-only results (nothing was timed; the device search skips the configs "
+                   "the compiler rejected and, by default, those that spill)")
+    elif best:
         speedup = f", {best.speedup:.2f}x" if best.speedup else ""
         click.echo(printable(f"best       {table_config(best.config, key)}"))
         click.echo(f"           {format_ms(best.time_s)} ms (default {format_ms(best.default_time_s)} ms{speedup}), "
@@ -151,7 +163,10 @@ def show_command(kernel, best_id, as_json, db, **flags):
              "-" if t.max_error is None else f"{t.max_error:.2g}",
              first_line(f"{t.error_class}: {t.error_message}" if t.error_class else t.error_message)]
             for t in trials]
-    if rows:
+    if rows and compile_only:  # no times: the compiler's figures per kernel instead
+        rows = [row[:2] + row[2:3] + [row[5], figures_text(t.figures), row[7]] for row, t in zip(rows, trials)]
+        print_table(["#", "status", "config", "compile s", "kernels (memory, registers, spills)", "error"], rows)
+    elif rows:
         print_table(["#", "status", "config", "ms", "spread ms", "compile s", "max err", "error"], rows)
     summary = ", ".join(f"{status} {n}" for status, n in sorted(failures.items(), key=lambda x: -x[1]))
     click.echo(f"\nfailures: {summary or 'none'}")

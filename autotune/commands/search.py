@@ -60,10 +60,23 @@ def _beat(store, run_id: int) -> None:
                    "kept) [default: 7].")
 @click.option("--no-xla", is_flag=True, help="Skip timing jax.nn.dot_product_attention for the summary.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--target", "target_text", default=None, metavar="NAME|all|list",
+              help="Compile-only search for a target this machine lacks (h100, v5e, ...; a comma list, 'all', or "
+                   "'list' to show them): every outcome and its compiler figures are stored, nothing is timed.")
+@click.option("--allow-spills", is_flag=True,
+              help="Also time configs that spilled registers in a compile-only search for this device kind.")
 @db_option
 def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampler, seed, isolate, trial_timeout,
-                   samples, no_xla, quiet, db, **flags):
-    """Find the fastest valid config for each problem and store it."""
+                   samples, no_xla, quiet, target_text, allow_spills, db, **flags):
+    """Find the fastest valid config for each problem and store it (or, with --target, compile every candidate
+    for a target ahead of time)."""
+    if target_text is not None:
+        from autotune.commands.compile_search import run_target_command
+
+        run_target_command(target_text=target_text, kernel=kernel, shapes=shapes, flags=flags,
+                           tune_misses=tune_misses, allow_spills=allow_spills, trials=trials, sampler=sampler,
+                           seed=seed, trial_timeout=trial_timeout, quiet=quiet, db=db)
+        return
     from autotune.device import current_device
     from autotune.heartbeat import Heartbeat
     from autotune.kernels_registry import kernel_for_platform
@@ -105,7 +118,7 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
     def options_for(spec: ProblemSpec, remaining: float | None) -> SearchOptions:
         return SearchOptions(trials=trials, timeout_s=remaining, patience=patience, sampler=sampler, seed=seed,
                              documents=spec.documents or 3, isolate=isolate, trial_timeout_s=trial_timeout,
-                             timing=timing, compare_xla=not no_xla)
+                             timing=timing, compare_xla=not no_xla, allow_spills=allow_spills)
 
     def tune(spec: ProblemSpec, options: SearchOptions):
         return search_problem(spec.problem, kernel_name=kernel, store=store, device=device, options=options,
@@ -173,6 +186,8 @@ def print_summary(results, db: str | None) -> None:
     click.echo()
     for r in results:
         label = f"#{r.best_id}" if r.best_id is not None else describe_problem(r.problem)
+        if r.ahead_of_time:
+            click.echo(f"{describe_problem(r.problem)}: {r.ahead_of_time}")
         if r.budget_met_before:
             click.echo(f"{label}: the study already has its {r.trials_run} trials; nothing searched. Shown: the best "
                        "stored before (raise --trials to search further).")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import jax
 
 from kernels.gpu.backward import backward
+from kernels.gpu.common import wgmma_device
 from kernels.gpu.config import Config, invalid_reasons
 from kernels.gpu.forward import forward
 from kernels.problem import check_inputs, resolve_scale
@@ -25,6 +26,7 @@ class _Static:
     causal: bool
     config: Config
     interpret: bool
+    one_loop: bool = True  # Hopper: one masked loop over key blocks (see kernels.gpu.common.kv_blocks)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -37,6 +39,7 @@ def _attention_fwd(q, k, v, q_ids, kv_ids, static: _Static):
     out, lse = forward(
         q, k, v, q_ids, kv_ids,
         scale=static.scale, causal=static.causal, config=static.config, interpret=static.interpret,
+        one_loop=static.one_loop,
     )
     return out, (q, k, v, q_ids, kv_ids, out, lse)
 
@@ -46,6 +49,7 @@ def _attention_bwd(static: _Static, residuals, dout):
     dq, dk, dv = backward(
         q, k, v, q_ids, kv_ids, out, lse, dout,
         scale=static.scale, causal=static.causal, config=static.config, interpret=static.interpret,
+        one_loop=static.one_loop,
     )
     return dq, dk, dv, None, None
 
@@ -89,5 +93,6 @@ def flash_attention(
     reasons = invalid_reasons(config, problem, device_kind=kind)
     if reasons:
         raise ValueError(f"config {config.to_dict()} cannot run {problem}: " + "; ".join(reasons))
-    static = _Static(scale=scale, causal=bool(causal), config=config, interpret=bool(interpret))
+    static = _Static(scale=scale, causal=bool(causal), config=config, interpret=bool(interpret),
+                     one_loop=wgmma_device(kind))
     return _attention_jit(q, k, v, q_ids, kv_ids, static)

@@ -29,6 +29,7 @@ from kernels.gpu.config import Config, padded_head_dim
 def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     scale: float, causal: bool, segments: bool, q_len: int, kv_len: int, head_dim: int, block_q: int, block_k: int,
+    one_loop: bool,
 ):
     if segments:
         q_ids_ref, kv_ids_ref, dq_ref = refs
@@ -72,7 +73,8 @@ def _dq_kernel(
         return dq + dot_nn(ds.astype(k.dtype), k)
 
     dq = jnp.zeros((block_q, width), jnp.float32)
-    n_full, n_all = kv_blocks(i, block_q=block_q, block_k=block_k, kv_len=kv_len, causal=causal)
+    n_full, n_all = kv_blocks(i, block_q=block_q, block_k=block_k, kv_len=kv_len, causal=causal,
+                              one_loop=one_loop)
     dq = block_loop(0, n_full, functools.partial(step, masked=False), dq)
     dq = block_loop(n_full, n_all, functools.partial(step, masked=True), dq)
     store(dq_ref.at[q_rows, cols], (dq * scale).astype(dq_ref.dtype), q_mask)
@@ -145,9 +147,10 @@ def _dkv_kernel(
 def backward(
     q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array | None, kv_ids: jax.Array | None,
     out: jax.Array, lse: jax.Array, dout: jax.Array, *,
-    scale: float, causal: bool, config: Config, interpret: bool,
+    scale: float, causal: bool, config: Config, interpret: bool, one_loop: bool = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients (dq, dk, dv), given the forward's output, its logsumexp and the cotangent; no padded copies."""
+    """Gradients (dq, dk, dv), given the forward's output, its logsumexp and the cotangent; no padded copies.
+    `one_loop`: the dq kernel's key blocks in one masked loop (for Hopper, see `kv_blocks`)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
@@ -172,7 +175,7 @@ def backward(
     kv_whole = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, kv_head(h, groups), 0))
     row_whole = pl.BlockSpec((None, None, q_len), lambda i, b, h: (b, h, 0))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, **statics),
+        functools.partial(_dq_kernel, one_loop=one_loop, **statics),
         grid=(-(-q_len // bq), batch, heads),
         in_specs=[q_whole, kv_whole, kv_whole, q_whole, row_whole, row_whole, *ids_specs],
         out_specs=q_whole,

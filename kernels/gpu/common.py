@@ -88,21 +88,33 @@ def visible(
     return mask
 
 
-def kv_blocks(i, *, block_q: int, block_k: int, kv_len: int, causal: bool):
+def kv_blocks(i, *, block_q: int, block_k: int, kv_len: int, causal: bool, one_loop: bool):
     """For q block `i`: (n_plain, n_all): key blocks [0, n_plain) need no mask, [n_plain, n_all) need the causal
     or ragged-tail mask, blocks >= n_all are fully masked (skipped).
 
-    Either every visited block is plain or every one is masked, so a kernel runs one loop: two loops in a row make
-    ptxas serialize Hopper's wgmma pipeline (warning C7515, "non wgmma instructions defining accumulator registers
-    of a wgmma between start and end of the pipeline stage"). The price is the mask's compare and select on every
-    score tile of a causal or ragged problem (not timed here: no GPU on our machines).
+    With `one_loop` every visited block is plain or every one is masked, so the kernel runs one loop: on Hopper,
+    two loops in a row make ptxas serialize the wgmma pipeline (warning C7515, "non wgmma instructions defining
+    accumulator registers of a wgmma between start and end of the pipeline stage"), at the price of the mask's
+    compare and select on every score tile. Elsewhere two loops are better: a mask live through the whole loop
+    costs registers (forward 128x64, 8 warps, head_dim 72 on A100: 255 registers and spills vs 207).
     """
     n_all = -(-kv_len // block_k)
+    if one_loop:
+        if causal:
+            return 0, jnp.minimum(n_all, cdiv((i + 1) * block_q, block_k))
+        return (0 if kv_len % block_k else n_all), n_all
+    n_plain = kv_len // block_k
     if causal:
-        return 0, jnp.minimum(n_all, cdiv((i + 1) * block_q, block_k))
-    if kv_len % block_k:
-        return 0, n_all
-    return n_all, n_all
+        # Every key of block j is <= the first row i*block_q  iff  (j+1)*block_k - 1 <= i*block_q.
+        n_plain = jnp.minimum(n_plain, lax.div(i * block_q + 1, np.int32(block_k)))
+        n_all = jnp.minimum(n_all, cdiv((i + 1) * block_q, block_k))
+    return n_plain, n_all
+
+
+def wgmma_device(device_kind: str | None) -> bool:
+    """Whether the GPU is a Hopper (wgmma) one; None (interpret mode) counts as Hopper, as in the config checks."""
+    kind = (device_kind or "h100").lower()
+    return any(tag in kind for tag in ("h100", "h200", "h800", "gh200", "h20"))
 
 
 def q_blocks(j, *, block_q: int, block_k: int, q_blocks_total: int, causal: bool):

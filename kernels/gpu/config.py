@@ -149,7 +149,8 @@ def _smem(fixed_rows: int, streamed_rows: int, m_rows: int, block_q: int, block_
       tile for its transposed operand;
     - elsewhere (Ampere's mma, float32, small M) it keeps `stages - 1` buffers (dk/dv on Hopper: at least 2); a
       single-stage loop of the forward or dq stages one of k and v at a time; a [block_q, block_k] probability tile
-      goes through shared memory on its way to the second dot (two for float32);
+      goes through shared memory on its way to the second dot (two for float32 on Hopper; on Ampere only for
+      block_q <= 64 in the forward), plus 1 KiB of barriers and small scratch;
     - dk/dv also buffers the float32 lse and delta of its streamed query rows.
     """
     row = _tile_bytes(problem)
@@ -169,10 +170,10 @@ def _smem(fixed_rows: int, streamed_rows: int, m_rows: int, block_q: int, block_
     elif hopper:
         tiles = (0 if stages == 1 and not dkv else 2) if itemsize == 4 else 1
     elif forward:
-        tiles = 1 if block_q <= (64 if itemsize == 4 else 32) else 0
+        tiles = 1 if block_q <= 64 else 0
     else:
         tiles = 1
-    return (fixed_rows + streamed_rows * buffers) * row + stats * buffers + tile * tiles
+    return (fixed_rows + streamed_rows * buffers) * row + stats * buffers + tile * tiles + KIB
 
 
 def forward_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem,

@@ -1,9 +1,10 @@
 """Forward kernel: one program per (q block, batch, head) streams the key blocks with an online softmax.
 
 The [q_len, kv_len] scores never leave the program; only the output and the base-2 logsumexp (for the backward)
-are written. Key blocks past the causal diagonal are not visited at all; when the problem is causal or its kv length
-ragged every visited block is masked, in one loop (see `kv_blocks`: two loops serialize Hopper's wgmma). Inputs
-and outputs stay unpadded: tiles past the sequence end or head_dim are masked loads and stores.
+are written. Key blocks past the causal diagonal are not visited at all, and the mask is only built for the blocks
+that straddle the diagonal or the ragged tail (on Hopper: for every visited block of a causal or ragged problem, in
+one loop; see `kv_blocks`). Inputs and outputs stay unpadded: tiles past the sequence end or head_dim are masked
+loads and stores.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from kernels.gpu.config import Config, padded_head_dim
 def _forward_kernel(
     q_ref, k_ref, v_ref, *refs,
     scale2: float, causal: bool, segments: bool, q_len: int, kv_len: int, head_dim: int, block_q: int,
-    block_k: int,
+    block_k: int, one_loop: bool,
 ):
     # Refs hold the whole unpadded sequence of this (batch, head): [q_len, head_dim], [kv_len, head_dim], [q_len].
     if segments:
@@ -76,7 +77,8 @@ def _forward_kernel(
         jnp.full((block_q,), M_INIT, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    n_full, n_all = kv_blocks(i, block_q=block_q, block_k=block_k, kv_len=kv_len, causal=causal)
+    n_full, n_all = kv_blocks(i, block_q=block_q, block_k=block_k, kv_len=kv_len, causal=causal,
+                              one_loop=one_loop)
     carry = block_loop(0, n_full, functools.partial(step, masked=False), carry)
     acc, m, l = block_loop(n_full, n_all, functools.partial(step, masked=True), carry)
 
@@ -87,9 +89,10 @@ def _forward_kernel(
 
 def forward(
     q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array | None, kv_ids: jax.Array | None, *,
-    scale: float, causal: bool, config: Config, interpret: bool,
+    scale: float, causal: bool, config: Config, interpret: bool, one_loop: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-    """Attention output [b, q_len, h, d] and base-2 logsumexp [b, h, q_len] (float32); no padded copies."""
+    """Attention output [b, q_len, h, d] and base-2 logsumexp [b, h, q_len] (float32); no padded copies.
+    `one_loop`: one masked loop over the key blocks (for Hopper, see `kv_blocks`) instead of plain + masked."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
@@ -108,7 +111,7 @@ def forward(
         args += [q_ids, kv_ids]
     kernel = functools.partial(
         _forward_kernel, scale2=scale * LOG2E, causal=causal, segments=segments, q_len=q_len, kv_len=kv_len,
-        head_dim=head_dim, block_q=bq, block_k=bk,
+        head_dim=head_dim, block_q=bq, block_k=bk, one_loop=one_loop,
     )
     itemsize = q.dtype.itemsize
     nbytes = (2 * q.size + k.size + v.size) * itemsize + batch * heads * q_len * 4
