@@ -263,7 +263,3 @@ def estimated_bytes(target: str | Target, problem: Problem, config: dict[str, in
         found.update(dq=tpu.dq_vmem_bytes(c, problem, kind), dkv=tpu.dkv_vmem_bytes(c, problem, kind))
     return found
 
-
-def split_jobs(results: Sequence[CompileResult]) -> tuple[list[CompileResult], list[CompileResult]]:
-    """(compiled, failed) results."""
-    return [r for r in results if r.ok], [r for r in results if not r.ok]

@@ -269,16 +269,20 @@ def _backward_fields(kernel: ModuleType) -> tuple[str, ...]:
     return tuple(name for name in kernel.Config.__dataclass_fields__ if name.startswith("bwd_"))
 
 
-def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None):
+def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None,
+                    kernel: str | None = None, device: DeviceInfo | None = None):
     """Flash attention with the tuned config for these shapes on this device (see `kernels` for the semantics).
 
     Layout q [batch, q_len, heads, head_dim], k and v [batch, kv_len, kv_heads, head_dim]. The forward uses the
     config tuned for the forward; the backward kernels (under `jax.grad`) use the backward config of the key
-    tuned with `--backward` when there is one.
+    tuned with `--backward` when there is one. `kernel` picks one ('gpu', 'tpu' or a module path; default: the
+    platform's); `device` is the device compiled for when q does not say it (a mesh's devices inside `shard_map`,
+    a deviceless compile target): its kind then also goes to the kernel.
     """
     problem, _, _ = check_inputs(q, k, v, segment_ids, causal=causal)
-    device = device_of(q)
-    kernel_name = kernel_for_platform(device.platform)
+    target = device
+    device = device or device_of(q)
+    kernel_name = kernel or kernel_for_platform(device.platform)
     kernel = load_kernel(kernel_name)
     forward = _lookup_problem(problem, kernel_name, device)
     config = forward.config
@@ -290,8 +294,9 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale
                 {**config.to_dict(), **{name: getattr(backward.config, name) for name in fields}})
         else:
             config = backward.config
+    extra = {"device_kind": device.device_kind} if target is not None and not device.interpret else {}
     return kernel.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
-                                  config=config, interpret=device.interpret)
+                                  config=config, interpret=device.interpret, **extra)
 
 
 def _peek_tuned(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup | None:

@@ -170,6 +170,15 @@ def render(target_name: str, rows: list[dict], versions: str) -> str:
         f"median compile {s['median_seconds']:.1f} s.", "",
         "Bytes: estimate / real per kernel (real from the compiler's dump, or the request it refused). "
         "GPU kernels also show registers per thread and spill stores in bytes.", "",
+    ]
+    if target.platform == "tpu":
+        lines += [
+            "TPU 'real' is the kernel's `used_scoped_memory_configs` in the XLA dump. It measures need on v4 (always "
+            "at least the double-buffered blocks and scratch); on v5e and v6e it is often below the blocks alone, "
+            "and on v5p and TPU7x it grows with the scoped limit the kernel sets, so there only a refusal measures "
+            "need. The estimate is meant as an upper bound of the need.", "",
+        ]
+    lines += [
         "| problem | pass | config | estimate / real | regs, spills | s | verdict |",
         "|---|---|---|---|---|---|---|",
     ]

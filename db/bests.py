@@ -34,6 +34,8 @@ _REPLACE_SLOWER = (update(BestRow).where(BestRow.key_id == bindparam("p_key_id")
                                          BestRow.time_s > bindparam("p_time_s")).values(**_BEST_VALUES))
 _FIND_BEST = select(BestRow.id, BestRow.time_s, BestRow.config).where(BestRow.key_id == bindparam("p_key_id"))
 _ADD_BEST = insert(BestRow).values(key_id=bindparam("p_key_id"), **_BEST_VALUES)
+_COUNT_TRIALS = (update(BestRow).where(BestRow.id == bindparam("p_best_id"), BestRow.trials < bindparam("p_trials"))
+                 .values(trials=bindparam("p_trials")))
 _REPLACE_JUDGED = (update(BestRow).where(BestRow.id == bindparam("p_best_id"),
                                          BestRow.time_s == bindparam("p_judged_time_s")).values(**_BEST_VALUES))
 
@@ -73,7 +75,9 @@ def offer_best(session: Session, offer: BestOffer, now: datetime, check: ConfigC
         if stored.time_s > offer.time_s:
             continue  # committed by another writer after our UPDATE looked (PostgreSQL read committed): again
         if usable(offer.key, stored.time_s, stored.config, check):
-            return False  # the stored best is at least as fast, and it can run
+            # the stored best is at least as fast, and it can run; the study behind it has grown, though
+            connection.execute(_COUNT_TRIALS, {"p_best_id": stored.id, "p_trials": offer.trials})
+            return False
         log.info("replacing the unusable stored best of key %s", offer.key.digest())
         if connection.execute(_REPLACE_JUDGED, {**values, "p_best_id": stored.id,
                                                 "p_judged_time_s": stored.time_s}).rowcount:

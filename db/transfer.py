@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from db.compile_transfer import compile_records
 from db.errors import ImportValidationError
 from db.records import BestOffer, ConfigCheck, TuningKey
 from db.store import Store
@@ -26,7 +27,9 @@ from db.validation import MAX_JSON_DEPTH, check_datetime, check_int, check_json_
 
 FORMAT = "pallas-autotune-results"
 FORMAT_VERSION = 1
+COMPILE_FORMAT_VERSION = 2  # a document that also carries compile-only trials (db/compile_transfer.py)
 _DOCUMENT_FIELDS = ("format", "version", "exported_at", "records")
+_OPTIONAL_FIELDS = ("compile_trials",)  # version 2 only
 _RECORD_FIELDS = ("key", "config", "time_s", "default_time_s", "trials", "updated_at")
 MAX_DOCUMENT_BYTES = 256 * 2**20  # about half a million records; far past any real export
 _MAX_TEXT_DEPTH = MAX_JSON_DEPTH + 3  # the document, its records list and a record hold the configs
@@ -42,7 +45,11 @@ def export_document(store: Store, *, device_kind: str | None = None, kernel: str
                 "default_time_s": best.default_time_s, "trials": best.trials,
                 "updated_at": best.updated_at.isoformat()}
                for best in store.bests(device_kind=device_kind, kernel=kernel, dtype=dtype, causal=causal)]
-    return {"format": FORMAT, "version": FORMAT_VERSION, "exported_at": utc_now().isoformat(), "records": records}
+    document = {"format": FORMAT, "version": FORMAT_VERSION, "exported_at": utc_now().isoformat(), "records": records}
+    compiled = compile_records(store, device_kind=device_kind, kernel=kernel, dtype=dtype, causal=causal)
+    if compiled:  # only then version 2: a document without them stays readable by older versions
+        document.update(version=COMPILE_FORMAT_VERSION, compile_trials=compiled)
+    return document
 
 
 def import_document(store: Store, document: Any, *, check: ConfigCheck | None = None) -> dict[str, int]:
@@ -126,13 +133,20 @@ def parse_document(document: Any, *, check: ConfigCheck | None = None) -> list[B
     the kernels' rules to each record's config (db/ knows no kernels)."""
     if not isinstance(document, Mapping):
         raise ImportValidationError(f"an import document must be a JSON object, got {type(document).__name__}")
-    _check_fields("the document", document, _DOCUMENT_FIELDS)
+    _check_fields("the document", {k: v for k, v in document.items() if k not in _OPTIONAL_FIELDS}, _DOCUMENT_FIELDS)
     if document["format"] != FORMAT:
         raise ImportValidationError(f"the document's format is {document['format']!r}, expected {FORMAT!r}")
-    if document["version"] != FORMAT_VERSION or isinstance(document["version"], bool):
+    carries = all(name in document for name in _OPTIONAL_FIELDS)
+    if document["version"] == FORMAT_VERSION and any(name in document for name in _OPTIONAL_FIELDS):
+        raise ImportValidationError(f"a version {FORMAT_VERSION} document has no compile_trials (version "
+                                    f"{COMPILE_FORMAT_VERSION} has)")
+    if document["version"] == COMPILE_FORMAT_VERSION and not carries and not isinstance(document["version"], bool):
+        raise ImportValidationError(f"the document's format version is {COMPILE_FORMAT_VERSION} but it has no "
+                                    "compile_trials (a version 2 document is an export with compile-only trials)")
+    if document["version"] not in (FORMAT_VERSION, COMPILE_FORMAT_VERSION) or isinstance(document["version"], bool):
         raise ImportValidationError(
-            f"the document's format version is {document['version']!r}; this pallas-autotune reads version "
-            f"{FORMAT_VERSION}")
+            f"the document's format version is {document['version']!r}; this pallas-autotune reads versions "
+            f"{FORMAT_VERSION} and {COMPILE_FORMAT_VERSION}")
     try:
         check_datetime("exported_at", document["exported_at"])
     except ValueError as exc:

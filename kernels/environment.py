@@ -60,13 +60,29 @@ def _preload_cuda_runtime() -> None:
                 continue
 
 
+def _cpu_platform_for_loaded_jax() -> None:
+    """jax was imported first: ask it for the CPU backend if it has chosen none and started no backend yet."""
+    try:
+        import jax
+        from jax._src import xla_bridge
+    except ImportError:
+        return
+    try:
+        if jax.config.jax_platforms is None and not xla_bridge.backends_are_initialized():
+            jax.config.update("jax_platforms", "cpu")
+    except (AttributeError, RuntimeError):  # a jax without these: leave it as it is
+        return
+
+
 def apply_defaults() -> None:
-    """Set the CPU-machine defaults described above; a no-op with an accelerator or once jax is loaded."""
-    if "jax" in sys.modules or os.environ.get("PALLAS_AUTOTUNE_KEEP_ENV"):
+    """Set the CPU-machine defaults described above (set PALLAS_AUTOTUNE_KEEP_ENV=1 to skip them); a no-op on a
+    machine with a GPU or a TPU, or when JAX_PLATFORMS is set."""
+    if os.environ.get("PALLAS_AUTOTUNE_KEEP_ENV") or "JAX_PLATFORMS" in os.environ or has_accelerator():
         return
-    if has_accelerator():
+    if "jax" in sys.modules:
+        _cpu_platform_for_loaded_jax()
         return
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["JAX_PLATFORMS"] = "cpu"
     if importlib.util.find_spec("jax_plugins") is not None:
         _preload_cuda_runtime()
 

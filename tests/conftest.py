@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+import kernels.environment  # noqa: F401  (before any test module imports jax: quiet optional compilers on a CPU)
+
 try:
     from tests.pg_server import PostgresUnavailable, start_postgres
     from tests.worker_procs import stop_workers

@@ -157,6 +157,18 @@ def test_bests_keep_the_faster(store: Store) -> None:
     assert store.get_best(key).time_s == 1.0
 
 
+def test_a_kept_best_counts_the_trials_of_its_grown_study(store: Store) -> None:
+    """`--trials` raised: the rerun's winner is slower than the stored best, which stays, but `list` must show the
+    study's new trial count (as `show` does), never a smaller one."""
+    key = make_key()
+    assert store.put_best(key, config={"block_q": 64}, time_s=2.0, default_time_s=4.0, trials=8) is True
+    assert store.put_best(key, config={"block_q": 32}, time_s=3.0, default_time_s=4.0, trials=16) is False
+    best = store.get_best(key)
+    assert (best.config, best.time_s, best.trials) == ({"block_q": 64}, 2.0, 16)
+    assert store.put_best(key, config={"block_q": 32}, time_s=3.0, default_time_s=4.0, trials=4) is False
+    assert store.get_best(key).trials == 16
+
+
 def test_bests_filters_and_neighbours(store: Store) -> None:
     keys = [make_key(), make_key(q_len=4096), make_key(dtype="float32"), make_key(causal=False),
             make_key(device_kind="TPU v5e", platform="tpu"), make_key(jax_version="0.11.0", q_len=512)]

@@ -361,20 +361,16 @@ def test_bad_inputs(make_call, error, pattern):
 # Flags: numpy bools, jax_enable_x64, and the device kind of a compile target.
 
 def test_causal_numpy_bool_and_x64():
-    rng = np.random.default_rng(7)
-    q = jnp.asarray(rng.standard_normal((1, 40, 2, 24)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((1, 40, 1, 24)), jnp.float32)
-    want = attention_reference(q, k, k, causal=True)
+    """causal as a numpy bool, under jax_enable_x64 (Python ints are int64 there: the kernels' indices stay int32)."""
+    q, k, v, cot, _, _ = make_case(7, 1, 40, 40, 2, 1, 24, "float32", segments=False)
     with jax.enable_x64(True):
-        got = flash_attention(q, k, k, causal=np.bool_(True), config=SMALL, interpret=True)
-        grads = jax.grad(lambda *a: flash_attention(*a, causal=True, config=SMALL, interpret=True).sum(),
-                         argnums=(0, 1, 2))(q, k, k)
-    want_grads = jax.grad(lambda *a: attention_reference(*a, causal=True).sum(), argnums=(0, 1, 2))(q, k, k)
-    atol, rtol = tolerance("float32")
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=atol, rtol=rtol)
-    atol, rtol = tolerance("float32", grad=True)
-    for a, b in zip(grads, want_grads):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=rtol)
+        out, vjp = jax.vjp(lambda *a: flash_attention(*a, causal=np.bool_(True), config=SMALL, interpret=True),
+                           q, k, v)
+        grads = vjp(cot)
+    ref_out, ref_grads = reference_with_grads(lambda *a: attention_reference(*a, causal=True), q, k, v, cot)
+    assert_close(out, ref_out, "float32", grad=False, what="output")
+    for name, g, ref_g in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(g, ref_g, "float32", grad=True, what=name)
 
 
 def test_device_kind_is_what_the_shared_memory_check_uses():

@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 
 import click
 
+from autotune.commands.compile_report import compile_section
+from autotune.compile_results import is_compile_only
 from autotune.commands.common import (database_errors, db_option, describe_problem, filter_options, first_line,
                                       key_filters, key_matches, open_existing, table_config, where)
 
@@ -223,7 +225,7 @@ def table(headers: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def build_page(source: str, bests: list, by_key: dict, heat_digest: str | None) -> str:
+def build_page(source: str, bests: list, by_key: dict, heat_digest: str | None, extra: str = "") -> str:
     """The whole HTML document. `by_key` maps a key digest to (key, its trials in number order)."""
     best_of = {b.key.digest(): b for b in bests}
     parts = [f"<h1>Autotuning report</h1><p class='note'>{esc(source)} &middot; generated "
@@ -276,6 +278,7 @@ def build_page(source: str, bests: list, by_key: dict, heat_digest: str | None) 
                            [[s, c, n, first_line(message[(s, c)], 140)] for (s, c), n in examples.most_common()]))
     else:
         parts.append("<p class='note'>No trial failed.</p>")
+    parts.append(extra)  # the compile-only section (autotune/commands/compile_report.py)
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Autotuning report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}<script>{CHECK_SCRIPT}</script></body></html>\n")
 
@@ -298,7 +301,9 @@ def report_command(out, device_kind, kernel_filter, dtype_filter, causal_filter,
         bests = store.bests(**filters)
         trials = [t for t in store.trials() if key_matches(t.key, filters)]
         chosen = store.best_by_id(key_id) if key_id is not None else None
-    if not bests and not trials:
+    compiled = [t for t in trials if is_compile_only(t.key)]  # not timed: their own section, never in the charts
+    trials = [t for t in trials if not is_compile_only(t.key)]
+    if not bests and not trials and not compiled:
         raise click.ClickException(f"no tuned results in {where(store)}")
     if key_id is not None and chosen is None:
         raise click.ClickException(f"no tuned result with id {key_id} in {where(store)} "
@@ -315,11 +320,12 @@ def report_command(out, device_kind, kernel_filter, dtype_filter, causal_filter,
         by_key.setdefault(heat, (chosen.key, []))
     else:
         heat = max(by_key, key=lambda d: len(by_key[d][1])) if trials else None
-    page = build_page(where(store), bests, by_key, heat)
+    page = build_page(where(store), bests, by_key, heat, compile_section(compiled))
     try:
         with open(out, "w", encoding="utf-8") as handle:
             handle.write(page)
     except OSError as exc:
         raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
-    click.echo(f"Wrote {out}: {len(bests)} tuned key(s), {len(trials)} trial(s); open it in any browser.")
+    click.echo(f"Wrote {out}: {len(bests)} tuned key(s), {len(trials)} trial(s)"
+               + (f", {len(compiled)} compile-only trial(s)" if compiled else "") + "; open it in any browser.")
 

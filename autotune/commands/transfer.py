@@ -31,9 +31,10 @@ def export_command(file, device_kind, kernel_filter, dtype_filter, causal_filter
 
     store = open_existing(db)
     filters = key_filters(device_kind, kernel_filter, dtype_filter, causal_filter)
-    require_bests(store, filters)
     with database_errors(store):
         document = export_document(store, **filters)
+    if not document.get("compile_trials"):
+        require_bests(store, filters)
     text = json.dumps(document, indent=2, allow_nan=False) + "\n"
     if file == "-":
         click.echo(text, nl=False)
@@ -43,8 +44,10 @@ def export_command(file, device_kind, kernel_filter, dtype_filter, causal_filter
                 handle.write(text)
         except OSError as exc:
             raise click.ClickException(f"cannot write {file}: {exc.strerror or exc}") from None
-    click.echo(f"Exported {len(document['records'])} result(s) from {where(store)} to "
-               f"{'stdout' if file == '-' else file}", err=True)
+    compiled = len(document.get("compile_trials", []))
+    click.echo(f"Exported {len(document['records'])} result(s)"
+               + (f" and {compiled} compile-only trial(s)" if compiled else "")
+               + f" from {where(store)} to {'stdout' if file == '-' else file}", err=True)
 
 
 @click.command("import")
@@ -59,6 +62,7 @@ def import_command(file, device_kind, kernel_filter, dtype_filter, causal_filter
     """
     from autotune.config_check import check_any_kernel
     from db import DatabaseError
+    from db.compile_transfer import merge_compile_trials, parse_compile_trials
     from db.transfer import MAX_DOCUMENT_BYTES, merge_offers, parse_document, read_document
 
     try:
@@ -67,7 +71,9 @@ def import_command(file, device_kind, kernel_filter, dtype_filter, causal_filter
         else:
             with open(file, "rb") as handle:
                 text = handle.read(MAX_DOCUMENT_BYTES + 1)
-        offers = parse_document(read_document(text), check=check_any_kernel)
+        document = read_document(text)
+        offers = parse_document(document, check=check_any_kernel)
+        compiled = parse_compile_trials(document, check=check_any_kernel)
     except OSError as exc:
         raise click.ClickException(f"cannot read {file}: {exc.strerror or exc}") from None
     except DatabaseError as exc:
@@ -77,14 +83,19 @@ def import_command(file, device_kind, kernel_filter, dtype_filter, causal_filter
     store = open_store(db)
     with database_errors(store):
         stored = merge_offers(store, chosen, check=check_any_kernel) if chosen else []
+        compiled = [t for t in compiled if key_matches(t.key, filters)]
+        added = merge_compile_trials(store, compiled) if compiled else 0
     counts = {"records": len(offers), "selected": len(chosen), "imported": sum(stored),
-              "kept_existing": len(stored) - sum(stored)}
+              "kept_existing": len(stored) - sum(stored), "compile_trials": len(compiled),
+              "compile_trials_added": added}
     if as_json:
         echo_json(counts)
         return
     skipped = f", {len(offers) - len(chosen)} left out by the filters" if len(chosen) < len(offers) else ""
     click.echo(f"Imported {counts['imported']} of {len(offers)} result(s) into {where(store)}; "
                f"{counts['kept_existing']} kept the faster result already there{skipped}.")
+    if compiled:
+        click.echo(f"Added {added} of {len(compiled)} compile-only trial(s) (the others were there already).")
 
 
 # ---------------------------------------------------------------- prune

@@ -121,8 +121,9 @@ def smem_limit(device_kind: str | None) -> int:
     kind = (device_kind or "cpu").lower()
     if "cpu" in kind:
         return 232448
+    words = kind.replace("-", " ").split()
     for names, limit in SMEM_PER_BLOCK:
-        if any(name in kind for name in names):
+        if any(name in words or (len(name) > 3 and name in kind) for name in names):
             return limit
     return SMALL_SMEM
 

@@ -1,0 +1,293 @@
+"""`autotune.dot_product_attention`: the signature and results of `jax.nn.dot_product_attention`, on the tuned kernels.
+
+Models call attention the way jax.nn spells it; switching them to the tuned kernels should change one name. What the
+kernels express exactly runs them through the runtime (tuned config, misses counted): causal (top-left, as jax.nn),
+GQA, any scale, and padding lengths, which become segment ids: valid positions get id 1, keys past
+`key_value_seq_lengths` id 0 and queries past `query_seq_lengths` id 2, so padded keys are never seen and padded
+query rows see nothing and return zeros, as jax.nn returns them. The rest (`bias`, `mask`, `local_window_size`,
+`logits_soft_cap`, `return_residual`) runs in XLA, with one warning per shape and reason: the kernels cannot do it yet.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+import sys
+import threading
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from autotune import runtime, sharding
+from autotune.device import current_device
+from kernels import DTYPES
+
+KERNEL_IMPLEMENTATIONS = ("pallas", "gpu", "tpu")
+IMPLEMENTATIONS = (None, "xla", "cudnn") + KERNEL_IMPLEMENTATIONS
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_warned: set = set()
+_lock = threading.Lock()
+
+
+def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
+                          query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+                          implementation=None, return_residual=False, logits_soft_cap=None):
+    """`jax.nn.dot_product_attention` with the tuned Pallas kernels where they apply.
+
+    Layout [batch, seq, heads, head_dim] (or without batch). `implementation`: None (the tuned kernel when it
+    covers the call, else XLA with a warning saying why), "xla" or "cudnn" (jax.nn's), "pallas" (the tuned kernel
+    of the platform: Triton on GPU, Mosaic on TPU, the Triton one in interpret mode on a CPU), "gpu" or "tpu" (that
+    kernel; off its platform only in interpret mode on a CPU). A kernel named here that cannot run the call is a
+    ValueError. `logits_soft_cap` (ours): scores become `cap * tanh(scores / cap)` before masking (Gemma 2).
+    With `return_residual` also returns the natural-log log-sum-exp of the masked scaled scores, [batch, seq, heads]
+    in the dtype of key, without gradient (as jax.nn).
+    """
+    query, key, value, batched = _arrays(query, key, value)
+    scale = _check_scale(scale, query.shape[-1])
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
+    if not isinstance(return_residual, (bool, np.bool_)):
+        raise ValueError(f"return_residual must be a bool, got {return_residual!r}")
+    q_lens = _check_lengths(query_seq_lengths, "query_seq_lengths", query.shape[0])
+    kv_lens = _check_lengths(key_value_seq_lengths, "key_value_seq_lengths", query.shape[0])
+    window = _check_window(local_window_size)
+    cap = _check_cap(logits_soft_cap)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if mask is not None and jnp.asarray(mask).dtype != np.bool_:
+        raise ValueError(f"mask must be a boolean array (True: attend); pass an additive mask as bias, "
+                         f"got dtype {jnp.asarray(mask).dtype}")
+
+    why = _not_covered(query, key, value, bias, mask, window, cap, return_residual)
+    if implementation in KERNEL_IMPLEMENTATIONS:
+        if why:
+            raise ValueError(f"implementation={implementation!r} cannot run this call: {why}; "
+                             f"use implementation=None to fall back to XLA")
+    elif implementation is None and why:
+        warn_once((why, query.shape, key.shape, str(query.dtype)),
+                   f"autotune.dot_product_attention runs XLA, not the tuned kernel, for query {tuple(query.shape)} "
+                   f"and key {tuple(key.shape)}: {why}")
+    if implementation in ("xla", "cudnn") or why:
+        out = _xla(query, key, value, bias, mask, scale=scale, is_causal=bool(is_causal), q_lens=q_lens,
+                   kv_lens=kv_lens, window=window, cap=cap, implementation=implementation or "xla",
+                   return_residual=bool(return_residual))
+    else:
+        out = _tuned(query, key, value, scale=scale, is_causal=bool(is_causal), q_lens=q_lens, kv_lens=kv_lens,
+                     kernel=_kernel_name(implementation))
+    if batched:
+        return out
+    return tuple(x[0] for x in out) if isinstance(out, tuple) else out[0]
+
+
+# ---- checks: every one before anything is traced into a kernel -------------------------------------------------
+
+def _arrays(query, key, value):
+    """q, k, v as 4-d arrays (a missing batch axis added, as jax.nn does) and whether they had a batch axis."""
+    arrays = []
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not hasattr(x, "shape"):
+            x = jnp.asarray(x)
+        if x.ndim not in (3, 4):
+            raise ValueError(f"{name} must be [batch, seq, heads, head_dim] or [seq, heads, head_dim], "
+                             f"got shape {tuple(x.shape)}")
+        arrays.append(x)
+    if len({x.ndim for x in arrays}) != 1:
+        raise ValueError(f"query, key and value must have the same rank, got shapes "
+                         f"{[tuple(x.shape) for x in arrays]}")
+    batched = arrays[0].ndim == 4
+    query, key, value = (x if batched else x[None] for x in arrays)
+    if key.shape != value.shape:
+        raise ValueError(f"value must have the shape of key {tuple(key.shape)}, got {tuple(value.shape)}")
+    if query.shape[0] != key.shape[0] or query.shape[3] != key.shape[3]:
+        raise ValueError(f"query {tuple(query.shape)} must share batch and head_dim with key {tuple(key.shape)}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if key.shape[2] == 0 or query.shape[2] % key.shape[2]:
+        raise ValueError(f"the heads of query ({query.shape[2]}) must be a multiple of the kv heads of key "
+                         f"({key.shape[2]})")
+    return query, key, value, batched
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return float(1.0 / np.sqrt(head_dim))
+    if isinstance(scale, jax.core.Tracer):
+        raise ValueError("scale must be a concrete number (the kernels compile it in), got a traced value")
+    if hasattr(scale, "shape") and np.shape(scale) == ():
+        scale = np.asarray(scale).item()
+    if not _is_number(scale) or not np.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def _check_lengths(lengths, name: str, batch: int):
+    """Lengths as an int32 [batch] array; concrete ones must not be negative."""
+    if lengths is None:
+        return None
+    if not hasattr(lengths, "dtype"):
+        if isinstance(lengths, (bool, np.bool_)) or not isinstance(lengths, (list, tuple, np.ndarray)):
+            raise ValueError(f"{name} must be an integer array of shape ({batch},), got {type(lengths).__name__}")
+        lengths = np.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array of shape ({batch},), got dtype {lengths.dtype}")
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one length per batch row), got {tuple(lengths.shape)}")
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        if values.size and values.min() < 0:
+            raise ValueError(f"{name} must not be negative, got {values.tolist()}")
+        if values.size and values.max() > np.iinfo(np.int32).max:
+            raise ValueError(f"{name} must fit in int32, got {values.tolist()}")
+    return jnp.asarray(lengths).astype(jnp.int32)
+
+
+def _check_window(window):
+    """jax.nn's `local_window_size`: one int (symmetric) or (left, right), each a non-negative int."""
+    if window is None:
+        return None
+    parts = (window, window) if isinstance(window, numbers.Integral) else window
+    if (isinstance(window, (bool, np.bool_)) or not isinstance(parts, (tuple, list)) or len(parts) != 2
+            or not all(isinstance(p, numbers.Integral) and not isinstance(p, (bool, np.bool_)) for p in parts)):
+        raise ValueError(f"local_window_size must be an int or a pair (left, right) of ints, got {window!r}")
+    if min(parts) < 0:
+        raise ValueError(f"local_window_size must not be negative, got {window!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _check_cap(cap):
+    if cap is None:
+        return None
+    if not _is_number(cap) or not np.isfinite(cap) or cap <= 0:
+        raise ValueError(f"logits_soft_cap must be a positive finite number or None, got {cap!r}")
+    return float(cap)
+
+
+def _not_covered(query, key, value, bias, mask, window, cap, return_residual) -> str:
+    """Why the tuned kernels cannot run this call ('' when they can)."""
+    if bias is not None:
+        return "bias is given (the kernels take no additive bias)"
+    if mask is not None:
+        return "mask is given (the kernels take causal, padding lengths and segment ids, not an arbitrary mask)"
+    if window is not None:
+        return "local_window_size is given (the kernels have no sliding window yet)"
+    if cap is not None:
+        return "logits_soft_cap is given (the kernels have no soft-capping yet)"
+    if return_residual:
+        return "return_residual=True (the kernels do not return their log-sum-exp yet)"
+    if jnp.dtype(query.dtype).name not in DTYPES:
+        return f"dtype {jnp.dtype(query.dtype).name} (the kernels take {', '.join(DTYPES)})"
+    return ""
+
+
+def _kernel_name(implementation) -> str | None:
+    """The runtime's kernel for an implementation: None for the platform's; 'gpu'/'tpu' only where they run."""
+    if implementation in (None, "pallas"):
+        return None
+    platform = current_device().platform
+    if platform not in ("cpu-interpret", implementation):
+        raise ValueError(f"implementation={implementation!r} cannot run on {platform} (only there or in interpret "
+                         f"mode on a CPU); use 'pallas' for this platform's kernel")
+    return implementation
+
+
+def _user_stacklevel() -> int:
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_once(tag, message: str) -> None:
+    """One RuntimeWarning per tag per process, pointing at the first frame outside this package."""
+    with _lock:
+        if tag in _warned:
+            return
+        _warned.add(tag)
+    warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
+
+
+# ---- the two paths ------------------------------------------------------------------------------------------------
+
+def _tuned(query, key, value, *, scale, is_causal, q_lens, kv_lens, kernel):
+    """The tuned kernel, per device inside shard_map when the inputs are sharded over a mesh."""
+    layout = sharding.layout_of(query, key)
+    device = None if layout is None else layout.device
+
+    def body(q, k, v, q_lens, kv_lens):
+        return _kernel_call(q, k, v, scale=scale, is_causal=is_causal, q_lens=q_lens, kv_lens=kv_lens,
+                            kernel=kernel, device=device)
+
+    if layout is None:
+        return body(query, key, value, q_lens, kv_lens)
+    sharding.check_divides(layout, query, key)
+    return sharding.run_sharded(layout, body, query, key, value, q_lens, kv_lens)
+
+
+def _kernel_call(q, k, v, *, scale, is_causal, q_lens, kv_lens, kernel, device):
+    batch, q_len, heads, _ = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    ids = None
+    if q_lens is not None or kv_lens is not None:
+        q_pos, kv_pos = jnp.arange(q_len)[None, :], jnp.arange(kv_len)[None, :]
+        q_ids = (jnp.ones((batch, q_len), jnp.int32) if q_lens is None
+                 else jnp.where(q_pos < q_lens[:, None], 1, 2).astype(jnp.int32))
+        kv_ids = (jnp.ones((batch, kv_len), jnp.int32) if kv_lens is None
+                  else jnp.where(kv_pos < kv_lens[:, None], 1, 0).astype(jnp.int32))
+        ids = (q_ids, kv_ids)
+    out = runtime.flash_attention(q, k, v, causal=is_causal, segment_ids=ids, sm_scale=scale, kernel=kernel,
+                                  device=device)
+    if kv_lens is not None:
+        # jax.nn masks with a finite large negative number: a valid query row with no key (kv length 0) gets
+        # uniform weights over every key, padded ones included, i.e. the mean of all values.
+        mean_v = jnp.repeat(jnp.mean(v.astype(jnp.float32), axis=1), heads // kv_heads, axis=1).astype(out.dtype)
+        no_key = (kv_lens <= 0)[:, None, None, None]
+        if q_lens is not None:
+            no_key = no_key & (jnp.arange(q_len)[None, :] < q_lens[:, None])[:, :, None, None]
+        out = jnp.where(no_key, mean_v[:, None], out)
+    return out
+
+
+def _xla(query, key, value, bias, mask, *, scale, is_causal, q_lens, kv_lens, window, cap, implementation,
+         return_residual):
+    """jax.nn.dot_product_attention itself; with a soft cap (which jax.nn lacks) the same steps written out."""
+    if cap is None:
+        return jax.nn.dot_product_attention(
+            query, key, value, bias, mask, scale=scale, is_causal=is_causal, query_seq_lengths=q_lens,
+            key_value_seq_lengths=kv_lens, local_window_size=window, implementation=implementation,
+            return_residual=return_residual)
+    batch, q_len, heads, head_dim = query.shape
+    kv_len, kv_heads = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    qg = query.reshape(batch, q_len, kv_heads, groups, head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, key, preferred_element_type=jnp.float32)
+    logits = logits.reshape(batch, heads, q_len, kv_len) * scale
+    logits = cap * jnp.tanh(logits / cap)
+    if bias is not None:
+        logits = logits + jnp.asarray(bias).astype(jnp.float32)
+    keep = jnp.ones((1, 1, q_len, kv_len), bool)
+    rows, cols = jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :]
+    if mask is not None:
+        keep = keep & mask
+    if is_causal:
+        keep = keep & (cols <= rows)
+    if window is not None:
+        keep = keep & (cols >= rows - window[0]) & (cols <= rows + window[1])
+    if q_lens is not None:
+        keep = keep & (jnp.arange(q_len)[None, None, :, None] < q_lens[:, None, None, None])
+    if kv_lens is not None:
+        keep = keep & (jnp.arange(kv_len)[None, None, None, :] < kv_lens[:, None, None, None])
+    logits = jnp.where(keep, logits, -0.7 * float(jnp.finfo(jnp.float32).max))
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    probs = probs.reshape(batch, kv_heads, groups, q_len, kv_len)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, value).reshape(query.shape)
+    if q_lens is not None:
+        out = out * (jnp.arange(q_len)[None, :] < q_lens[:, None])[:, :, None, None].astype(out.dtype)
+    if not return_residual:
+        return out
+    lse = jax.nn.logsumexp(logits, axis=-1).astype(key.dtype).transpose(0, 2, 1)
+    return out, jax.lax.stop_gradient(lse)
