@@ -55,19 +55,20 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     cap = _check_cap(logits_soft_cap)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if mask is not None and jnp.asarray(mask).dtype != np.bool_:
+    mask_dtype = None if mask is None else (mask.dtype if hasattr(mask, "dtype") else np.asarray(mask).dtype)
+    if mask_dtype is not None and mask_dtype != np.bool_:
         raise ValueError(f"mask must be a boolean array (True: attend); pass an additive mask as bias, "
-                         f"got dtype {jnp.asarray(mask).dtype}")
+                         f"got dtype {mask_dtype}")
 
-    why = _not_covered(query, key, value, bias, mask, window, cap, return_residual)
+    why = _not_covered(query, bias, mask, window, cap, return_residual)
     if implementation in KERNEL_IMPLEMENTATIONS:
         if why:
             raise ValueError(f"implementation={implementation!r} cannot run this call: {why}; "
                              f"use implementation=None to fall back to XLA")
     elif implementation is None and why:
         warn_once((why, query.shape, key.shape, str(query.dtype)),
-                   f"autotune.dot_product_attention runs XLA, not the tuned kernel, for query {tuple(query.shape)} "
-                   f"and key {tuple(key.shape)}: {why}")
+                  f"autotune.dot_product_attention runs XLA, not the tuned kernel, for query {tuple(query.shape)} "
+                  f"and key {tuple(key.shape)}: {why}")
     if implementation in ("xla", "cudnn") or why:
         out = _xla(query, key, value, bias, mask, scale=scale, is_causal=bool(is_causal), q_lens=q_lens,
                    kv_lens=kv_lens, window=window, cap=cap, implementation=implementation or "xla",
@@ -167,7 +168,7 @@ def _check_cap(cap):
     return float(cap)
 
 
-def _not_covered(query, key, value, bias, mask, window, cap, return_residual) -> str:
+def _not_covered(query, bias, mask, window, cap, return_residual) -> str:
     """Why the tuned kernels cannot run this call ('' when they can)."""
     if bias is not None:
         return "bias is given (the kernels take no additive bias)"

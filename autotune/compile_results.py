@@ -10,11 +10,11 @@ and skips what the compiler rejected ahead of time and, unless spills are allowe
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from autotune.keys import PROBLEM_FIELDS
+from autotune.study import config_text  # configs compare as the study compares them: canonical JSON
 from db import Store, TrialRecord, TuningKey
 
 COMPILE_SUFFIX = "-compile"
@@ -39,11 +39,6 @@ def compile_key(kernel_name: str, kernel_version: str, platform: str, device_kin
     return TuningKey(kernel=kernel_name, kernel_version=kernel_version, platform=compile_platform(platform),
                      device_kind=device_kind, jax_version=jax_version,
                      **{name: getattr(problem, name) for name in PROBLEM_FIELDS})
-
-
-def config_text(config: dict) -> str:
-    """A config as compared across studies: canonical JSON (as autotune.study compares configs)."""
-    return json.dumps(config, sort_keys=True)
 
 
 def figures_of(result, target_name: str) -> dict[str, Any]:

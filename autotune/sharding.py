@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from autotune.device import DeviceInfo
 
@@ -74,16 +74,16 @@ def _size(mesh, entry) -> int:
 
 
 def _spec_of(x):
-    """The (mesh, spec) x is sharded by, from its type, or None when it is not sharded (or cannot say)."""
+    """The (mesh, spec) x's type carries, or None when it has no mesh (or cannot say)."""
     try:
         sharding = jax.typeof(x).sharding
     except Exception:  # noqa: BLE001 - numpy arrays, old avals: not sharded as far as we can see
         return None
     if not isinstance(sharding, NamedSharding) or sharding.mesh.empty:
         return None
-    if all(entry is None for entry in sharding.spec):
-        return None
-    return sharding.mesh, sharding.spec
+    if AxisType.Explicit not in tuple(sharding.mesh.axis_types):
+        return None  # Auto axes: the type does not say how x is sharded (declare it with `sharded_as`)
+    return sharding.mesh, sharding.spec  # a type with Explicit axes reaches Pallas only inside shard_map, even 1x1
 
 
 def _device_of_mesh(mesh) -> DeviceInfo | None:
@@ -99,7 +99,7 @@ def _device_of_mesh(mesh) -> DeviceInfo | None:
 
 
 def layout_of(query, key) -> Layout | None:
-    """The mesh layout of a call, or None when its inputs are not sharded; ValueError for layouts it cannot run."""
+    """The mesh layout of a call, or None when its inputs carry no mesh; ValueError for layouts it cannot run."""
     found = _spec_of(query)
     declared = _declared.get()
     if found is None and declared is not None:
@@ -120,8 +120,7 @@ def layout_of(query, key) -> Layout | None:
     if dim is not None:
         raise ValueError(f"the head_dim axis of query is sharded over mesh axis {dim!r}: shard only the batch and "
                          f"head axes, or use implementation='xla'")
-    layout = Layout(mesh, batch, heads, _device_of_mesh(mesh))
-    return layout if (_size(mesh, batch) > 1 or _size(mesh, heads) > 1) else None
+    return Layout(mesh, batch, heads, _device_of_mesh(mesh))
 
 
 def check_divides(layout: Layout, query, key) -> None:
@@ -131,8 +130,8 @@ def check_divides(layout: Layout, query, key) -> None:
     for what, n, entry in checks:
         size = _size(layout.mesh, entry)
         if n % size:
-            raise ValueError(f"the {what} ({n}) is not divisible by the size {size} of mesh axis {entry!r} it is "
-                             f"sharded over: shard it over fewer devices (GQA: at most the number of kv heads)")
+            raise ValueError(f"the {what} ({n}) cannot be split evenly over mesh axis {entry!r} of size {size}: "
+                             f"shard over fewer devices (GQA: at most as many as the kv heads)")
 
 
 def run_sharded(layout: Layout, body: Callable, *arrays):

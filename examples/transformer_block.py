@@ -6,7 +6,7 @@ Run it (on a CPU the kernel runs in Pallas interpret mode; a few seconds):
     python3 examples/transformer_block.py
 
 It checks that the block's outputs and gradients (with respect to every parameter and the input) match the XLA
-version and prints the largest differences.
+version and prints the largest differences, relative to the largest entry.
 """
 from __future__ import annotations
 
@@ -50,25 +50,25 @@ def loss(params, x, lengths, attention):
 
 
 def main() -> dict[str, float]:
-    """Run the block both ways; return the largest output and gradient differences (and fail if they are large)."""
+    """Run the block both ways; return the relative output and gradient differences (and fail if they are large)."""
     params = init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (2, 40, MODEL))
     lengths = jnp.array([40, 29], jnp.int32)  # the second row is padded after 29 tokens
 
-    xla = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=3)
-    # The one-line switch: hand the block autotune.dot_product_attention instead of jax.nn.dot_product_attention.
-    tuned = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=3)
-    want_out = block(params, x, lengths)
-    got_out = jax.jit(block, static_argnums=3)(params, x, lengths, autotune.dot_product_attention)
-    (_, want_grads), (_, got_grads) = (xla(params, x, lengths, jax.nn.dot_product_attention),
-                                       tuned(params, x, lengths, autotune.dot_product_attention))
-    diffs = {"output": float(jnp.max(jnp.abs(got_out - want_out)))}
-    diffs.update({f"grad {name}": float(jnp.max(jnp.abs(got_grads[0][name] - want_grads[0][name])))
-                  for name in sorted(params)})
-    diffs["grad x"] = float(jnp.max(jnp.abs(got_grads[1] - want_grads[1])))
-    for name, diff in diffs.items():
-        print(f"{name:>12}: max |tuned - xla| = {diff:.2e}")
-        assert diff < 2e-3, f"{name} differs from the XLA version by {diff}"
+    forward = jax.jit(block, static_argnums=3)
+    gradients = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=3)
+    want_out, want_grads = forward(params, x, lengths, jax.nn.dot_product_attention), gradients(
+        params, x, lengths, jax.nn.dot_product_attention)
+    attention = autotune.dot_product_attention  # the one-line switch (was: jax.nn.dot_product_attention)
+    got_out, got_grads = forward(params, x, lengths, attention), gradients(params, x, lengths, attention)
+    pairs = {"output": (got_out, want_out), "grad x": (got_grads[1], want_grads[1])}
+    pairs.update({f"grad {name}": (got_grads[0][name], want_grads[0][name]) for name in sorted(params)})
+    limit = 1e-3 if jax.default_backend() == "cpu" else 2e-2  # float32 dots may run as TF32 on a GPU
+    diffs = {}
+    for name, (got, want) in pairs.items():  # relative to the largest entry: gradients of a mean are small
+        diffs[name] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+        print(f"{name:>12}: max |tuned - xla| / max |xla| = {diffs[name]:.1e}")
+        assert diffs[name] < limit, f"{name} differs from the XLA version by {diffs[name]} (relative)"
     print("tuned block matches the XLA block")
     return diffs
 

@@ -7,7 +7,7 @@ import html
 from collections import defaultdict
 
 from autotune.commands.common import describe_problem
-from autotune.compile_results import trial_spills
+from autotune.compile_results import peak_bytes, trial_spills
 
 OUTCOME_COLORS = {"compiled": "#1a9850", "spilled": "#fdae61", "resource_exhausted": "#d73027",
                   "failed": "#7570b3"}
@@ -25,12 +25,6 @@ def outcome(trial) -> str:
     if trial.status == "compiled":
         return "spilled" if trial_spills(trial) else "compiled"
     return "resource_exhausted" if trial.status == "resource_exhausted" else "failed"
-
-
-def peak(trial) -> int | None:
-    figures = trial.figures or {}
-    sizes = [k.get("memory_bytes") or 0 for k in figures.get("kernels") or []]
-    return max(sizes) if sizes else figures.get("requested_bytes")
 
 
 def _order(value):
@@ -63,7 +57,7 @@ def compile_map(key, trials: list) -> str | None:
                 continue
             outcomes = [outcome(t) for t in ts]
             worst = max(outcomes, key=SEVERITY.index)
-            peaks = [p for p in (peak(t) for t in ts) if p is not None]
+            peaks = [p for p in (peak_bytes(t) for t in ts) if p is not None]
             label = f"{max(peaks) / 1024:.0f}K" if peaks else "-"
             counts = ", ".join(f"{outcomes.count(o)} {OUTCOME_WORDS[o]}" for o in SEVERITY if o in outcomes)
             tip = f"block_q={q} block_k={k}: {counts}; largest memory figure {label}B ({len(ts)} config(s))"

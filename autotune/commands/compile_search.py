@@ -13,8 +13,8 @@ from collections import Counter
 
 import click
 
-from autotune.commands.common import (database_errors, describe_problem, plural, print_table, specs_from_flags,
-                                      where)
+from autotune.commands.common import (database_errors, describe_problem, open_store, plural, print_table,
+                                      specs_from_flags, where, worker_settings)
 from autotune.compilers import INSTALL_HINT, compilers_missing
 from autotune.targets import TARGETS
 
@@ -46,7 +46,6 @@ def run_target_command(*, target_text: str, kernel: str | None, shapes: str | No
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--target") from None
     specs = specs_from_flags(flags, shapes)  # bad problems stop here, before any write
-    from autotune.commands.common import open_store, worker_settings
     from autotune.device import current_device
 
     worker_settings()
@@ -59,7 +58,7 @@ def run_target_command(*, target_text: str, kernel: str | None, shapes: str | No
             summaries = _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet)
     finally:
         store.close()
-    print_compile_summary(summaries, store)
+    print_compile_summary(summaries)
 
 
 def _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet):
@@ -103,7 +102,7 @@ def _compile(plans, store, device, target_text, trials, seed, trial_timeout, qui
     return summaries
 
 
-def print_compile_summary(summaries, store) -> None:
+def print_compile_summary(summaries) -> None:
     """One row per target and problem: what compiled, spilled and failed (by class), and what was left out."""
     rows = []
     for s in summaries:

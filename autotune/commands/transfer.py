@@ -86,8 +86,9 @@ def import_command(file, device_kind, kernel_filter, dtype_filter, causal_filter
         compiled = [t for t in compiled if key_matches(t.key, filters)]
         added = merge_compile_trials(store, compiled) if compiled else 0
     counts = {"records": len(offers), "selected": len(chosen), "imported": sum(stored),
-              "kept_existing": len(stored) - sum(stored), "compile_trials": len(compiled),
-              "compile_trials_added": added}
+              "kept_existing": len(stored) - sum(stored)}
+    if "compile_trials" in document:  # a version 2 document (db/compile_transfer.py)
+        counts.update(compile_trials=len(compiled), compile_trials_added=added)
     if as_json:
         echo_json(counts)
         return

@@ -152,7 +152,8 @@ def _smem(fixed_rows: int, streamed_rows: int, m_rows: int, block_q: int, block_
       single-stage loop of the forward or dq stages one of k and v at a time; a [block_q, block_k] probability tile
       goes through shared memory on its way to the second dot (two for float32 on Hopper; on Ampere only for
       block_q <= 64 in the forward), plus 1 KiB of barriers and small scratch;
-    - dk/dv also buffers the float32 lse and delta of its streamed query rows.
+    - dk/dv also buffers the float32 lse and delta of its streamed query rows; with segment ids, the int32 ids of
+      the streamed rows are buffered `stages` deep.
     """
     row = _tile_bytes(problem)
     itemsize = jnp.dtype(problem.dtype).itemsize
@@ -174,7 +175,8 @@ def _smem(fixed_rows: int, streamed_rows: int, m_rows: int, block_q: int, block_
         tiles = 1 if block_q <= 64 else 0
     else:
         tiles = 1
-    return (fixed_rows + streamed_rows * buffers) * row + stats * buffers + tile * tiles + KIB
+    ids = 4 * (block_q if dkv else block_k) * stages if problem.segments else 0  # streamed segment ids
+    return (fixed_rows + streamed_rows * buffers) * row + stats * buffers + tile * tiles + ids + KIB
 
 
 def forward_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem,
