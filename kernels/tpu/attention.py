@@ -17,12 +17,8 @@ import jax.numpy as jnp
 from kernels.problem import Problem, check_inputs, resolve_scale
 from kernels.tpu.backward import backward
 from kernels.tpu.common import NO_KEY_LSE, Static
-from kernels.tpu.config import Config, invalid_reasons, vmem_limit_bytes
+from kernels.tpu.config import Config, invalid_reasons, round_up, vmem_limit_bytes
 from kernels.tpu.forward import forward
-
-
-def _round_up(x: int, unit: int) -> int:
-    return -(-x // unit) * unit
 
 
 def _kernel_dtype(dtype) -> jnp.dtype:
@@ -52,6 +48,12 @@ def _resize(x: jax.Array, true_len: int, length: int, fill: float = 0.0) -> jax.
     return jnp.pad(x, widths, constant_values=fill)
 
 
+def _kernel_precision():
+    """Trace the kernels with 32-bit defaults even under `jax_enable_x64`: Mosaic cannot lower the int64 grid
+    indices and float64 constants that Python literals become there (its operands are 32-bit already)."""
+    return jax.enable_x64(False)
+
+
 def _ids(q_ids, kv_ids, q_len: int, kv_len: int):
     """Segment ids padded to the kernels' lengths, or (None, None)."""
     if q_ids is None:
@@ -62,11 +64,12 @@ def _ids(q_ids, kv_ids, q_len: int, kv_len: int):
 
 
 def _forward(st: Static, config: Config, q, k, v, q_ids, kv_ids, save_lse: bool):
-    q_pad = _round_up(st.q_len, config.block_q)
-    kv_pad = _round_up(st.kv_len, config.block_k_major)
+    q_pad = round_up(st.q_len, config.block_q)
+    kv_pad = round_up(st.kv_len, config.block_k_major)
     qt, kt, vt = _to_kernel(q, q_pad), _to_kernel(k, kv_pad), _to_kernel(v, kv_pad)
     q_ids_p, kv_ids_p = _ids(q_ids, kv_ids, q_pad, kv_pad)
-    out_t, lse = forward(qt, kt, vt, q_ids_p, kv_ids_p, st=st, config=config, save_lse=save_lse)
+    with _kernel_precision():
+        out_t, lse = forward(qt, kt, vt, q_ids_p, kv_ids_p, st=st, config=config, save_lse=save_lse)
     return _from_kernel(out_t, st.q_len, q.dtype), (qt, kt, vt, out_t, lse)
 
 
@@ -86,14 +89,15 @@ def _attention_fwd(st: Static, config: Config, problem: Problem, q, k, v, q_ids,
 def _attention_bwd(st: Static, config: Config, problem: Problem, res, d_out):
     qt, kt, vt, out_t, lse, q_ids, kv_ids = res
     dtype = jnp.dtype(problem.dtype)
-    q_pad = _round_up(st.q_len, config.bwd_block_q)
-    kv_pad = _round_up(st.kv_len, config.bwd_block_k_major)
+    q_pad = round_up(st.q_len, config.bwd_block_q)
+    kv_pad = round_up(st.kv_len, config.bwd_block_k_major)
     qt, out_t = _resize(qt, st.q_len, q_pad), _resize(out_t, st.q_len, q_pad)
     lse = _resize(lse, st.q_len, q_pad, fill=NO_KEY_LSE)  # padded rows: p == 0
     kt, vt = _resize(kt, st.kv_len, kv_pad), _resize(vt, st.kv_len, kv_pad)
     do_t = _to_kernel(d_out, q_pad)
     q_ids_p, kv_ids_p = _ids(q_ids, kv_ids, q_pad, kv_pad)
-    dq, dk, dv = backward(qt, kt, vt, out_t, lse, do_t, q_ids_p, kv_ids_p, st=st, config=config)
+    with _kernel_precision():
+        dq, dk, dv = backward(qt, kt, vt, out_t, lse, do_t, q_ids_p, kv_ids_p, st=st, config=config)
     return (_from_kernel(dq, st.q_len, dtype), _from_kernel(dk, st.kv_len, dtype),
             _from_kernel(dv, st.kv_len, dtype), None, None)
 

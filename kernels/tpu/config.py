@@ -36,8 +36,8 @@ class Config(IntConfig):
     def default(cls, problem: Problem, *, device_kind: str | None = None) -> "Config":
         """A heuristic config that is valid for the problem: big blocks, shrunk until the VMEM estimate fits the
         device's limit (the smallest chip's when `device_kind` is None)."""
-        q_full = _round_up(problem.q_len, SUBLANES)
-        kv_full = _round_up(problem.kv_len, LANES)
+        q_full = round_up(problem.q_len, SUBLANES)
+        kv_full = round_up(problem.kv_len, LANES)
         block_q, block_k_major = min(512, q_full), min(512, kv_full)
         # backward: 256-blocks, or one block when the sequence fits in 512 (less padding than 256-blocks)
         bwd_q = q_full if q_full <= 512 else 256
@@ -50,7 +50,7 @@ class Config(IntConfig):
         return _shrink(config, fits_backward, "bwd_block_q", "bwd_block_k_major", "bwd_block_k")
 
 
-def _round_up(x: int, unit: int) -> int:
+def round_up(x: int, unit: int) -> int:
     return -(-x // unit) * unit
 
 
@@ -67,21 +67,21 @@ def _shrink(config: Config, fits, q_name: str, kv_name: str, k_name: str) -> Con
 
 def _halve(block: int) -> int:
     """Half a block, kept a multiple of 128 (blocks above 128 here are always multiples of 128 or small)."""
-    return max(LANES, _round_up(block // 2, LANES))
+    return max(LANES, round_up(block // 2, LANES))
 
 
 def search_space(problem: Problem) -> dict[str, tuple[int, ...]]:
     """Candidate values per field, capped near the padded lengths; backward fields only when the problem has one."""
 
     def q_blocks(cap: int) -> tuple[int, ...]:
-        full = _round_up(problem.q_len, SUBLANES)
+        full = round_up(problem.q_len, SUBLANES)
         values = {b for b in (128, 256, 512, 1024) if b < full and b <= cap}
         if full <= cap:
             values.add(full)  # one block over the whole (padded) query length
         return tuple(sorted(values))
 
     def kv_blocks(cap: int) -> tuple[int, ...]:
-        full = _round_up(problem.kv_len, LANES)
+        full = round_up(problem.kv_len, LANES)
         values = {b for b in (128, 256, 512, 1024, 2048) if b < full and b <= cap}
         if full <= cap:
             values.add(full)
@@ -131,7 +131,7 @@ def kernel_itemsize(problem: Problem) -> int:
 def _tile(rows: int, cols: int, itemsize: int) -> int:
     """VMEM bytes of a [rows, cols] tile after padding to the native (sublane, lane) tiling."""
     sublanes = SUBLANES * max(1, 4 // itemsize)
-    return _round_up(rows, sublanes) * _round_up(cols, LANES) * itemsize
+    return round_up(rows, sublanes) * round_up(cols, LANES) * itemsize
 
 
 # Temporaries per kernel (forward, dq, dk/dv) and TPU generation: coefficients of five sizes (below), fitted as
@@ -218,7 +218,7 @@ def backward_vmem_bytes(config: Config, problem: Problem, device_kind: str | Non
 def _block_reasons(prefix: str, bq: int, bkm: int, bk: int, problem: Problem) -> list[str]:
     reasons = []
     q_unit = LANES if prefix else SUBLANES  # the dk/dv kernel lays query rows along lanes
-    q_cap, kv_cap = _round_up(problem.q_len, LANES), _round_up(problem.kv_len, LANES)
+    q_cap, kv_cap = round_up(problem.q_len, LANES), round_up(problem.kv_len, LANES)
     if bkm % bk:
         reasons.append(f"{prefix}block_k ({bk}) must divide {prefix}block_k_major ({bkm})")
     whole_kv = bk == bkm >= problem.kv_len  # one block over the whole padded kv: any size tiles
