@@ -83,7 +83,7 @@ class Search:
         pending: deque = deque()
         best, default_time = study.best_value(), study.default_value()
         since_best = skips = 0
-        asking, budget_spent = True, False
+        asking, budget_spent, room_again = True, False, False
         slot_start = time.perf_counter()  # the main thread's time is cut into one slot per evaluated trial
         try:
             while True:
@@ -92,9 +92,12 @@ class Search:
                     if self._out_of_time(started) or skips > MAX_SKIPS:
                         asking = False
                         break
-                    if study.budget_taken():  # no trial is created that could not be evaluated
+                    # No trial is created that could not be evaluated; but the ask-time view is stale right after
+                    # a fresh read found room again (a trial of a dead worker did not count): `admit` decides then.
+                    if not room_again and study.budget_taken():
                         asking, budget_spent = False, True
                         break
+                    room_again = False
                     trial, config = study.ask()
                     verdict = study.admit(trial, config)
                     if verdict == "go":
@@ -110,7 +113,8 @@ class Search:
                         skips += 1
                 if not pending:
                     if budget_spent and study.wait_for_others(lambda: self._out_of_time(started)):
-                        asking, budget_spent = True, False  # a trial of another worker did not count after all
+                        # a trial of another worker did not count after all
+                        asking, budget_spent, room_again = True, False, True
                         continue
                     break
                 # Evaluate the oldest candidate, tell the study, record it.
