@@ -4,8 +4,8 @@ labelled with the largest shared-memory or VMEM figure of its configs. Every sto
 from __future__ import annotations
 
 import html
-from collections import defaultdict
 
+from autotune.commands.block_cells import block_cells
 from autotune.commands.common import describe_problem
 from autotune.compile_results import peak_bytes, trial_spills
 
@@ -27,20 +27,11 @@ def outcome(trial) -> str:
     return "resource_exhausted" if trial.status == "resource_exhausted" else "failed"
 
 
-def _order(value):
-    return (0, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, str(value))
-
-
 def compile_map(key, trials: list) -> str | None:
     """One compile-only key's map (None when its configs have no block_q/block_k)."""
-    cells: dict[tuple, list] = defaultdict(list)
-    for t in trials:
-        if "block_q" in t.config and "block_k" in t.config:
-            cells[(t.config["block_q"], t.config["block_k"])].append(t)
+    cells, rows, cols = block_cells(trials)
     if not cells:
         return None
-    rows = sorted({q for q, _ in cells}, key=_order)
-    cols = sorted({k for _, k in cells}, key=_order)
     cw, ch, left, top = 84, 40, 60, 44
     width, height = max(left + cw * len(cols) + 20, 420), top + ch * len(rows) + 40
     title = f"{key.device_kind}: {describe_problem(key)}"

@@ -8,13 +8,13 @@ number of marks the browser actually drew (`data-drawn`), which is what the test
 from __future__ import annotations
 
 import html
-import json
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from datetime import datetime, timezone
 
 import click
 
+from autotune.commands.block_cells import block_cells
 from autotune.commands.compile_report import compile_section
 from autotune.compile_results import is_compile_only
 from autotune.commands.common import (database_errors, db_option, describe_problem, filter_options, first_line,
@@ -153,13 +153,6 @@ def convergence_chart(title: str, trials: list) -> str:
     return svg("convergence", width, height, body, f"convergence of {title}")
 
 
-def _order(value) -> tuple:
-    """Numbers in numeric order, then anything else (a user kernel's string tunables) by its text: mixed types in
-    one field must not stop the report."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return (0, value, "") if number else (1, 0, json.dumps(value, sort_keys=True, default=str))
-
-
 def heat_colour(fraction: float) -> str:
     for (f0, c0), (f1, c1) in zip(HEAT_STOPS, HEAT_STOPS[1:]):
         if fraction <= f1:
@@ -170,13 +163,9 @@ def heat_colour(fraction: float) -> str:
 
 def heat_map(trials: list) -> str | None:
     """The best ok time per (block_q, block_k) cell of one key's trials; None if its configs have no such fields."""
-    cells: dict[tuple, list] = defaultdict(list)
-    for t in trials:
-        if "block_q" in t.config and "block_k" in t.config:
-            cells[(t.config["block_q"], t.config["block_k"])].append(t)
+    cells, rows, cols = block_cells(trials)
     if not cells:
         return None
-    rows, cols = sorted({q for q, _ in cells}, key=_order), sorted({k for _, k in cells}, key=_order)
     times = {cell: min(t.time_s for t in ts if t.status == "ok" and t.time_s is not None)
              for cell, ts in cells.items() if any(t.status == "ok" and t.time_s is not None for t in ts)}
     low, high = (min(times.values()), max(times.values())) if times else (1.0, 1.0)
