@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 import kernels.environment  # noqa: F401  (before any test module imports jax: quiet optional compilers on a CPU)
+from db import Store
 
 try:
     from tests.pg_server import PostgresUnavailable, start_postgres
@@ -21,6 +22,14 @@ def no_worker_outlives_its_test() -> Iterator[None]:
     """Worker processes a failed test left running are killed, so they cannot hold a database or a core."""
     yield
     stop_workers()
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A fresh results database in the test's folder, closed after the test."""
+    opened = Store(tmp_path / "results.db")
+    yield opened
+    opened.close()
 
 
 @pytest.fixture(scope="session")

@@ -35,12 +35,6 @@ def make_key(**changes: object) -> TuningKey:
     return TuningKey(**fields)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    opened = Store(tmp_path / "results.db")
-    yield opened
-    opened.close()
-
 
 def snapshot(path: Path) -> tuple[str, list[str]]:
     """The file's hash and its directory's listing: refusing to open must change neither."""

@@ -62,12 +62,6 @@ def positive_blocks(key: TuningKey, config: Any) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    opened = Store(tmp_path / "results.db")
-    yield opened
-    opened.close()
-
 
 def folder_state(path: Path) -> tuple[str, list[str]]:
     """A file's hash (or 'absent') and its folder's listing: a refused or reading open must change neither."""

@@ -11,16 +11,9 @@ from autotune.options import SearchOptions
 from autotune.retime import AllCandidatesFailed
 from autotune.scheduler import claimed, tune_list
 from autotune.shapes import spec_from_fields
-from db import Store
 
 SPECS = [spec_from_fields({"batch": b, "seq_len": 32, "heads": 1, "head_dim": 16}) for b in (1, 2, 3)]
 
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "claims.db")
-    yield s
-    s.close()
 
 
 def claim_of(spec, options) -> str:

@@ -28,12 +28,6 @@ def options(**kw) -> SearchOptions:
     return SearchOptions(**{**base, **kw})
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "results.db")
-    yield s
-    s.close()
-
 
 @pytest.mark.slow
 def test_search_stores_a_best_no_slower_than_the_default(store):
