@@ -16,18 +16,16 @@ import os
 import shlex
 import sys
 import threading
-import urllib.parse
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
 
-from sqlalchemy.engine import make_url
 
 from autotune.device import DeviceInfo, current_device, device_of
 from autotune.keys import make_key, shape_distance
 from autotune.kernels_registry import device_kind_of, kernel_for_platform, load_kernel
+from autotune.settings import RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
 from db import Store, TuningKey, default_url, resolve_url
 from db.urls import display_url, scrub, sqlite_file
 from kernels import Problem, canonical_dtype, check_inputs
@@ -131,17 +129,6 @@ def _warn_once(tag: Any, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
 
 
-def _sqlite_path(url: str) -> Path | None:
-    """The file an SQLite URL names, `file:` URIs (e.g. `?mode=ro`) included; None for other databases."""
-    path = sqlite_file(url)
-    if path is not None:
-        return path
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and (parsed.database or "").startswith("file:"):
-        return Path(urllib.parse.unquote(urllib.parse.urlsplit(parsed.database).path))
-    return None
-
-
 def _store(url: str) -> tuple[Store | None, str]:
     """The open store for a URL, or None and why not (missing, or cannot be opened). Never creates a database;
     never warns: the caller folds the reason into the one warning of the call."""
@@ -149,13 +136,13 @@ def _store(url: str) -> tuple[Store | None, str]:
         if url in _stores:
             return _stores[url]
         store, why = None, ""
-        path = _sqlite_path(url)
+        path = sqlite_file(url, uris=True)  # `file:` URIs (e.g. `?mode=ro`) included
         if path is not None and not path.exists():
             why = f"there is no results database at {path}"
         else:
             try:
                 # Inference waits little for a locked database: the heuristic beats a stalled model.
-                store = Store(url, busy_timeout_s=float(os.environ.get("AUTOTUNE_DB_BUSY_TIMEOUT", "1")),
+                store = Store(url, busy_timeout_s=busy_timeout_s(RUNTIME_BUSY_TIMEOUT_S),
                               create=False, read_only=None)  # never creates; read-only where it cannot write
             except Exception as exc:  # noqa: BLE001 - inference must never break on the database
                 why = f"the results database {display_url(url)} cannot be opened ({scrub(str(exc), url)})"

@@ -22,6 +22,7 @@ HEARTBEAT_INTERVAL = "AUTOTUNE_HEARTBEAT_INTERVAL"
 HEARTBEAT_GRACE = "AUTOTUNE_HEARTBEAT_GRACE"
 CLAIM_TTL = "AUTOTUNE_CLAIM_TTL"
 DEFAULT_BUSY_TIMEOUT_S = 60.0
+RUNTIME_BUSY_TIMEOUT_S = 1.0
 MAX_SECONDS = 1e6  # about 11.6 days: no wait, lease or heartbeat is longer (and inf or NaN would never end)
 
 
@@ -63,7 +64,8 @@ def settings() -> WorkerSettings:
                           grace_period_s=grace, claim_ttl_s=_number(CLAIM_TTL, 60.0, integer=False))
 
 
-def busy_timeout_s() -> float:
-    """$AUTOTUNE_DB_BUSY_TIMEOUT, else 60 s: how long an SQLite writer waits for another process's lock. The one
-    place it is read (the search, the inspection commands and the runtime all open the database with it)."""
-    return _number(BUSY_TIMEOUT, DEFAULT_BUSY_TIMEOUT_S, integer=False)
+def busy_timeout_s(default: float = DEFAULT_BUSY_TIMEOUT_S) -> float:
+    """$AUTOTUNE_DB_BUSY_TIMEOUT, else `default`: how long an SQLite writer waits for another process's lock. The one
+    place it is read: the search and the commands wait 60 s by default, the runtime 1 s (`RUNTIME_BUSY_TIMEOUT_S`:
+    inference is better served by the heuristic config than by a stalled model)."""
+    return _number(BUSY_TIMEOUT, default, integer=False)

@@ -58,13 +58,17 @@ def resolve_url(url_or_path: str | os.PathLike[str]) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The file behind an SQLite URL, or None for an in-memory SQLite database or another backend."""
+def sqlite_file(url: str, *, uris: bool = False) -> Path | None:
+    """The file behind an SQLite URL, or None for an in-memory SQLite database or another backend. A `file:` URI
+    (`sqlite:///file:PATH?mode=ro&uri=true`) gives its file only with `uris`: callers that rebuild or open the URL
+    themselves must keep such a URI as it is."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     if parsed.database.startswith("file:"):
-        return None
+        if not uris or in_memory(url):
+            return None
+        return Path(urllib.parse.unquote(urllib.parse.urlsplit(parsed.database).path))
     return Path(parsed.database)
 
 
