@@ -276,3 +276,26 @@ def test_three_quick_ctrl_c_end_a_search_cleanly(tmp_path: Path) -> None:
     assert "Traceback" not in errors and "terminate called" not in errors and "FATAL" not in errors, errors
     with Store(tmp_path / "r.db", read_only=True) as store:
         assert [run.status for run in store.runs()] == ["interrupted"]
+
+
+def test_a_database_error_raised_while_ctrl_c_unwinds_is_the_interrupt(tmp_path: Path) -> None:
+    """Ctrl-C landing in the middle of a commit surfaces as SQLAlchemy's "This transaction is closed" (seen in CI):
+    the command must end as interrupted (exit 130), not blame the database; a database error alone still does."""
+    import click
+    from sqlalchemy.exc import InvalidRequestError
+
+    from autotune.commands.common import database_errors
+
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with database_errors(store):
+                try:
+                    raise KeyboardInterrupt
+                except KeyboardInterrupt:
+                    raise InvalidRequestError("This transaction is closed")
+        with pytest.raises(click.ClickException, match="cannot be used: it failed: This transaction is closed"):
+            with database_errors(store):
+                raise InvalidRequestError("This transaction is closed")
+    finally:
+        store.close()

@@ -132,7 +132,21 @@ def database_errors(store) -> Iterator[None]:
     try:
         yield
     except (SQLAlchemyError, StorageInternalError, DatabaseError, OSError) as exc:
+        if caused_by_ctrl_c(exc):  # Ctrl-C inside a commit: the driver's next words hide the interrupt
+            raise KeyboardInterrupt from exc
         raise click.ClickException(describe_database_error(exc, display_url(store.url))) from None
+
+
+def caused_by_ctrl_c(exc: BaseException) -> bool:
+    """Whether `exc` was raised while a KeyboardInterrupt was being handled (SQLAlchemy's "This transaction is
+    closed" when Ctrl-C lands in the middle of a commit)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def missing_database(db: str | None):

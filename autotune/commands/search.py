@@ -24,12 +24,14 @@ from autotune.shapes import ProblemSpec
 from db.urls import display_url, resolve_url
 
 MAX_TRIALS = 1_000_000  # per study: far beyond any search space, and within every counter's range
+_CTRL_C_SEEN = threading.Event()  # once set, a failure on the way out is the interrupt's doing, not the database's
 
 
 def _stop_on_first_ctrl_c(_signum, _frame) -> None:
     """The first Ctrl-C stops the search (KeyboardInterrupt); more while it shuts down are ignored, so the run is
     recorded and the process ends cleanly instead of with tracebacks from its cleanup or an abort."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _CTRL_C_SEEN.set()
     raise KeyboardInterrupt
 
 
@@ -128,6 +130,7 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
         click.echo(f"Skipping problem {index + 1} for now: tuned or being tuned by another worker.", err=True)
 
     status, failures, report = "failed", [], None
+    _CTRL_C_SEEN.clear()
     try:
         with database_errors(store):
             report = tune_list(
@@ -139,8 +142,10 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
         if report.out_of_time:
             click.echo("Time is up: the remaining problems are left for a later run.", err=True)
         status = "failed" if failures else "ok"
-    except KeyboardInterrupt:
-        status = "interrupted"
+    except (KeyboardInterrupt, click.ClickException) as exc:
+        if isinstance(exc, click.ClickException) and not _CTRL_C_SEEN.is_set():
+            raise
+        status = "interrupted"  # a database error after Ctrl-C (a commit cut short) is the interrupt too
         click.echo("\nInterrupted: every finished trial is stored; run the same command to resume.", err=True)
         sys.exit(130)
     finally:
