@@ -31,6 +31,10 @@ class Problem:
     causal: bool = False
     segments: bool = False
     backward: bool = False
+    window_left: int | None = None  # sliding window: query i sees keys i - left .. i + right (None: no bound)
+    window_right: int | None = None
+    softcap: float | None = None  # scores become softcap * tanh(scores / softcap) (Gemma 2)
+    lengths: bool = False  # per-row padding lengths are given at run time (q_lengths, kv_lengths)
 
     def __post_init__(self) -> None:
         for name in ("batch", "q_len", "kv_len", "heads", "kv_heads", "head_dim"):
@@ -42,11 +46,25 @@ class Problem:
             raise ValueError(f"kv_heads must divide heads, got heads={self.heads} and kv_heads={self.kv_heads}")
         dtype = canonical_dtype(self.dtype, "dtype")
         object.__setattr__(self, "dtype", dtype)
-        for name in ("causal", "segments", "backward"):
+        for name in ("causal", "segments", "backward", "lengths"):
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
                 raise ValueError(f"{name} must be a boolean, got {value!r}")
             object.__setattr__(self, name, bool(value))
+        for name in ("window_left", "window_right"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+                    raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
+                object.__setattr__(self, name, int(value))
+        object.__setattr__(self, "softcap", check_softcap(self.softcap))
+
+    @property
+    def window(self) -> tuple[int | None, int | None] | None:
+        """(left, right) of the sliding window, None without one; causal attention adds right = 0 on its own."""
+        if self.window_left is None and self.window_right is None:
+            return None
+        return self.window_left, self.window_right
 
     @property
     def groups(self) -> int:
@@ -54,9 +72,9 @@ class Problem:
         return self.heads // self.kv_heads
 
     def flops(self) -> float:
-        """Forward FLOPs by the usual count (4*b*h*q*k*d, halved when causal); backward is 2.5x this."""
-        f = 4.0 * self.batch * self.heads * self.q_len * self.kv_len * self.head_dim
-        return f / 2 if self.causal else f
+        """Forward FLOPs of the visible (query, key) pairs, 4*d each (2 matmuls); backward is 2.5x this."""
+        return 4.0 * self.batch * self.heads * self.head_dim * visible_pairs(
+            self.q_len, self.kv_len, causal=self.causal, window=self.window)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,6 +91,72 @@ class Problem:
         return dataclasses.replace(self, **changes)
 
 
+def visible_pairs(q_len: int, kv_len: int, *, causal: bool, window) -> float:
+    """How many (query, key) pairs the mask lets through (every row: keys max(0, i-left)..min(kv_len-1, i+right))."""
+    left, right = window if window is not None else (None, None)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    rows = np.arange(q_len, dtype=np.int64)
+    first = np.zeros_like(rows) if left is None else np.maximum(rows - left, 0)
+    last = np.full_like(rows, kv_len - 1) if right is None else np.minimum(rows + right, kv_len - 1)
+    return float(np.maximum(last - first + 1, 0).sum())
+
+
+def check_softcap(softcap, name: str = "softcap") -> float | None:
+    """A soft cap must be a positive finite number (or None: no capping)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"{name} must be a positive finite number or None, got {softcap!r}")
+    return float(softcap)
+
+
+def check_window(window, name: str = "window") -> tuple[int | None, int | None] | None:
+    """A sliding window as (left, right): one int w means (w, w) (jax.nn's `local_window_size`); each side a
+    non-negative int, or None for no bound on that side."""
+    if window is None:
+        return None
+    def side(x) -> bool:
+        return x is None or (isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and x >= 0)
+    if side(window):
+        return int(window), int(window)
+    if isinstance(window, (tuple, list)) and len(window) == 2 and all(side(x) for x in window):
+        left, right = (None if x is None else int(x) for x in window)
+        return None if left is None and right is None else (left, right)
+    raise ValueError(f"{name} must be a non-negative int or a pair (left, right) of non-negative ints or None, "
+                     f"got {window!r}")
+
+
+def check_lengths(lengths, name: str, batch: int, seq: int):
+    """Per-row lengths as an int32 [batch] array clipped to [0, seq] (None stays None); concrete values must be in
+    0..seq."""
+    if lengths is None:
+        return None
+    if not hasattr(lengths, "shape") or not hasattr(lengths, "dtype"):
+        if isinstance(lengths, (bool, np.bool_)) or not isinstance(lengths, (list, tuple, np.ndarray)):
+            raise ValueError(f"{name} must be an integer array of shape ({batch},), got {type(lengths).__name__}")
+        lengths = np.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array of shape ({batch},), got dtype {jnp.dtype(lengths.dtype)}")
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one length per batch row), got {tuple(lengths.shape)}")
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        if values.size and (values.min() < 0 or values.max() > seq):
+            raise ValueError(f"{name} must be between 0 and the sequence length {seq}, got {values.tolist()}")
+    return jnp.clip(jnp.asarray(lengths), 0, seq).astype(jnp.int32)
+
+
+def full_lengths(q_lengths, kv_lengths, problem: "Problem"):
+    """Both length arrays (a missing one: the whole sequence), for kernels that take both or none."""
+    if q_lengths is None:
+        q_lengths = jnp.full((problem.batch,), problem.q_len, jnp.int32)
+    if kv_lengths is None:
+        kv_lengths = jnp.full((problem.batch,), problem.kv_len, jnp.int32)
+    return q_lengths, kv_lengths
+
+
 def canonical_dtype(dtype: Any, name: str = "dtype") -> str:
     """Return the dtype's name if it is one the kernels support, else raise naming the argument."""
     try:
@@ -84,11 +168,14 @@ def canonical_dtype(dtype: Any, name: str = "dtype") -> str:
     return canonical
 
 
-def check_inputs(q, k, v, segment_ids=None, *, causal: bool = False):
+def check_inputs(q, k, v, segment_ids=None, *, causal: bool = False, window=None, softcap=None,
+                 lengths: bool = False):
     """Validate q, k, v and segment ids; return (Problem, q_ids, kv_ids) with ids as int32 arrays or None.
 
     Layout: q [batch, q_len, heads, head_dim], k and v [batch, kv_len, kv_heads, head_dim].
     `segment_ids` is one int array [batch, seq] (only when q_len == kv_len) or a pair (q_ids, kv_ids).
+    `window` (see `check_window`) and `softcap` go into the Problem; `lengths` says per-row lengths are given
+    (check them with `check_lengths`).
     """
     if not isinstance(causal, (bool, np.bool_)):  # one rule for every kernel: bool(x) would accept anything
         raise TypeError(f"causal must be a bool (Python or numpy), got {type(causal).__name__} {causal!r}")
@@ -133,8 +220,15 @@ def check_inputs(q, k, v, segment_ids=None, *, causal: bool = False):
     problem = Problem(
         batch=batch, q_len=q_len, kv_len=kv_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         dtype=jnp.dtype(q.dtype).name, causal=bool(causal), segments=segment_ids is not None,
+        **window_fields(check_window(window)), softcap=check_softcap(softcap), lengths=bool(lengths),
     )
     return problem, q_ids, kv_ids
+
+
+def window_fields(window) -> dict[str, int | None]:
+    """A checked (left, right) window (or None) as Problem's window_left and window_right."""
+    left, right = window if window is not None else (None, None)
+    return {"window_left": left, "window_right": right}
 
 
 def _check_ids(ids, name: str, shape: tuple[int, int]):
