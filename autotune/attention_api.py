@@ -1,11 +1,11 @@
 """`autotune.dot_product_attention`: the signature and results of `jax.nn.dot_product_attention`, on the tuned kernels.
 
 Models call attention the way jax.nn spells it; switching them to the tuned kernels should change one name. What the
-kernels express exactly runs them through the runtime (tuned config, misses counted): causal (top-left, as jax.nn),
-GQA, any scale, and padding lengths, which become segment ids: valid positions get id 1, keys past
-`key_value_seq_lengths` id 0 and queries past `query_seq_lengths` id 2, so padded keys are never seen and padded
-query rows see nothing and return zeros, as jax.nn returns them. The rest (`bias`, `mask`, `local_window_size`,
-`logits_soft_cap`, `return_residual`) runs in XLA, with one warning per shape and reason: the kernels cannot do it yet.
+kernels express runs them through the runtime (tuned config, misses counted): causal (top-left, as jax.nn), GQA,
+any scale, padding lengths, sliding windows, soft-capping and the log-sum-exp residual. Where jax.nn's finite mask
+value shows (a valid query row that sees no key gets the mean of every value, and its residual the mask value),
+the same is written out around the kernel. The rest (`bias`, an arbitrary `mask`) runs jax.nn in XLA, with one
+warning per shape and reason and a miss recorded with that reason.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from autotune import runtime, sharding
+from autotune.xla_attention import xla_attention
 from autotune.device import current_device
-from kernels import DTYPES
+from kernels import DTYPES, Problem
 
 KERNEL_IMPLEMENTATIONS = ("pallas", "gpu", "tpu")
 IMPLEMENTATIONS = (None, "xla", "cudnn") + KERNEL_IMPLEMENTATIONS
@@ -60,7 +61,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         raise ValueError(f"mask must be a boolean array (True: attend); pass an additive mask as bias, "
                          f"got dtype {mask_dtype}")
 
-    why = _not_covered(query, bias, mask, window, cap, return_residual)
+    why = _not_covered(query, bias, mask)
     if implementation in KERNEL_IMPLEMENTATIONS:
         if why:
             raise ValueError(f"implementation={implementation!r} cannot run this call: {why}; "
@@ -69,12 +70,15 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         warn_once((why, query.shape, key.shape, str(query.dtype)),
                   f"autotune.dot_product_attention runs XLA, not the tuned kernel, for query {tuple(query.shape)} "
                   f"and key {tuple(key.shape)}: {why}")
+        _record_fallback(query, key, is_causal=bool(is_causal), window=window, cap=cap,
+                         lengths=q_lens is not None or kv_lens is not None, why=why)
     if implementation in ("xla", "cudnn") or why:
-        out = _xla(query, key, value, bias, mask, scale=scale, is_causal=bool(is_causal), q_lens=q_lens,
-                   kv_lens=kv_lens, window=window, cap=cap, implementation=implementation or "xla",
-                   return_residual=bool(return_residual))
+        out = xla_attention(query, key, value, bias, mask, scale=scale, is_causal=bool(is_causal), q_lens=q_lens,
+                            kv_lens=kv_lens, window=window, cap=cap, implementation=implementation or "xla",
+                            return_residual=bool(return_residual))
     else:
         out = _tuned(query, key, value, scale=scale, is_causal=bool(is_causal), q_lens=q_lens, kv_lens=kv_lens,
+                     window=window, cap=cap, return_residual=bool(return_residual),
                      kernel=_kernel_name(implementation))
     if batched:
         return out
@@ -168,18 +172,13 @@ def _check_cap(cap):
     return float(cap)
 
 
-def _not_covered(query, bias, mask, window, cap, return_residual) -> str:
+def _not_covered(query, bias, mask) -> str:
     """Why the tuned kernels cannot run this call ('' when they can)."""
     if bias is not None:
         return "bias is given (the kernels take no additive bias)"
     if mask is not None:
-        return "mask is given (the kernels take causal, padding lengths and segment ids, not an arbitrary mask)"
-    if window is not None:
-        return "local_window_size is given (the kernels have no sliding window yet)"
-    if cap is not None:
-        return "logits_soft_cap is given (the kernels have no soft-capping yet)"
-    if return_residual:
-        return "return_residual=True (the kernels do not return their log-sum-exp yet)"
+        return ("mask is given (the kernels take causal, a window, padding lengths and segment ids, not an "
+                "arbitrary mask)")
     if jnp.dtype(query.dtype).name not in DTYPES:
         return f"dtype {jnp.dtype(query.dtype).name} (the kernels take {', '.join(DTYPES)})"
     return ""
@@ -212,83 +211,70 @@ def warn_once(tag, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
 
 
+def _record_fallback(query, key, *, is_causal, window, cap, lengths, why) -> None:
+    """The miss (with its reason) of a call that ran XLA, under the key the kernel would have had."""
+    if jnp.dtype(query.dtype).name not in DTYPES:
+        return
+    left, right = window if window is not None else (None, None)
+    problem = Problem(batch=query.shape[0], q_len=query.shape[1], kv_len=key.shape[1], heads=query.shape[2],
+                      kv_heads=key.shape[2], head_dim=query.shape[3], dtype=jnp.dtype(query.dtype).name,
+                      causal=is_causal, window_left=left, window_right=right, softcap=cap, lengths=lengths)
+    runtime.record_fallback(problem, why)
+
+
 # ---- the two paths ------------------------------------------------------------------------------------------------
 
-def _tuned(query, key, value, *, scale, is_causal, q_lens, kv_lens, kernel):
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # jax.nn's finite mask value for float32 logits
+
+
+def _tuned(query, key, value, *, scale, is_causal, q_lens, kv_lens, window, cap, return_residual, kernel):
     """The tuned kernel, per device inside shard_map when the inputs are sharded over a mesh."""
     layout = sharding.layout_of(query, key)
     device = None if layout is None else layout.device
 
     def body(q, k, v, q_lens, kv_lens):
         return _kernel_call(q, k, v, scale=scale, is_causal=is_causal, q_lens=q_lens, kv_lens=kv_lens,
-                            kernel=kernel, device=device)
+                            window=window, cap=cap, return_residual=return_residual, kernel=kernel, device=device)
 
     if layout is None:
         return body(query, key, value, q_lens, kv_lens)
     sharding.check_divides(layout, query, key)
-    return sharding.run_sharded(layout, body, query, key, value, q_lens, kv_lens)
+    return sharding.run_sharded(layout, body, query, key, value, q_lens, kv_lens,
+                                out_ranks=(4, 3) if return_residual else (4,))
 
 
-def _kernel_call(q, k, v, *, scale, is_causal, q_lens, kv_lens, kernel, device):
-    batch, q_len, heads, _ = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    ids = None
-    if q_lens is not None or kv_lens is not None:
-        q_pos, kv_pos = jnp.arange(q_len)[None, :], jnp.arange(kv_len)[None, :]
-        q_ids = (jnp.ones((batch, q_len), jnp.int32) if q_lens is None
-                 else jnp.where(q_pos < q_lens[:, None], 1, 2).astype(jnp.int32))
-        kv_ids = (jnp.ones((batch, kv_len), jnp.int32) if kv_lens is None
-                  else jnp.where(kv_pos < kv_lens[:, None], 1, 0).astype(jnp.int32))
-        ids = (q_ids, kv_ids)
-    out = runtime.flash_attention(q, k, v, causal=is_causal, segment_ids=ids, sm_scale=scale, kernel=kernel,
+def _kernel_call(q, k, v, *, scale, is_causal, q_lens, kv_lens, window, cap, return_residual, kernel, device):
+    out = runtime.flash_attention(q, k, v, causal=is_causal, sm_scale=scale, window=window, softcap=cap,
+                                  q_lengths=q_lens, kv_lengths=kv_lens, return_lse=return_residual, kernel=kernel,
                                   device=device)
-    if kv_lens is not None:
-        # jax.nn masks with a finite large negative number: a valid query row with no key (kv length 0) gets
-        # uniform weights over every key, padded ones included, i.e. the mean of all values.
-        mean_v = jnp.repeat(jnp.mean(v.astype(jnp.float32), axis=1), heads // kv_heads, axis=1).astype(out.dtype)
-        no_key = (kv_lens <= 0)[:, None, None, None]
-        if q_lens is not None:
-            no_key = no_key & (jnp.arange(q_len)[None, :] < q_lens[:, None])[:, :, None, None]
-        out = jnp.where(no_key, mean_v[:, None], out)
-    return out
-
-
-def _xla(query, key, value, bias, mask, *, scale, is_causal, q_lens, kv_lens, window, cap, implementation,
-         return_residual):
-    """jax.nn.dot_product_attention itself; with a soft cap (which jax.nn lacks) the same steps written out."""
-    if cap is None:
-        return jax.nn.dot_product_attention(
-            query, key, value, bias, mask, scale=scale, is_causal=is_causal, query_seq_lengths=q_lens,
-            key_value_seq_lengths=kv_lens, local_window_size=window, implementation=implementation,
-            return_residual=return_residual)
-    batch, q_len, heads, head_dim = query.shape
-    kv_len, kv_heads = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
-    qg = query.reshape(batch, q_len, kv_heads, groups, head_dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, key, preferred_element_type=jnp.float32)
-    logits = logits.reshape(batch, heads, q_len, kv_len) * scale
-    logits = cap * jnp.tanh(logits / cap)
-    if bias is not None:
-        logits = logits + jnp.asarray(bias).astype(jnp.float32)
-    keep = jnp.ones((1, 1, q_len, kv_len), bool)
-    rows, cols = jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :]
-    if mask is not None:
-        keep = keep & mask
-    if is_causal:
-        keep = keep & (cols <= rows)
-    if window is not None:
-        keep = keep & (cols >= rows - window[0]) & (cols <= rows + window[1])
-    if q_lens is not None:
-        keep = keep & (jnp.arange(q_len)[None, None, :, None] < q_lens[:, None, None, None])
-    if kv_lens is not None:
-        keep = keep & (jnp.arange(kv_len)[None, None, None, :] < kv_lens[:, None, None, None])
-    logits = jnp.where(keep, logits, -0.7 * float(jnp.finfo(jnp.float32).max))
-    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    probs = probs.reshape(batch, kv_heads, groups, q_len, kv_len)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, value).reshape(query.shape)
-    if q_lens is not None:
-        out = out * (jnp.arange(q_len)[None, :] < q_lens[:, None])[:, :, None, None].astype(out.dtype)
-    if not return_residual:
+    out, lse = out if return_residual else (out, None)
+    no_key = _rows_without_keys(q.shape[0], q.shape[1], k.shape[1], is_causal=is_causal, window=window,
+                                q_lens=q_lens, kv_lens=kv_lens)
+    if no_key is not None:
+        # jax.nn masks with a finite large negative number: a valid query row that sees no key gets uniform weights
+        # over every key, masked ones included, i.e. the mean of all values (the kernels give zeros).
+        groups = q.shape[2] // k.shape[2]
+        mean_v = jnp.repeat(jnp.mean(v.astype(jnp.float32), axis=1), groups, axis=1).astype(out.dtype)
+        out = jnp.where(no_key[:, :, None, None], mean_v[:, None], out)
+    if lse is None:
         return out
-    lse = jax.nn.logsumexp(logits, axis=-1).astype(key.dtype).transpose(0, 2, 1)
-    return out, jax.lax.stop_gradient(lse)
+    # jax.nn's residual: the log-sum-exp of the masked logits, the mask value where a row sees nothing.
+    return out, jnp.where(jnp.isfinite(lse), lse, MASK_VALUE).astype(k.dtype)
+
+
+def _rows_without_keys(batch: int, q_len: int, kv_len: int, *, is_causal, window, q_lens, kv_lens):
+    """[batch, q_len] bool: valid query rows whose visible keys (causal, window, kv length) are none; None when no
+    row can be so (without a window or kv lengths every valid row sees key 0 at least)."""
+    if window is None and kv_lens is None:
+        return None
+    left, right = window if window is not None else (None, None)
+    if is_causal:
+        right = 0 if right is None else min(right, 0)
+    rows = jnp.arange(q_len)[None, :]
+    ends = jnp.full((batch, 1), kv_len) if kv_lens is None else kv_lens[:, None]
+    first = jnp.zeros_like(rows) if left is None else jnp.maximum(rows - left, 0)
+    last = ends - 1 if right is None else jnp.minimum(rows + right, ends - 1)
+    no_key = last < first
+    if q_lens is not None:
+        no_key = no_key & (rows < q_lens[:, None])
+    return no_key

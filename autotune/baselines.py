@@ -1,28 +1,29 @@
 """What tuned kernels are compared with: XLA's and cuDNN's attention, and JAX's own Pallas kernel.
 
-Each baseline is built as a jitted function with the candidates' signature (q, k, v, q_ids, kv_ids[, d_out]) so
-the same timing code and the same input buffers serve all of them.
+Each baseline is built as a jitted function with the candidates' signature (q, k, v, q_ids, kv_ids, q_lengths,
+kv_lengths[, d_out]) so the same timing code and the same input buffers serve all of them.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 
 from autotune.candidate import jitted_call
+from autotune.xla_attention import xla_attention
 from kernels import Problem
 
 
 def dot_product_attention_call(problem: Problem, implementation: str = "xla") -> Callable:
-    """`jax.nn.dot_product_attention` with the given implementation ("xla" or "cudnn")."""
-
-    def forward(q, k, v, q_ids, kv_ids):
+    """`jax.nn.dot_product_attention` with the given implementation ("xla" or "cudnn"); a soft cap, which jax.nn
+    lacks, is written out in XLA (autotune.attention_api.xla_attention)."""
+    def forward(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
         mask = None
         if q_ids is not None:
             mask = (q_ids[:, :, None] == kv_ids[:, None, :])[:, None]
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=problem.causal,
-                                            implementation=implementation)
+        return xla_attention(q, k, v, None, mask, scale=1.0 / problem.head_dim ** 0.5, is_causal=problem.causal,
+                             q_lens=q_lengths, kv_lens=kv_lengths, window=problem.window, cap=problem.softcap,
+                             implementation=implementation, return_residual=False)
 
     return jitted_call(forward, problem)
 
@@ -41,14 +42,15 @@ def pallas_mha_call(problem: Problem, *, interpret: bool) -> Callable | None:
         from jax.experimental.pallas.ops.gpu import attention as jax_attention
     except ImportError:
         return None
-    if problem.segments and problem.q_len != problem.kv_len:
+    if (problem.segments and problem.q_len != problem.kv_len) or problem.window is not None \
+            or problem.softcap is not None or problem.lengths:
         return None
     block = 128
     if problem.q_len % min(block, problem.q_len) or problem.kv_len % min(block, problem.kv_len):
         return None
     scale = 1.0 / problem.head_dim ** 0.5
 
-    def forward(q, k, v, q_ids, kv_ids):
+    def forward(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
         groups = problem.groups
         k_full = jnp.repeat(k, groups, axis=2) if groups > 1 else k
         v_full = jnp.repeat(v, groups, axis=2) if groups > 1 else v

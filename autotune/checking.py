@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autotune.inputs import random_qkv, random_segment_ids
+from autotune.inputs import random_lengths, random_qkv, random_segment_ids
 from kernels import Problem, attention_reference, tolerance
 
 FULL_CHECK_ELEMENTS = 1 << 22  # batch*heads*q_len*kv_len below which everything is compared
@@ -27,7 +27,8 @@ class CheckResult:
     message: str = ""
 
 
-def chunked_reference(q, k, v, q_ids, kv_ids, *, causal: bool):
+def chunked_reference(q, k, v, q_ids, kv_ids, *, causal: bool, window=None, softcap=None, q_lengths=None,
+                      kv_lengths=None):
     """The reference, computed over chunks of query rows so its memory stays bounded (gradients too)."""
     outs = []
     for start in range(0, q.shape[1], CHUNK_ROWS):
@@ -35,7 +36,8 @@ def chunked_reference(q, k, v, q_ids, kv_ids, *, causal: bool):
         ids = None if q_ids is None else (q_ids[:, start:stop], kv_ids)
 
         def chunk(q_, k_, v_, ids=ids, start=start):
-            return attention_reference(q_, k_, v_, causal=causal, segment_ids=ids, q_offset=start)
+            return attention_reference(q_, k_, v_, causal=causal, segment_ids=ids, q_offset=start, window=window,
+                                       softcap=softcap, q_lengths=q_lengths, kv_lengths=kv_lengths)
 
         outs.append(jax.checkpoint(chunk)(q[:, start:stop], k, v))
     return jnp.concatenate(outs, axis=1)
@@ -65,7 +67,8 @@ def check_candidate(call: Callable, problem: Problem, *, seed: int, documents: i
     q, k, v = random_qkv(problem, seed)
     ids = random_segment_ids(problem, documents, seed, unseen_rows=True)
     q_ids, kv_ids = ids if ids is not None else (None, None)
-    args = [q, k, v, q_ids, kv_ids]
+    q_lengths, kv_lengths = random_lengths(problem, seed, edge_rows=True)
+    args = [q, k, v, q_ids, kv_ids, q_lengths, kv_lengths]
     if problem.backward:
         d_out = jax.random.normal(jax.random.key(seed + 1), q.shape, jnp.float32).astype(q.dtype)
         args.append(d_out)
@@ -76,16 +79,18 @@ def check_candidate(call: Callable, problem: Problem, *, seed: int, documents: i
     qs, ks, vs = q[b, :, hq], k[b, :, hk], v[b, :, hk]
     qi = None if q_ids is None else q_ids[b]
     ki = None if kv_ids is None else kv_ids[b]
+    features = dict(causal=problem.causal, window=problem.window, softcap=problem.softcap,
+                    q_lengths=None if q_lengths is None else q_lengths[b],
+                    kv_lengths=None if kv_lengths is None else kv_lengths[b])
     if problem.backward:
-        want_out, vjp = jax.vjp(lambda q_, k_, v_: chunked_reference(q_, k_, v_, qi, ki, causal=problem.causal),
-                                qs, ks, vs)
+        want_out, vjp = jax.vjp(lambda q_, k_, v_: chunked_reference(q_, k_, v_, qi, ki, **features), qs, ks, vs)
         dq, dk, dv = vjp(args[-1][b, :, hq])
         # kv head 0 gets gradient only from query heads 0..groups-1, exactly the slice's heads.
         wants = {"out": want_out, "dq": dq, "dk": dk, "dv": dv}
         gots = {"out": results[0][b, :, hq], "dq": results[1][b, :, hq],
                 "dk": results[2][b, :, hk], "dv": results[3][b, :, hk]}
     else:
-        wants = {"out": chunked_reference(qs, ks, vs, qi, ki, causal=problem.causal)}
+        wants = {"out": chunked_reference(qs, ks, vs, qi, ki, **features)}
         gots = {"out": results[0][b, :, hq]}
 
     worst = 0.0

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import SingleDeviceSharding
 
+from autotune.candidate import feature_kwargs
 from autotune.compile_figures import classify_failure, gpu_kernels, tpu_kernels
 from autotune.targets import Target, get_target, gpu_target_config
 from kernels import Problem
@@ -56,15 +57,16 @@ def _attention_fn(module, problem: Problem, config, device_kind: str):
     takes_kind = "device_kind" in inspect.signature(module.flash_attention).parameters
     extra = {"device_kind": device_kind} if takes_kind else {}
 
-    def attention(q, k, v, q_ids, kv_ids):
+    def attention(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
         ids = (q_ids, kv_ids) if problem.segments else None
-        return module.flash_attention(q, k, v, causal=problem.causal, segment_ids=ids, config=config, **extra)
+        return module.flash_attention(q, k, v, causal=problem.causal, segment_ids=ids, config=config, **extra,
+                                      **feature_kwargs(problem, q_lengths, kv_lengths))
 
     if not problem.backward:
         return attention
 
-    def loss(q, k, v, q_ids, kv_ids):
-        return attention(q, k, v, q_ids, kv_ids).astype(jnp.float32).sum()
+    def loss(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
+        return attention(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths).astype(jnp.float32).sum()
 
     return jax.grad(loss, argnums=(0, 1, 2))
 
@@ -77,7 +79,8 @@ def _specs(problem: Problem, device) -> tuple:
                               sharding=sharding)
     q_ids = jax.ShapeDtypeStruct((problem.batch, problem.q_len), jnp.int32, sharding=sharding)
     kv_ids = jax.ShapeDtypeStruct((problem.batch, problem.kv_len), jnp.int32, sharding=sharding)
-    return q, kv, kv, q_ids, kv_ids
+    lengths = jax.ShapeDtypeStruct((problem.batch,), jnp.int32, sharding=sharding)
+    return q, kv, kv, q_ids, kv_ids, lengths, lengths
 
 
 @contextmanager

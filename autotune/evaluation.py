@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from autotune.checking import check_candidate
-from autotune.inputs import random_qkv, random_segment_ids
+from autotune.inputs import random_lengths, random_qkv, random_segment_ids
 from autotune.options import SearchOptions
 from autotune.timing import Timer, Timing
 from kernels import Problem
@@ -50,7 +50,7 @@ def timing_inputs(problem: Problem, options: SearchOptions, seed: int) -> list[t
         ids = random_segment_ids(problem, options.documents, seed + 1000 + i)
         if ids is not None and not isinstance(ids, tuple):
             ids = (ids, ids)
-        args = (q, k, v, *(ids or (None, None)))
+        args = (q, k, v, *(ids or (None, None)), *random_lengths(problem, seed + 1000 + i))
         sets.append(args + (q,) if problem.backward else args)
     return sets
 

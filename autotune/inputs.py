@@ -23,6 +23,25 @@ def random_qkv(problem: Problem, seed: int):
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
+def random_lengths(problem: Problem, seed: int, *, edge_rows: bool = False):
+    """(q_lengths, kv_lengths) int32 [batch] for a problem with lengths, else (None, None). Lengths are drawn from
+    half the sequence to all of it (a padded batch); with `edge_rows` (for checking) the first row is cut at an odd
+    place and, with batch > 1, the last row keeps everything and another row has no keys at all."""
+    if not problem.lengths:
+        return None, None
+    rng = np.random.default_rng(seed + 7)
+    q_lengths = rng.integers(max(1, problem.q_len // 2), problem.q_len + 1, size=problem.batch)
+    kv_lengths = rng.integers(max(1, problem.kv_len // 2), problem.kv_len + 1, size=problem.batch)
+    if edge_rows:
+        q_lengths[0] = rng.integers(1, problem.q_len + 1)
+        kv_lengths[0] = rng.integers(1, problem.kv_len + 1)
+        if problem.batch > 1:
+            q_lengths[-1], kv_lengths[-1] = problem.q_len, problem.kv_len
+        if problem.batch > 2:
+            kv_lengths[1] = 0
+    return jnp.asarray(q_lengths, jnp.int32), jnp.asarray(kv_lengths, jnp.int32)
+
+
 def packed_ids(batch: int, length: int, documents: int, rng: np.random.Generator) -> np.ndarray:
     """[batch, length] int32 ids of `documents` consecutive documents with random lengths (each at least 1)."""
     documents = max(1, min(documents, length))

@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any, Iterator
 
 
+from autotune.candidate import feature_kwargs
 from autotune.device import DeviceInfo, current_device, device_of
 from autotune.keys import make_key, shape_distance
 from autotune.kernels_registry import device_kind_of, kernel_for_platform, load_kernel
@@ -29,6 +30,7 @@ from autotune.settings import RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
 from db import Store, TuningKey, default_url, resolve_url
 from db.urls import display_url, scrub, sqlite_file
 from kernels import Problem, canonical_dtype, check_inputs
+from kernels.problem import check_window, window_fields
 
 MISS_POLICIES = ("heuristic", "nearest", "error", "tune")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -75,6 +77,7 @@ _lock = threading.RLock()
 _cache: dict[tuple, Lookup] = {}
 _fast: dict[tuple, Lookup] = {}  # lookup() by its raw arguments, to skip building the problem on a hit
 _stores: dict[str, tuple[Store | None, str]] = {}  # url -> (store, why not)
+_fallbacks: set[tuple] = set()  # (url, kernel, device, problem, reason) counted by record_fallback
 _warned: set = set()
 
 
@@ -111,6 +114,7 @@ def reload() -> None:
                 store.close()
         _stores.clear()
         _warned.clear()
+        _fallbacks.clear()
 
 
 def _user_stacklevel() -> int:
@@ -150,6 +154,25 @@ def _store(url: str) -> tuple[Store | None, str]:
         return store, why
 
 
+def record_fallback(problem: Problem, reason: str, *, kernel: str | None = None,
+                    device: DeviceInfo | None = None) -> None:
+    """Count a call the tuned kernels could not run (it ran XLA), once per problem and reason in this process, as a
+    miss with its reason: `autotune list --misses` then shows what models ask for that the kernels lack."""
+    settings = _override.get() or _settings
+    device = device or current_device()
+    kernel_name = kernel or kernel_for_platform(device.platform)
+    tag = (settings.url(), kernel_name, device, problem, reason)
+    with _lock:
+        if tag in _fallbacks:
+            return
+        _fallbacks.add(tag)
+    store, _why = _store(settings.url())
+    if store is None:
+        return
+    with contextlib.suppress(Exception):  # a read-only or locked database cannot count: not worth failing for
+        store.record_miss(make_key(load_kernel(kernel_name), problem, device), reason=reason)
+
+
 def _tune_command(key: TuningKey, url: str) -> str:
     """The `autotune search` command that tunes this key into the database the runtime reads."""
     flags = [f"--batch {key.batch}", f"--seq-len {key.q_len}", f"--heads {key.heads}", f"--head-dim {key.head_dim}",
@@ -159,6 +182,13 @@ def _tune_command(key: TuningKey, url: str) -> str:
     if key.kv_heads != key.heads:
         flags.append(f"--kv-heads {key.kv_heads}")
     flags += ["--causal"] * key.causal + ["--segments 3"] * key.segments + ["--backward"] * key.backward
+    window_left, window_right = getattr(key, "window_left", None), getattr(key, "window_right", None)
+    if window_left is not None or window_right is not None:
+        sides = ["none" if side is None else str(side) for side in (window_left, window_right)]
+        flags.append(f"--window {sides[0] if window_left == window_right else ','.join(sides)}")
+    if getattr(key, "softcap", None) is not None:
+        flags.append(f"--softcap {key.softcap:g}")
+    flags += ["--lengths"] * bool(getattr(key, "lengths", False))
     if url != default_url():
         flags.append(f"--db {shlex.quote(display_url(url))}")
     return "autotune search " + " ".join(flags)
@@ -233,10 +263,12 @@ def _lookup_problem(problem: Problem, kernel_name: str | None, device: DeviceInf
 
 
 def lookup(q_shape, k_shape, dtype, *, causal: bool = False, segments: bool = False, backward: bool = False,
-           kernel: str | None = None) -> Lookup:
+           window=None, softcap: float | None = None, lengths: bool = False, kernel: str | None = None) -> Lookup:
     """The config `flash_attention` would use for inputs of these shapes on the current device."""
     q_shape, k_shape = tuple(q_shape), tuple(k_shape)
-    fast_key = (_override.get() or _settings, q_shape, k_shape, dtype, causal, segments, backward, kernel)
+    window = check_window(window)
+    fast_key = (_override.get() or _settings, q_shape, k_shape, dtype, causal, segments, backward, window, softcap,
+                lengths, kernel)
     found = _fast.get(fast_key)
     if found is not None:
         return found
@@ -244,7 +276,8 @@ def lookup(q_shape, k_shape, dtype, *, causal: bool = False, segments: bool = Fa
         raise ValueError(f"q_shape and k_shape must be [batch, seq, heads, head_dim], got {q_shape} and {k_shape}")
     problem = Problem(batch=q_shape[0], q_len=q_shape[1], kv_len=k_shape[1], heads=q_shape[2],
                       kv_heads=k_shape[2], head_dim=q_shape[3], dtype=canonical_dtype(dtype), causal=causal,
-                      segments=segments, backward=backward)
+                      segments=segments, backward=backward, **window_fields(window), softcap=softcap,
+                      lengths=lengths)
     if k_shape[0] != q_shape[0] or k_shape[3] != q_shape[3]:
         raise ValueError(f"k_shape must share batch and head_dim with q_shape, got {k_shape} and {q_shape}")
     found = _lookup_problem(problem, kernel, current_device())
@@ -257,16 +290,20 @@ def _backward_fields(kernel: ModuleType) -> tuple[str, ...]:
 
 
 def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None,
-                    kernel: str | None = None, device: DeviceInfo | None = None):
+                    window=None, softcap: float | None = None, q_lengths=None, kv_lengths=None,
+                    return_lse: bool = False, kernel: str | None = None, device: DeviceInfo | None = None):
     """Flash attention with the tuned config for these shapes on this device (see `kernels` for the semantics).
 
     Layout q [batch, q_len, heads, head_dim], k and v [batch, kv_len, kv_heads, head_dim]. The forward uses the
     config tuned for the forward; the backward kernels (under `jax.grad`) use the backward config of the key
     tuned with `--backward` when there is one. `kernel` picks one ('gpu', 'tpu' or a module path; default: the
     platform's); `device` is the device compiled for when q does not say it (a mesh's devices inside `shard_map`,
-    a deviceless compile target): its kind then also goes to the kernel.
+    a deviceless compile target): its kind then also goes to the kernel. `window` ((left, right) or one int),
+    `softcap`, `q_lengths`/`kv_lengths` ([batch] ints) and `return_lse` are the kernels' own (see `kernels`); each
+    is part of the tuning key (the lengths as "given or not").
     """
-    problem, _, _ = check_inputs(q, k, v, segment_ids, causal=causal)
+    problem, _, _ = check_inputs(q, k, v, segment_ids, causal=causal, window=window, softcap=softcap,
+                                 lengths=q_lengths is not None or kv_lengths is not None)
     target = device
     device = device or device_of(q)
     kernel_name = kernel or kernel_for_platform(device.platform)
@@ -282,6 +319,9 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale
         else:
             config = backward.config
     extra = {"device_kind": device.device_kind} if target is not None and not device.interpret else {}
+    extra.update(feature_kwargs(problem, q_lengths, kv_lengths))
+    if return_lse:
+        extra["return_lse"] = True
     return kernel.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
                                   config=config, interpret=device.interpret, **extra)
 

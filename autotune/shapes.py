@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kernels import DTYPES, Problem
+from kernels.problem import check_softcap, check_window, window_fields
 
 try:
     import tomllib
@@ -18,9 +19,11 @@ except ImportError:  # pragma: no cover - Python < 3.11
     import tomli as tomllib
 
 # The fields of a shapes file and of the problem flags: Problem's fields, in Problem's order, with the lengths
-# named as users name them and `segments` a number of packed documents (0: no segment ids) instead of a flag.
-USER_NAMES = {"q_len": "seq_len", "kv_len": "kv_seq_len"}
-_TYPES = {"int": int, "str": str, "bool": bool}
+# named as users name them, `segments` a number of packed documents (0: no segment ids) instead of a flag, and the
+# window's two sides one field `window` (an int, or [left, right] with -1 for no bound; as a flag "128" or
+# "128,0").
+USER_NAMES = {"q_len": "seq_len", "kv_len": "kv_seq_len", "window_left": "window", "window_right": "window"}
+_TYPES = {"int": int, "str": str, "bool": bool, "float | None": float, "int | None": tuple}
 FIELDS = {USER_NAMES.get(f.name, f.name): int if f.name == "segments" else _TYPES[str(f.type)]
           for f in dataclasses.fields(Problem)}
 REQUIRED = ("batch", "seq_len", "heads", "head_dim")
@@ -30,6 +33,25 @@ LIMITS = {"batch": 1 << 16, "seq_len": 1 << 20, "kv_seq_len": 1 << 20, "heads": 
           "head_dim": 1 << 10}
 MAX_ELEMENTS = 1 << 34  # of q, k or v: 32 GiB in bfloat16, more than one device holds three times over
 INT_FIELDS = tuple(name for name, kind in FIELDS.items() if kind is int)
+
+
+def parse_window(value: Any, where: str = "window") -> tuple[int | None, int | None] | None:
+    """A window as written by a user: an int, a pair [left, right] (-1 or None: no bound on that side), or the
+    flag's text "128" / "128,0" / "none,0"; ValueError naming `where` otherwise."""
+    if isinstance(value, str):
+        parts = [p.strip().lower() for p in value.split(",")]
+        try:
+            value = [None if p in ("none", "-1", "") else int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"{where} must be an int or 'left,right' (none or -1: no bound), got {value!r}") from None
+        value = value[0] if len(value) == 1 else value
+    if isinstance(value, (list, tuple)):
+        value = [None if (isinstance(x, int) and not isinstance(x, bool) and x == -1) else x for x in value]
+    try:
+        return check_window(value, where)
+    except ValueError:
+        raise ValueError(f"{where} must be a non-negative int or a pair [left, right] of non-negative ints "
+                         f"(-1: no bound), got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,8 @@ def spec_from_fields(fields: dict[str, Any], where: str = "problem") -> ProblemS
             raise ValueError(f"{where}: field '{name}' must be true or false, got {value!r}")
         if kind is str and not isinstance(value, str):
             raise ValueError(f"{where}: field '{name}' must be a string, got {value!r}")
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{where}: field '{name}' must be a number, got {value!r}")
     for name in INT_FIELDS:
         if name != "segments" and fields.get(name) is not None and fields[name] <= 0:
             raise ValueError(f"{where}: field '{name}' must be positive, got {fields[name]}")
@@ -83,10 +107,17 @@ def spec_from_fields(fields: dict[str, Any], where: str = "problem") -> ProblemS
     dtype = fields.get("dtype") or "float32"
     if dtype not in DTYPES:
         raise ValueError(f"{where}: field 'dtype' must be one of {list(DTYPES)}, got {dtype!r}")
+    window = parse_window(fields.get("window"), f"{where}: field 'window'")
+    try:
+        softcap = check_softcap(fields.get("softcap"))
+    except ValueError:
+        raise ValueError(f"{where}: field 'softcap' must be a positive finite number, got {fields['softcap']!r}") \
+            from None
     problem = Problem(
         batch=fields["batch"], q_len=fields["seq_len"], kv_len=fields.get("kv_seq_len") or fields["seq_len"],
         heads=heads, kv_heads=kv_heads, head_dim=fields["head_dim"], dtype=dtype,
         causal=bool(fields.get("causal") or False), segments=documents > 0, backward=bool(fields.get("backward")),
+        **window_fields(window), softcap=softcap, lengths=bool(fields.get("lengths")),
     )
     return ProblemSpec(problem, documents)
 

@@ -134,8 +134,9 @@ def check_divides(layout: Layout, query, key) -> None:
                              f"shard over fewer devices (GQA: at most as many as the kv heads)")
 
 
-def run_sharded(layout: Layout, body: Callable, *arrays):
-    """`body(*arrays)` once per device over the layout's batch and head axes (None entries pass through)."""
+def run_sharded(layout: Layout, body: Callable, *arrays, out_ranks: tuple[int, ...] = (4,)):
+    """`body(*arrays)` once per device over the layout's batch and head axes (None entries pass through); its
+    outputs have these ranks ([batch, seq, heads, head_dim], or (4, 3) with a [batch, seq, heads] log-sum-exp)."""
     present = [i for i, x in enumerate(arrays) if x is not None]
 
     def per_device(*given):
@@ -145,6 +146,7 @@ def run_sharded(layout: Layout, body: Callable, *arrays):
         return body(*full)
 
     specs = tuple(layout.spec(arrays[i].ndim) for i in present)
-    mapped = jax.shard_map(per_device, mesh=layout.mesh, in_specs=specs, out_specs=layout.spec(4),
+    out_specs = layout.spec(out_ranks[0]) if len(out_ranks) == 1 else tuple(layout.spec(r) for r in out_ranks)
+    mapped = jax.shard_map(per_device, mesh=layout.mesh, in_specs=specs, out_specs=out_specs,
                            check_vma=False)  # the kernels' out_shape carries no varying-axes annotation
     return mapped(*(arrays[i] for i in present))

@@ -7,7 +7,7 @@ between databases as JSON.
 from db.errors import (DatabaseError, ForeignDatabaseError, ImportValidationError, NotADatabaseError,
                        SchemaTooNewError)
 from db.records import (DTYPES, PLATFORMS, RUN_STATUSES, TRIAL_STATUSES, BestOffer, BestRecord, ConfigCheck,
-                        RunRecord, TrialRecord, TuningKey)
+                        MissRecord, RunRecord, TrialRecord, TuningKey)
 from db.schema import SCHEMA_VERSION
 from db.store import Store
 from db.transfer import export_document, import_document, read_document
@@ -15,7 +15,7 @@ from db.urls import default_url, resolve_url
 
 __all__ = [
     "DTYPES", "PLATFORMS", "RUN_STATUSES", "SCHEMA_VERSION", "TRIAL_STATUSES", "BestOffer", "BestRecord",
-    "ConfigCheck", "DatabaseError", "ForeignDatabaseError", "ImportValidationError", "NotADatabaseError", "RunRecord",
-    "SchemaTooNewError", "Store", "TrialRecord", "TuningKey", "default_url", "export_document", "import_document",
-    "read_document", "resolve_url",
+    "ConfigCheck", "DatabaseError", "ForeignDatabaseError", "ImportValidationError", "MissRecord", "NotADatabaseError",
+    "RunRecord", "SchemaTooNewError", "Store", "TrialRecord", "TuningKey", "default_url", "export_document",
+    "import_document", "read_document", "resolve_url",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Boolean, Column, Connection, Engine, MetaData, String, Table, inspect, text
+from sqlalchemy import Boolean, Column, Connection, Engine, MetaData, String, Table, false, inspect, text
 
 from db.errors import SchemaTooNewError
 from db.schema import META_TABLE, SCHEMA_VERSION, Base, MetaRow, UTCDateTime
@@ -37,8 +37,28 @@ def _v2_to_v3(connection: Connection) -> None:
     connection.execute(text("ALTER TABLE autotune_trials ADD COLUMN figures JSON"))
 
 
+def _v3_to_v4(connection: Connection) -> None:
+    """Version 4 keys carry a sliding window, a soft-cap and whether padding lengths are given (old rows: none of
+    them, so their digests and lookups are unchanged), misses keep a reason, and the family index that
+    `Store.neighbours` uses covers the new key columns. A column already there is left as it is."""
+    boolean_false = false().compile(dialect=connection.dialect)
+    columns = {"autotune_keys": [("window_left", "INTEGER"), ("window_right", "INTEGER"), ("softcap", "FLOAT"),
+                                 ("lengths", f"BOOLEAN NOT NULL DEFAULT {boolean_false}")],
+               "autotune_misses": [("reason", "TEXT")]}
+    inspector = inspect(connection)
+    for table, added in columns.items():
+        present = {column["name"] for column in inspector.get_columns(table)}
+        for name, definition in added:
+            if name not in present:
+                connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {definition}"))
+    connection.execute(text("DROP INDEX IF EXISTS ix_autotune_keys_family"))  # absent in databases made by version 1
+    connection.execute(text("CREATE INDEX ix_autotune_keys_family ON autotune_keys "
+                            "(kernel, kernel_version, platform, device_kind, dtype, causal, segments, backward, "
+                            "window_left, window_right, softcap, lengths)"))
+
+
 # STEPS[n] upgrades a version-n database to version n + 1.
-STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def prepare_schema(engine: Engine, where: str) -> None:

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from db.validation import (check_bool, check_choice, check_datetime, check_int, check_json_object, check_name,
-                           check_time)
+                           check_positive_number, check_time)
 
 PLATFORMS = ("gpu", "tpu", "cpu-interpret", "gpu-compile", "tpu-compile")
 COMPILE_PLATFORMS = ("gpu-compile", "tpu-compile")  # compile-only results for a target: never timed, never a best
@@ -27,6 +27,9 @@ RUN_STATUSES = ("running", "ok", "failed", "interrupted", "crashed")
 _TEXT_FIELDS = ("kernel", "kernel_version", "device_kind", "jax_version")
 _SHAPE_FIELDS = ("batch", "q_len", "kv_len", "heads", "kv_heads", "head_dim")
 _FLAG_FIELDS = ("causal", "segments", "backward")
+# Fields added in schema version 4, with their defaults: while a key holds the default, its canonical JSON leaves
+# the field out, so every key stored before they existed keeps its digest (and its results are still found).
+FEATURE_DEFAULTS: dict[str, Any] = {"window_left": None, "window_right": None, "softcap": None, "lengths": False}
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class TuningKey:
     causal: bool
     segments: bool
     backward: bool
+    window_left: int | None = None  # sliding window: query i sees keys i - left .. i + right (None: unbounded)
+    window_right: int | None = None
+    softcap: float | None = None  # logits soft-capping: cap * tanh(scores / cap)
+    lengths: bool = False  # per-row padding lengths are given at run time
 
     def __post_init__(self) -> None:
         for name in _TEXT_FIELDS:
@@ -60,6 +67,10 @@ class TuningKey:
             raise ValueError(f"kv_heads must divide heads, got heads={self.heads} and kv_heads={self.kv_heads}")
         for name in _FLAG_FIELDS:
             check_bool(name, getattr(self, name))
+        for name in ("window_left", "window_right"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=0, optional=True))
+        object.__setattr__(self, "softcap", check_positive_number("softcap", self.softcap, optional=True))
+        check_bool("lengths", self.lengths)
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as plain JSON values."""
@@ -67,21 +78,25 @@ class TuningKey:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TuningKey:
-        """Inverse of `to_dict`; ValueError on unknown or missing fields and on wrong types."""
+        """Inverse of `to_dict`; ValueError on unknown or missing fields and on wrong types. The fields added in
+        schema version 4 may be missing (an export made before them): they take their defaults."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a tuning key must be an object (dict), got {type(data).__name__}")
         names = [field.name for field in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(names), key=str)
         if unknown:
             raise ValueError(f"unknown tuning key field(s): {', '.join(map(str, unknown))}")
-        missing = [name for name in names if name not in data]
+        missing = [name for name in names if name not in data and name not in FEATURE_DEFAULTS]
         if missing:
             raise ValueError(f"missing tuning key field(s): {', '.join(missing)}")
-        return cls(**{name: data[name] for name in names})
+        return cls(**{name: data[name] for name in names if name in data})
 
     def digest(self) -> str:
-        """32 hex digits of the SHA-256 of the canonical JSON of all fields: stable across processes and versions."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        """32 hex digits of the SHA-256 of the canonical JSON of all fields, less the version 4 fields that hold
+        their defaults: stable across processes and versions (a key without a window hashes as it did before)."""
+        fields = {name: value for name, value in self.to_dict().items()
+                  if name not in FEATURE_DEFAULTS or value != FEATURE_DEFAULTS[name]}
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:32]
 
 
@@ -140,6 +155,17 @@ class BestRecord:
     trials: int
     run_id: int | None
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class MissRecord:
+    """A key the runtime asked for without using a tuned config: how often, when last, and the latest reason given
+    (None: it had no best; else why the tuned kernels could not run it, e.g. an additive bias)."""
+
+    key: TuningKey
+    count: int
+    last_seen: datetime
+    reason: str | None
 
 
 @dataclass(frozen=True)

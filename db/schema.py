@@ -1,23 +1,24 @@
-"""The tables (schema version 3), as typed SQLAlchemy ORM models.
+"""The tables (schema version 4), as typed SQLAlchemy ORM models.
 
 Every table is prefixed `autotune_` because Optuna keeps its own tables (`studies`, `trials`, `alembic_version`, ...)
 in the same database. A key row is written once per distinct `TuningKey` and found by its unique digest; trials,
 bests and misses point at it, so the hot lookup is one indexed join. Version 1 lacked the trial timing spread and
-count and the claims table, version 2 the compile figures of compile-only trials; `db.migrations` adds them.
+count and the claims table, version 2 the compile figures of compile-only trials, version 3 the keys' sliding
+window, soft-cap and padding-lengths fields and the misses' reason; `db.migrations` adds them.
 """
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, false
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from db.validation import as_utc
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PREFIX = "autotune_"
 META_TABLE = "autotune_meta"
 
@@ -56,13 +57,17 @@ class MetaRow(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+FAMILY_COLUMNS = ("kernel", "kernel_version", "platform", "device_kind", "dtype", "causal", "segments", "backward",
+                  "window_left", "window_right", "softcap", "lengths")
+
+
 class KeyRow(Base):
     """One distinct TuningKey; immutable once written."""
 
     __tablename__ = "autotune_keys"
+    # The family: what `Store.neighbours` matches exactly (the shape and jax version may differ).
     __table_args__ = (
-        Index("ix_autotune_keys_family", "kernel", "kernel_version", "platform", "device_kind", "dtype", "causal",
-              "segments", "backward"),
+        Index("ix_autotune_keys_family", *FAMILY_COLUMNS),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -82,6 +87,10 @@ class KeyRow(Base):
     causal: Mapped[bool] = mapped_column(Boolean)
     segments: Mapped[bool] = mapped_column(Boolean)
     backward: Mapped[bool] = mapped_column(Boolean)
+    window_left: Mapped[int | None]  # added in version 4, with the three below
+    window_right: Mapped[int | None]
+    softcap: Mapped[float | None]
+    lengths: Mapped[bool] = mapped_column(Boolean, server_default=false())  # rows from before version 4: false
     created_at: Mapped[datetime]
 
 
@@ -147,6 +156,7 @@ class MissRow(Base):
     key_id: Mapped[int] = mapped_column(ForeignKey("autotune_keys.id"), primary_key=True)
     count: Mapped[int]
     last_seen: Mapped[datetime]
+    reason: Mapped[str | None] = mapped_column(Text)  # added in version 4: why the latest miss that said so missed
 
 
 class ClaimRow(Base):

@@ -26,12 +26,12 @@ from db.integrity import find_problems
 from db.opening import open_engine
 from db.pruning import prune_keys
 from db.retry import retry
-from db.records import (RUN_STATUSES, TRIAL_STATUSES, BestOffer, BestRecord, ConfigCheck, RunRecord, TrialRecord,
-                        TuningKey)
-from db.schema import BestRow, KeyRow, MissRow, RunRow, TrialRow
+from db.records import (RUN_STATUSES, TRIAL_STATUSES, BestOffer, BestRecord, ConfigCheck, MissRecord, RunRecord,
+                        TrialRecord, TuningKey)
+from db.schema import FAMILY_COLUMNS, BestRow, KeyRow, MissRow, RunRow, TrialRow
 from db.urls import default_url, display_url, resolve_url
 from db.validation import (check_choice, check_datetime, check_error_size, check_int, check_json_object,
-                           check_name, check_text, check_time, utc_now)
+                           check_name, check_text, check_time, clean_text, utc_now)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,6 +52,7 @@ _FINAL_RUN_STATUSES = tuple(status for status in RUN_STATUSES if status != "runn
 
 
 _MERGE_LOCK = 0x6175746F  # 'auto': the advisory lock that serialises bulk merges of bests
+MAX_REASON = 500  # characters of a miss's reason that are kept
 
 
 class Store:
@@ -241,11 +242,9 @@ class Store:
         return found[0] if found else None
 
     def neighbours(self, key: TuningKey) -> list[BestRecord]:
-        """Bests of the same kernel build, platform, device, dtype and flags, any shape and jax version."""
-        return self._bests_where(KeyRow.kernel == key.kernel, KeyRow.kernel_version == key.kernel_version,
-                                 KeyRow.platform == key.platform, KeyRow.device_kind == key.device_kind,
-                                 KeyRow.dtype == key.dtype, KeyRow.causal == key.causal,
-                                 KeyRow.segments == key.segments, KeyRow.backward == key.backward)
+        """Bests of the same kernel build, platform, device, dtype, flags, window, soft-cap and lengths (a missing
+        window or cap matches only a missing one), any shape and jax version."""
+        return self._bests_where(*(_same(name, getattr(key, name)) for name in FAMILY_COLUMNS))
 
     def _bests_where(self, *conditions: ColumnElement[bool]) -> list[BestRecord]:
         query = (select(BestRow, KeyRow).join(KeyRow, KeyRow.id == BestRow.key_id).where(*conditions)
@@ -256,26 +255,36 @@ class Store:
 
     # -- misses ---------------------------------------------------------------------------------------------------
 
-    def record_miss(self, key: TuningKey) -> None:
-        """Count one lookup of a key that had no best."""
+    def record_miss(self, key: TuningKey, reason: str | None = None) -> None:
+        """Count one lookup of a key that ran without a tuned config. `reason` says why when it was not only a
+        missing best (e.g. an argument the kernels do not take); it replaces the stored reason, and a miss without
+        one leaves the stored reason as it is. It is stored cleaned: one line, at most MAX_REASON characters."""
+        reason = clean_text("reason", reason, limit=MAX_REASON)
+        kept = {} if reason is None else {"reason": reason}
 
         def work(session: Session) -> None:
             key_id = key_row_id(session, key)
             now = utc_now()
             counted = session.execute(update(MissRow).where(MissRow.key_id == key_id)
-                                      .values(count=MissRow.count + 1, last_seen=now).execution_options(**_NO_SYNC))
+                                      .values(count=MissRow.count + 1, last_seen=now, **kept)
+                                      .execution_options(**_NO_SYNC))
             if not counted.rowcount:
-                session.add(MissRow(key_id=key_id, count=1, last_seen=now))
+                session.add(MissRow(key_id=key_id, count=1, last_seen=now, reason=reason))
                 session.flush()
 
         self._write(work)
 
     def misses(self) -> list[tuple[TuningKey, int]]:
         """Missed keys with their counts, most frequent first."""
-        query = (select(KeyRow, MissRow.count).join(MissRow, MissRow.key_id == KeyRow.id)
+        return [(record.key, record.count) for record in self.miss_records()]
+
+    def miss_records(self) -> list[MissRecord]:
+        """Missed keys with their counts, last times and reasons, most frequent first (the order of `misses`)."""
+        query = (select(KeyRow, MissRow).join(MissRow, MissRow.key_id == KeyRow.id)
                  .order_by(MissRow.count.desc(), MissRow.last_seen.desc(), KeyRow.id))
         with self._reading() as session:
-            return [(key, count) for row, count in session.execute(query) if (key := _key(row)) is not None]
+            return [MissRecord(key=key, count=miss.count, last_seen=miss.last_seen, reason=miss.reason)
+                    for row, miss in session.execute(query) if (key := _key(row)) is not None]
 
     def clear_miss(self, key: TuningKey) -> None:
         """Forget the misses of a key (typically once it has been tuned)."""
@@ -337,6 +346,12 @@ class Store:
         """Problems found in the database, one line each; an empty list means it is fine."""
         with self._reading() as session:
             return find_problems(session)
+
+
+def _same(name: str, value: Any) -> ColumnElement[bool]:
+    """The key column equals the value; None matches only NULL (SQL's `= NULL` matches nothing)."""
+    column = getattr(KeyRow, name)
+    return column.is_(None) if value is None else column == value
 
 
 def _key_filters(**filters: Any) -> list[ColumnElement[bool]]:

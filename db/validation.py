@@ -119,6 +119,37 @@ def check_text(field: str, value: Any, *, optional: bool = False, allow_empty: b
     return value
 
 
+def check_positive_number(field: str, value: Any, *, optional: bool = False) -> float | None:
+    """A real number > 0 and finite (an integer is taken as a float), never a bool; None if `optional`."""
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{field} is required (a positive number), got None")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{field} must be a positive finite number, got {_describe(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"{field} must be a finite number, got an integer too large") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{field} must be a positive finite number, got {number!r}")
+    return number
+
+
+def clean_text(field: str, value: Any, *, limit: int) -> str | None:
+    """A free text written by the program (a miss's reason), made safe to store and print rather than refused:
+    control characters become spaces, runs of blanks one space, and it is cut to `limit` characters (ending in
+    "..."); None or nothing left gives None. Only a value that is not a string at all is refused."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{field} must be a string or None, got {_describe(value)}")
+    text = " ".join("".join(char if char.isprintable() else " " for char in value[:limit * 4]).split())
+    if len(text) > limit:
+        text = text[:limit - 3].rstrip() + "..."
+    return text or None
+
+
 def check_name(field: str, value: Any, *, limit: int = 200) -> str:
     """A short non-empty name printed in tables (kernel, device kind): no control characters (terminal escapes)."""
     text = check_text(field, value)

@@ -22,6 +22,7 @@ from db import (SCHEMA_VERSION, TRIAL_STATUSES, BestOffer, DatabaseError, Foreig
                 NotADatabaseError, SchemaTooNewError, Store, TuningKey, default_url, export_document,
                 import_document, resolve_url)
 from db.inspection import OPTUNA_TABLES
+from db.records import FEATURE_DEFAULTS
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -320,10 +321,9 @@ def test_upgrade_from_version_1(tmp_path: Path) -> None:
     connection = sqlite3.connect(path)
     connection.executescript(V1_SCHEMA)
     stamp = "2024-05-01 12:00:00.000000"
-    columns = ", ".join(key.to_dict())
-    connection.execute(f"INSERT INTO autotune_keys (id, digest, {columns}, created_at) VALUES "
-                       f"(1, ?, {', '.join('?' * len(key.to_dict()))}, ?)", [key.digest(), *key.to_dict().values(),
-                                                                              stamp])
+    fields = {name: value for name, value in key.to_dict().items() if name not in FEATURE_DEFAULTS}  # version 4's
+    connection.execute(f"INSERT INTO autotune_keys (id, digest, {', '.join(fields)}, created_at) VALUES "
+                       f"(1, ?, {', '.join('?' * len(fields))}, ?)", [key.digest(), *fields.values(), stamp])
     connection.execute("INSERT INTO autotune_runs VALUES (1, 'box', ?, 'gpu', '0.10.2', '{}', ?, ?, 'ok', '')",
                        (H100, stamp, stamp))
     connection.execute("INSERT INTO autotune_trials VALUES (1, 1, 1, 0, '{\"block_q\": 64}', 'ok', NULL, NULL, "

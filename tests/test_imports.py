@@ -135,4 +135,4 @@ def test_the_problem_flags_are_the_fields_of_a_shapes_file(command):
 
     flags = [p.name for p in main.commands[command].params if p.name in FIELDS]
     assert flags == list(FIELDS)
-    assert list(FIELDS) == [USER_NAMES.get(f.name, f.name) for f in dataclasses.fields(Problem)]
+    assert list(FIELDS) == list(dict.fromkeys(USER_NAMES.get(f.name, f.name) for f in dataclasses.fields(Problem)))

@@ -302,7 +302,7 @@ def test_bench_times_every_implementation_side_by_side(filled, tmp_path):
                      "cudnn dot_product_attention", "einsum reference"]
     rows = {r["name"]: r for r in tuned["results"]}
     assert rows["tuned"]["config"] == Store(filled).get_best(make_key(toy_kernel, CAUSAL, current_device())).config
-    assert tuned["flops"] == 4 * 1 * 2 * 32 * 32 * 16 / 2
+    assert tuned["flops"] == 4 * 1 * 2 * (32 * 33 // 2) * 16  # the visible (query, key) pairs, diagonal included
     for name in ("tuned", "default", "jax pallas mha", "xla dot_product_attention", "einsum reference"):
         row = rows[name]
         assert row["time_s"] > 0, row

@@ -66,9 +66,10 @@ def reference_call(problem) -> Callable:
     from autotune.candidate import jitted_call
     from kernels import attention_reference
 
-    def forward(q, k, v, q_ids, kv_ids):
+    def forward(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
         ids = None if q_ids is None else (q_ids, kv_ids)
-        return attention_reference(q, k, v, causal=problem.causal, segment_ids=ids)
+        return attention_reference(q, k, v, causal=problem.causal, segment_ids=ids, window=problem.window,
+                                   softcap=problem.softcap, q_lengths=q_lengths, kv_lengths=kv_lengths)
 
     return jitted_call(forward, problem)
 

@@ -54,6 +54,12 @@ def problem_options(func=None, *, backward_help: str = "Tune forward plus backwa
             click.option("--segments", type=int, default=0, show_default=True,
                          help="N packed documents of random lengths (0: no segment ids)."),
             click.option("--backward", is_flag=True, help=backward_help),
+            click.option("--window", default=None, metavar="N|LEFT,RIGHT",
+                         help="Sliding window: a query sees keys from N before to N after it (LEFT,RIGHT: each "
+                              "side apart; none for no bound), as jax.nn's local_window_size."),
+            click.option("--softcap", type=float, default=None,
+                         help="Logits soft cap: scores become CAP*tanh(scores/CAP) (Gemma 2)."),
+            click.option("--lengths", is_flag=True, help="Per-row padding lengths (query and key/value)."),
         ]
         for option in reversed(options):
             func = option(func)
@@ -274,7 +280,13 @@ def clean_rows(rows: list[list]) -> list[list[str]]:
 
 def describe_problem(p) -> str:
     text = f"b{p.batch} q{p.q_len} kv{p.kv_len} h{p.heads}/{p.kv_heads} d{p.head_dim} {p.dtype}"
-    return text + " causal" * p.causal + " seg" * p.segments + " +bwd" * p.backward
+    text += " causal" * p.causal + " seg" * p.segments + " +bwd" * p.backward
+    left, right = getattr(p, "window_left", None), getattr(p, "window_right", None)
+    if left is not None or right is not None:
+        text += f" win({'-' if left is None else left},{'-' if right is None else right})"
+    if getattr(p, "softcap", None) is not None:
+        text += f" cap{p.softcap:g}"
+    return text + " len" * bool(getattr(p, "lengths", False))
 
 
 def ordered_config(config: dict) -> dict:

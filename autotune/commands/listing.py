@@ -12,7 +12,8 @@ from typing import Any
 import click
 
 from autotune.commands.common import (SHAPE_FLAGS, database_errors, db_option, describe_problem, echo_json,
-                                      filter_options, first_line, format_ms, kernel_option_module, key_filters,
+                                      describe_filters, filter_options, first_line, format_ms, key_filters,
+                                      key_matches, kernel_option_module,
                                       open_existing, ordered_config, plain_number, print_table, printable,
                                       problem_options, require_bests, specs_from_flags, table_config, when, where)
 from autotune.commands.compile_listing import figures_text, target_key
@@ -43,14 +44,21 @@ def trial_json(trial) -> dict[str, Any]:
 
 @click.command("list")
 @filter_options
+@click.option("--misses", "show_misses", is_flag=True,
+              help="List the keys the runtime asked for without a tuned config instead, with how often and why.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @db_option
-def list_command(device_kind, kernel_filter, dtype_filter, causal_filter, as_json, db):
+def list_command(device_kind, kernel_filter, dtype_filter, causal_filter, show_misses, as_json, db):
     """One row per tuned key, with its speedup.
 
     Each row: device, kernel, problem, best config, its time, the default config's time, speedup, trials, when.
+    With --misses: one row per missed key, most frequent first, with the reason when the tuned kernels could not
+    run the call at all (it ran XLA), which tuning cannot fix.
     """
     store = open_existing(db)
+    if show_misses:
+        list_misses(store, key_filters(device_kind, kernel_filter, dtype_filter, causal_filter), as_json)
+        return
     bests = require_bests(store, key_filters(device_kind, kernel_filter, dtype_filter, causal_filter))
     if as_json:
         echo_json([best_json(b) for b in bests])
@@ -60,6 +68,22 @@ def list_command(device_kind, kernel_filter, dtype_filter, causal_filter, as_jso
              f"{b.speedup:.2f}x" if b.speedup else "-", str(b.trials), when(b.updated_at)] for b in bests]
     print_table(["id", "device", "kernel", "problem", "best config", "best ms", "default ms", "speedup", "trials",
                  "updated (UTC)"], rows)
+
+
+def list_misses(store, filters: dict[str, Any], as_json: bool) -> None:
+    """The runtime's misses matching the filters; exit code 1 when there are none."""
+    with database_errors(store):
+        records = [r for r in store.miss_records() if key_matches(r.key, filters)]
+    if not records:
+        raise click.ClickException(f"no missed keys{describe_filters(filters)} in {where(store)}")
+    if as_json:
+        echo_json([{"digest": r.key.digest(), "key": r.key.to_dict(), "problem": describe_problem(r.key),
+                    "count": r.count, "last_seen": r.last_seen.isoformat(), "reason": r.reason} for r in records])
+        return
+    rows = [[r.key.device_kind, f"{r.key.kernel}@{r.key.kernel_version}", describe_problem(r.key), str(r.count),
+             when(r.last_seen), printable(first_line(r.reason) if r.reason else "no tuned config: autotune search "
+                                          "--misses tunes it")] for r in records]
+    print_table(["device", "kernel", "problem", "misses", "last (UTC)", "why"], rows)
 
 
 # ---------------------------------------------------------------- show

@@ -161,12 +161,14 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
 
 
 def missed_specs(store, kernel_module, device) -> list[ProblemSpec]:
-    """The missed keys of this kernel version on this device, most frequent first, as problems to tune."""
+    """The missed keys of this kernel version on this device, most frequent first, as problems to tune; keys
+    missed with a reason (the kernels could not run the call: a bias, a mask) are left out, tuning cannot help."""
     from autotune.keys import problem_of
 
     specs = []
-    for key, _count in store.misses():
-        if (key.kernel, key.kernel_version, key.platform, key.device_kind) == (
+    for record in store.miss_records():
+        key = record.key
+        if record.reason is None and (key.kernel, key.kernel_version, key.platform, key.device_kind) == (
                 kernel_module.NAME, kernel_module.VERSION, device.platform, device.device_kind):
             specs.append(ProblemSpec(problem_of(key), 3 if key.segments else 0))
     return specs
