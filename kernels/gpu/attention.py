@@ -10,12 +10,14 @@ import functools
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from kernels.gpu.backward import backward
-from kernels.gpu.common import wgmma_device
+from kernels.gpu.common import LOG2E, LSE_EMPTY, Masking, wgmma_device
 from kernels.gpu.config import Config, invalid_reasons
 from kernels.gpu.forward import forward
-from kernels.problem import check_inputs, resolve_scale
+from kernels.problem import check_inputs, check_lengths, full_lengths, resolve_scale
 
 
 @dataclass(frozen=True)
@@ -23,39 +25,48 @@ class _Static:
     """Hashable static arguments of one attention call (jit and custom_vjp key on them)."""
 
     scale: float
-    causal: bool
+    masking: Masking
     config: Config
     interpret: bool
-    one_loop: bool = True  # Hopper: one masked loop over key blocks (see kernels.gpu.common.kv_blocks)
+    one_loop: bool = True  # Hopper: one loop over key blocks (see kernels.gpu.common.kv_ranges)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, q_ids, kv_ids, static: _Static):
-    out, _ = _attention_fwd(q, k, v, q_ids, kv_ids, static)
-    return out
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attention(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths, static: _Static):
+    return _attention_fwd(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths, static)[0]
 
 
-def _attention_fwd(q, k, v, q_ids, kv_ids, static: _Static):
+def _attention_fwd(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths, static: _Static):
     out, lse = forward(
-        q, k, v, q_ids, kv_ids,
-        scale=static.scale, causal=static.causal, config=static.config, interpret=static.interpret,
+        q, k, v, q_ids, kv_ids, q_lengths, kv_lengths,
+        scale=static.scale, masking=static.masking, config=static.config, interpret=static.interpret,
         one_loop=static.one_loop,
     )
-    return out, (q, k, v, q_ids, kv_ids, out, lse)
+    return (out, lse), (q, k, v, q_ids, kv_ids, q_lengths, kv_lengths, out, lse)
 
 
-def _attention_bwd(static: _Static, residuals, dout):
-    q, k, v, q_ids, kv_ids, out, lse = residuals
+def _attention_bwd(static: _Static, residuals, cotangents):
+    q, k, v, q_ids, kv_ids, q_lengths, kv_lengths, out, lse = residuals
+    dout, _ = cotangents  # the logsumexp is returned under stop_gradient: its cotangent is zero
     dq, dk, dv = backward(
-        q, k, v, q_ids, kv_ids, out, lse, dout,
-        scale=static.scale, causal=static.causal, config=static.config, interpret=static.interpret,
+        q, k, v, q_ids, kv_ids, q_lengths, kv_lengths, out, lse, dout,
+        scale=static.scale, masking=static.masking, config=static.config, interpret=static.interpret,
         one_loop=static.one_loop,
     )
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
-_attention_jit = jax.jit(_attention, static_argnums=(5,))
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8))
+def _attention_jit(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths, static: _Static, return_lse: bool):
+    out, lse2 = _attention(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths, static)
+    if not return_lse:
+        return out
+    # base-2 logsumexp [b, h, q] -> natural log [b, q, h]; rows that see no key hold LSE_EMPTY -> -inf
+    lse = jnp.where(lse2 >= LSE_EMPTY, -jnp.inf, lse2 / LOG2E).transpose(0, 2, 1)
+    return out, jax.lax.stop_gradient(lse)
 
 
 def _device_kind(device_kind: str | None, interpret: bool) -> str | None:
@@ -71,19 +82,33 @@ def _device_kind(device_kind: str | None, interpret: bool) -> str | None:
 
 
 def flash_attention(
-    q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None,
+    q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None, window=None,
+    softcap: float | None = None, q_lengths=None, kv_lengths=None, return_lse: bool = False,
     config: Config | None = None, interpret: bool = False, device_kind: str | None = None,
 ):
     """Flash attention on the GPU (Triton lowering of Pallas), or on the CPU with `interpret=True`.
 
     q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim] with kv_heads dividing heads.
     `segment_ids`: one int array [batch, seq] or a pair (q_ids, kv_ids); a query sees a key only in its segment.
-    Causal is top-left (query i sees key j iff j <= i). A query that sees no key gets zeros. Differentiable in
-    q, k and v; works under jit and vmap. Output: like q.
+    Causal is top-left (query i sees key j iff j <= i). `window`: an int w or (left, right) (either side None: no
+    bound): query i sees keys i - left .. i + right; key blocks out of it are skipped. `softcap`: scores s become
+    softcap * tanh(s / softcap) before the mask. `q_lengths`, `kv_lengths`: int [batch] (run-time values allowed):
+    keys at or past kv_lengths[b] are never seen, query rows at or past q_lengths[b] output zeros. A query that
+    sees no key gets zeros. Differentiable in q, k and v; works under jit and vmap. Output: like q; with
+    `return_lse`, (out, lse) where lse is the natural log-sum-exp of the visible scores, float32 [b, q_len, heads],
+    -inf for a row that sees no key, without gradient.
     `device_kind` (e.g. 'NVIDIA H100 80GB HBM3') is the GPU the default config and the shared-memory checks are
     for; give it when compiling for a target that is not `jax.devices()[0]` (deviceless compiles).
     """
-    problem, q_ids, kv_ids = check_inputs(q, k, v, segment_ids, causal=causal)
+    has_lengths = q_lengths is not None or kv_lengths is not None
+    problem, q_ids, kv_ids = check_inputs(q, k, v, segment_ids, causal=causal, window=window, softcap=softcap,
+                                          lengths=has_lengths)
+    q_lengths = check_lengths(q_lengths, "q_lengths", problem.batch, problem.q_len)
+    kv_lengths = check_lengths(kv_lengths, "kv_lengths", problem.batch, problem.kv_len)
+    if has_lengths:
+        q_lengths, kv_lengths = full_lengths(q_lengths, kv_lengths, problem)
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} {return_lse!r}")
     scale = resolve_scale(sm_scale, problem.head_dim)
     kind = _device_kind(device_kind, interpret)
     if config is None:
@@ -93,6 +118,7 @@ def flash_attention(
     reasons = invalid_reasons(config, problem, device_kind=kind)
     if reasons:
         raise ValueError(f"config {config.to_dict()} cannot run {problem}: " + "; ".join(reasons))
-    static = _Static(scale=scale, causal=bool(causal), config=config, interpret=bool(interpret),
+    masking = Masking.of(causal=problem.causal, window=problem.window, softcap=problem.softcap, lengths=has_lengths)
+    static = _Static(scale=scale, masking=masking, config=config, interpret=bool(interpret),
                      one_loop=wgmma_device(kind))
-    return _attention_jit(q, k, v, q_ids, kv_ids, static)
+    return _attention_jit(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths, static, bool(return_lse))

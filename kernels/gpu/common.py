@@ -1,4 +1,5 @@
-"""Pieces shared by the forward and backward kernels: masked tile loads and stores, masks and causal block ranges.
+"""Pieces shared by the forward and backward kernels: masked tile loads and stores, the static mask (`Masking`:
+window, causal, soft cap, run-time lengths), tile masks, and the block ranges each program visits.
 
 Nothing is padded in HBM: each kernel sees whole unpadded sequences and reads or writes power-of-two tiles
 (Triton's rule) with a mask over the rows past the sequence end and the columns past head_dim, so an overhanging
@@ -7,10 +8,16 @@ tile neither reads nor writes outside its array (masked reads give `other`, neve
 Scores are kept in base 2 (scale folded with log2(e)) so the kernels use exp2, which is what the GPU computes
 natively. A masked score is -inf and the running max starts at a finite very negative value, so masked entries
 give exactly 0 (exp2(-inf - finite)) and a row that sees no key never forms inf - inf.
+
+Blocks wholly outside the mask (out of the window, past the causal diagonal, past a row's run-time length) are
+never visited: `kv_ranges` and `q_ranges` give each program the loop bounds that leave them out, so the work falls
+with the window. Run-time lengths are int32 [batch] refs read at program_id(1) and bound the loops dynamically.
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -64,13 +71,36 @@ def cdiv(a, b: int):
     return lax.div(a + (b - 1), np.int32(b))
 
 
-def visible(
-    q_start, k_start, block_q: int, block_k: int, *,
-    causal: bool, kv_len: int | None = None, q_ids=None, kv_ids=None,
-):
+@dataclass(frozen=True)
+class Masking:
+    """The static mask of one call: the window sides as offsets from the diagonal (query i sees keys
+    i - left .. i + right; None: no bound; causal is right = 0), the soft cap, and whether per-row lengths come
+    at run time. Every kernel derives its loop bounds and its tile masks from this one description."""
+
+    left: int | None = None
+    right: int | None = None
+    softcap: float | None = None
+    lengths: bool = False
+
+    @classmethod
+    def of(cls, *, causal: bool, window=None, softcap: float | None = None, lengths: bool = False) -> "Masking":
+        left, right = window if window is not None else (None, None)
+        if causal:
+            right = 0  # window sides are >= 0, so causal's bound is always the tighter one
+        return cls(left=left, right=right, softcap=softcap, lengths=bool(lengths))
+
+    @property
+    def banded(self) -> bool:
+        """Whether a window side or causal bounds the keys a query sees (so some tiles straddle an edge)."""
+        return self.left is not None or self.right is not None
+
+
+def visible(q_start, k_start, block_q: int, block_k: int, masking: Masking | None, *, kv_len=None, q_ids=None,
+            kv_ids=None):
     """Boolean [block_q, block_k] tile of which key each query sees, or None when every key is visible.
 
-    `kv_len` masks padded keys; `q_ids` [block_q] and `kv_ids` [block_k] are segment ids of the tile.
+    The window/causal bounds of `masking` apply (None: not in this tile); `kv_len` (static, or a run-time length)
+    masks keys at or past it; `q_ids` [block_q] and `kv_ids` [block_k] are segment ids of the tile.
     """
     mask = None
 
@@ -78,9 +108,12 @@ def visible(
         return b if a is None else a & b
 
     cols = k_start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
-    if causal:
+    if masking is not None and masking.banded:
         rows = q_start + jnp.arange(block_q, dtype=jnp.int32)[:, None]
-        mask = both(mask, cols <= rows)
+        if masking.right is not None:
+            mask = both(mask, cols <= (rows if masking.right == 0 else rows + masking.right))
+        if masking.left is not None:
+            mask = both(mask, cols >= rows - masking.left)
     if kv_len is not None:
         mask = both(mask, cols < kv_len)
     if q_ids is not None:
@@ -88,27 +121,69 @@ def visible(
     return mask
 
 
-def kv_blocks(i, *, block_q: int, block_k: int, kv_len: int, causal: bool, one_loop: bool):
-    """For q block `i`: (n_plain, n_all): key blocks [0, n_plain) need no mask, [n_plain, n_all) need the causal
-    or ragged-tail mask, blocks >= n_all are fully masked (skipped).
+def _min(a, b):
+    """min that stays a Python int when both sides are static (a static empty loop is then left out)."""
+    return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
 
-    With `one_loop` every visited block is plain or every one is masked, so the kernel runs one loop: on Hopper,
-    two loops in a row make ptxas serialize the wgmma pipeline (warning C7515, "non wgmma instructions defining
-    accumulator registers of a wgmma between start and end of the pipeline stage"), at the price of the mask's
-    compare and select on every score tile. Elsewhere two loops are better: a mask live through the whole loop
-    costs registers (forward 128x64, 8 warps, head_dim 72 on A100: 255 registers and spills vs 207).
+
+def _max(a, b):
+    return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
+
+
+def _div(a, b: int):
+    """Floor division of a non-negative int (static or traced) by a static int."""
+    return a // b if isinstance(a, int) else lax.div(a, np.int32(b))
+
+
+def _cdiv(a, b: int):
+    return -(-a // b) if isinstance(a, int) else cdiv(a, b)
+
+
+Ranges = list  # [(start, stop, masked)]: block loops run in order; masked ones build the tile mask
+
+
+def kv_ranges(i, *, block_q: int, block_k: int, kv_len: int, masking: Masking, one_loop: bool,
+              q_len_b=None, kv_len_b=None) -> Ranges:
+    """For q block `i`: the key-block loops (start, stop, masked) its program runs. Blocks outside them are wholly
+    out of the window, past the causal diagonal or past the row's run-time length `kv_len_b`, and are never
+    visited; a q block wholly past the row's run-time `q_len_b` visits nothing.
+
+    Split loops: masked blocks at the window's left edge, plain blocks (every key visible to every row: no mask is
+    built), masked blocks at the right edge / causal diagonal / ragged or run-time tail. With `one_loop` every
+    visited block is plain or every one is masked, so the kernel runs one loop: on Hopper, two loops in a row make
+    ptxas serialize the wgmma pipeline (warning C7515, "non wgmma instructions defining accumulator registers of a
+    wgmma between start and end of the pipeline stage"), at the price of the mask's compare and select on every
+    score tile. Elsewhere split loops are better: a mask live through the whole loop costs registers (forward
+    128x64, 8 warps, head_dim 72 on A100: 255 registers and spills vs 207).
     """
-    n_all = -(-kv_len // block_k)
+    left, right = masking.left, masking.right
+    first_row = i * block_q
+    end_row = (i + 1) * block_q  # past the block's last row
+    limit = kv_len  # keys at or past it are never seen by this block
+    if q_len_b is not None:
+        end_row = jnp.minimum(end_row, q_len_b)
+        limit = jnp.where(first_row < q_len_b, kv_len if kv_len_b is None else kv_len_b, 0)
+    elif kv_len_b is not None:
+        limit = kv_len_b
+    stop = _min(-(-kv_len // block_k), _cdiv(limit, block_k))
+    if right is not None:
+        stop = _min(stop, _cdiv(end_row if right == 0 else end_row + right, block_k))
+    start = 0
+    if left is not None:
+        first_key = _max(first_row - left, 0)
+        start = _min(_div(first_key, block_k), stop)
+        stop = jnp.where(first_key < limit, stop, start)  # the window starts past the last key: nothing to see
+    tail = not isinstance(limit, int) or limit % block_k != 0
     if one_loop:
-        if causal:
-            return 0, jnp.minimum(n_all, cdiv((i + 1) * block_q, block_k))
-        return (0 if kv_len % block_k else n_all), n_all
-    n_plain = kv_len // block_k
-    if causal:
-        # Every key of block j is <= the first row i*block_q  iff  (j+1)*block_k - 1 <= i*block_q.
-        n_plain = jnp.minimum(n_plain, lax.div(i * block_q + 1, np.int32(block_k)))
-        n_all = jnp.minimum(n_all, cdiv((i + 1) * block_q, block_k))
-    return n_plain, n_all
+        return [(start, stop, masking.banded or tail)]
+    plain_stop = _div(limit, block_k)  # <= stop
+    if right is not None:
+        plain_stop = _min(plain_stop, _div(first_row + (right + 1), block_k))
+    plain_start = start
+    if left is not None:  # keep start <= plain_start <= plain_stop <= stop
+        plain_start = _min(_max(start, _cdiv(_max(end_row - (left + 1), 0), block_k)), stop)
+        plain_stop = _min(_max(plain_stop, plain_start), stop)
+    return [(start, plain_start, True), (plain_start, plain_stop, False), (plain_stop, stop, True)]
 
 
 def wgmma_device(device_kind: str | None) -> bool:
@@ -117,14 +192,53 @@ def wgmma_device(device_kind: str | None) -> bool:
     return any(tag in kind for tag in ("h100", "h200", "h800", "gh200", "h20"))
 
 
-def q_blocks(j, *, block_q: int, block_k: int, q_blocks_total: int, causal: bool):
-    """For key block `j`: (first, unmasked): q blocks before `first` see none of its keys (skipped), blocks in
-    [first, unmasked) need the causal mask, blocks from `unmasked` on see all of them."""
-    if not causal:
-        return 0, 0
-    first = jnp.minimum(lax.div(j * block_k, np.int32(block_q)), q_blocks_total)
-    unmasked = jnp.minimum(cdiv((j + 1) * block_k - 1, block_q), q_blocks_total)
-    return first, jnp.maximum(first, unmasked)
+def q_ranges(j, *, block_q: int, block_k: int, q_len: int, masking: Masking, q_len_b=None,
+             kv_len_b=None) -> Ranges:
+    """For key block `j` (the dk/dv kernel): the q-block loops (start, stop, masked). q blocks whose rows see none
+    of its keys (out of the window, before the causal diagonal, past the row's run-time `q_len_b`) are never
+    visited, and a key block wholly past the run-time `kv_len_b` visits nothing. Masked blocks straddle an edge."""
+    left, right = masking.left, masking.right
+    stop = -(-q_len // block_q)
+    first_key = j * block_k
+    last_key = (j + 1) * block_k - 1
+    if q_len_b is not None:
+        stop = jnp.minimum(stop, cdiv(q_len_b, block_q))
+    if kv_len_b is not None:
+        stop = jnp.where(first_key < kv_len_b, stop, 0)
+        last_key = jnp.minimum(last_key, kv_len_b - 1)  # keys past the length need no gradient
+    if left is not None:
+        stop = _min(stop, _div(last_key + left, block_q) + 1)
+    start = plain_start = 0
+    if right is not None:  # rows from first_key - right see a key of the block, from last_key - right all of them
+        first_row = first_key if right == 0 else _max(first_key - right, 0)
+        start = _min(_div(first_row, block_q), stop)
+        if right > 0 or q_len_b is not None:  # that row may be past the last row: nothing to see
+            stop = jnp.where(first_row < (q_len if q_len_b is None else q_len_b), stop, start)
+        plain_start = _max(start, _min(_cdiv(last_key if right == 0 else last_key - right, block_q), stop))
+    plain_stop = stop if left is None else _min(_max(_div(first_key + left + 1, block_q), plain_start), stop)
+    return [(start, plain_start, True), (plain_start, plain_stop, False), (plain_stop, stop, True)]
+
+
+def run_ranges(ranges: Ranges, step, carry):
+    """Run `step(j, carry, masked=...)` over the block ranges in order (statically empty ones are left out)."""
+    for start, stop, masked in ranges:
+        carry = block_loop(start, stop, functools.partial(step, masked=masked), carry)
+    return carry
+
+
+def scores(q, k, scale: float, softcap: float | None):
+    """Base-2 scores of a tile, soft-capped (cap * tanh(s / cap) of the natural scores s) when `softcap` is set;
+    also tanh's value for the backward's (1 - t^2), else None."""
+    s = dot_nt(q, k)
+    if softcap is None:
+        return s * (scale * LOG2E), None
+    t = jnp.tanh(s * (scale / softcap))
+    return t * (softcap * LOG2E), t
+
+
+def row_length(ref):
+    """This program's run-time length from a [batch] int32 ref (batch is grid axis 1), or None without one."""
+    return None if ref is None else ref[pl.program_id(1)]
 
 
 def block_loop(lower, upper, body, carry):

@@ -24,6 +24,11 @@ def next_pow2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length()
 
 
+def floor_pow2(n: int) -> int:
+    """Largest power of two <= n (n >= 1)."""
+    return 1 << (int(n).bit_length() - 1)
+
+
 def padded_head_dim(head_dim: int) -> int:
     """head_dim as the kernels see it: zero-padded to a power of two, at least 16 (Triton dot operands)."""
     return max(MIN_BLOCK, next_pow2(head_dim))
@@ -52,12 +57,16 @@ class Config(IntConfig):
         """Heuristic config: big tiles for long sequences, shrunk to the sequence and to the shared memory."""
         warps = 4 if problem.head_dim <= 64 else 8
         bwd_block = 64 if problem.head_dim <= 64 else 32
+        # A narrow window: a q block reaches block_q + span - 1 keys in block_k steps, so tiles much wider than the
+        # span compute mostly masked scores; both shrink to half the span (not below 32: tensor-core tiles).
+        span = window_span(problem)
+        band = 1 << 30 if span is None else max(32, floor_pow2(span) // 2)
         fwd = _fit(
-            min(128, block_cap(problem.q_len)), min(64, block_cap(problem.kv_len)), 2,
+            min(128, band, block_cap(problem.q_len)), min(64, band, block_cap(problem.kv_len)), 2,
             lambda bq, bk, s: forward_smem_bytes(bq, bk, s, problem, device_kind), device_kind,
         )
         bwd = _fit(
-            min(bwd_block, block_cap(problem.q_len)), min(bwd_block, block_cap(problem.kv_len)), 2,
+            min(bwd_block, band, block_cap(problem.q_len)), min(bwd_block, band, block_cap(problem.kv_len)), 2,
             lambda bq, bk, s: backward_smem_bytes(bq, bk, s, problem, device_kind), device_kind,
         )
         return cls(
@@ -81,8 +90,26 @@ def _fit(block_q: int, block_k: int, stages: int, smem, device_kind: str | None)
     return block_q, block_k, stages
 
 
+def window_span(problem: Problem) -> int | None:
+    """Keys a query row can see under a window bounded on both sides (causal bounds the right at 0), else None."""
+    left, right = problem.window if problem.window is not None else (None, None)
+    if problem.causal:
+        right = 0
+    if left is None or right is None:
+        return None
+    return left + right + 1
+
+
 def search_space(problem: Problem) -> dict[str, tuple[int, ...]]:
-    """Candidate values per Config field; backward fields only when the problem needs gradients."""
+    """Candidate values per Config field; backward fields only when the problem needs gradients. Under a narrow
+    window, no block wider than the window's span (at least 32) is offered: it would only add masked work."""
+    span = window_span(problem)
+    band = None if span is None else max(32, floor_pow2(span))
+
+    def _blocks(length: int, *, big: bool) -> tuple[int, ...]:
+        found = _plain_blocks(length, big=big)
+        return found if band is None else tuple(b for b in found if b <= band)
+
     space = {
         "block_q": _blocks(problem.q_len, big=True),
         "block_k": _blocks(problem.kv_len, big=True),
@@ -99,7 +126,7 @@ def search_space(problem: Problem) -> dict[str, tuple[int, ...]]:
     return space
 
 
-def _blocks(length: int, *, big: bool) -> tuple[int, ...]:
+def _plain_blocks(length: int, *, big: bool) -> tuple[int, ...]:
     """Powers of two from 16 up to the padded length, at most 128 (256 for long sequences if `big`)."""
     top = 256 if big and length >= 1024 else 128
     cap = min(top, block_cap(length))

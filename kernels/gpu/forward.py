@@ -1,10 +1,11 @@
 """Forward kernel: one program per (q block, batch, head) streams the key blocks with an online softmax.
 
 The [q_len, kv_len] scores never leave the program; only the output and the base-2 logsumexp (for the backward)
-are written. Key blocks past the causal diagonal are not visited at all, and the mask is only built for the blocks
-that straddle the diagonal or the ragged tail (on Hopper: for every visited block of a causal or ragged problem, in
-one loop; see `kv_blocks`). Inputs and outputs stay unpadded: tiles past the sequence end or head_dim are masked
-loads and stores.
+are written. Key blocks out of the sliding window, past the causal diagonal or past the row's run-time length are
+not visited at all (the loop bounds come from `kv_ranges`), and the mask is only built for the blocks that straddle
+a window edge, the diagonal or a tail (on Hopper: for every visited block of a banded or ragged problem, in one
+loop). Soft-capping bends the scores before the mask. Inputs and outputs stay unpadded: tiles past the sequence
+end or head_dim are masked loads and stores.
 """
 from __future__ import annotations
 
@@ -16,25 +17,26 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.cost import estimate
 from kernels.gpu.common import (
-    LOG2E, LSE_EMPTY, M_INIT, block_loop, dot_nn, dot_nt, kv_blocks, kv_head, load, rows_at, store, tile_mask,
-    visible,
+    LSE_EMPTY, M_INIT, Masking, dot_nn, kv_head, kv_ranges, load, row_length, rows_at, run_ranges, scores, store,
+    tile_mask, visible,
 )
 from kernels.gpu.config import Config, padded_head_dim
+from kernels.problem import visible_pairs
 
 
 def _forward_kernel(
     q_ref, k_ref, v_ref, *refs,
-    scale2: float, causal: bool, segments: bool, q_len: int, kv_len: int, head_dim: int, block_q: int,
-    block_k: int, one_loop: bool,
+    scale: float, masking: Masking, segments: bool, q_len: int, kv_len: int, head_dim: int, block_q: int,
+    block_k: int, one_loop: bool, count: bool,
 ):
-    # Refs hold the whole unpadded sequence of this (batch, head): [q_len, head_dim], [kv_len, head_dim], [q_len].
-    if segments:
-        q_ids_ref, kv_ids_ref, o_ref, lse_ref = refs
-    else:
-        o_ref, lse_ref = refs
-        kv_ids_ref = None
+    # Refs hold the whole unpadded sequence of this (batch, head): [q_len, head_dim], [kv_len, head_dim], [q_len];
+    # then the [batch] run-time lengths, the outputs, and (when counting, for tests) the key blocks visited.
+    refs = list(refs)
+    q_ids_ref, kv_ids_ref = (refs.pop(0), refs.pop(0)) if segments else (None, None)
+    q_len_ref, kv_len_ref = (refs.pop(0), refs.pop(0)) if masking.lengths else (None, None)
+    o_ref, lse_ref = refs[:2]
+    q_len_b, kv_len_b = row_length(q_len_ref), row_length(kv_len_ref)
     width = padded_head_dim(head_dim)
     cols = pl.ds(np.int32(0), width)
     i = pl.program_id(0)
@@ -48,21 +50,20 @@ def _forward_kernel(
     padded_kv = kv_len % block_k != 0
 
     def step(j, carry, *, masked: bool):
-        acc, m, l = carry
+        acc, m, l, visits = carry
         k_start = j * block_k
         k_rows = rows_at(k_start, block_k)
         tail = masked and padded_kv  # only the masked steps can reach past kv_len
         kv_mask = tile_mask(k_start, block_k, kv_len if tail else None, width, head_dim)
         k = load(k_ref.at[k_rows, cols], kv_mask)
         v = load(v_ref.at[k_rows, cols], kv_mask)
-        s = dot_nt(q, k) * scale2
+        s, _ = scores(q, k, scale, masking.softcap)
         kv_ids = None
         if kv_ids_ref is not None:
             kv_ids = load(kv_ids_ref.at[k_rows], tile_mask(k_start, block_k, kv_len if tail else None), other=-1)
-        mask = visible(
-            q_start, k_start, block_q, block_k,
-            causal=causal and masked, kv_len=kv_len if tail else None, q_ids=q_ids, kv_ids=kv_ids,
-        )
+        limit = (kv_len_b if kv_len_b is not None else kv_len if tail else None) if masked else None
+        mask = visible(q_start, k_start, block_q, block_k, masking if masked else None, kv_len=limit,
+                       q_ids=q_ids, kv_ids=kv_ids)
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -70,34 +71,44 @@ def _forward_kernel(
         p = jnp.exp2(s - m_new[:, None])
         l_new = l * alpha + jnp.sum(p, axis=1)
         acc_new = acc * alpha[:, None] + dot_nn(p.astype(v.dtype), v)
-        return acc_new, m_new, l_new
+        return acc_new, m_new, l_new, None if visits is None else visits + 1
 
     carry = (
         jnp.zeros((block_q, width), jnp.float32),
         jnp.full((block_q,), M_INIT, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
+        jnp.int32(0) if count else None,
     )
-    n_full, n_all = kv_blocks(i, block_q=block_q, block_k=block_k, kv_len=kv_len, causal=causal,
-                              one_loop=one_loop)
-    carry = block_loop(0, n_full, functools.partial(step, masked=False), carry)
-    acc, m, l = block_loop(n_full, n_all, functools.partial(step, masked=True), carry)
+    ranges = kv_ranges(i, block_q=block_q, block_k=block_k, kv_len=kv_len, masking=masking, one_loop=one_loop,
+                       q_len_b=q_len_b, kv_len_b=kv_len_b)
+    acc, m, l, visits = run_ranges(ranges, step, carry)
 
     seen = l > 0.0
-    store(o_ref.at[q_rows, cols], (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype), q_mask)
+    out = acc / jnp.where(seen, l, 1.0)[:, None]
+    if q_len_b is not None:  # rows past the row's length output zeros and an empty logsumexp
+        seen = seen & (q_start + jnp.arange(block_q, dtype=jnp.int32) < q_len_b)
+        out = jnp.where(seen[:, None], out, 0.0)
+    store(o_ref.at[q_rows, cols], out.astype(o_ref.dtype), q_mask)
     store(lse_ref.at[q_rows], jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), LSE_EMPTY), row_mask)
+    if count:
+        refs[2][...] = visits
 
 
 def forward(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array | None, kv_ids: jax.Array | None, *,
-    scale: float, causal: bool, config: Config, interpret: bool, one_loop: bool = True,
-) -> tuple[jax.Array, jax.Array]:
+    q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array | None, kv_ids: jax.Array | None,
+    q_lengths: jax.Array | None = None, kv_lengths: jax.Array | None = None, *,
+    scale: float, masking: Masking, config: Config, interpret: bool, one_loop: bool = True, count: bool = False,
+):
     """Attention output [b, q_len, h, d] and base-2 logsumexp [b, h, q_len] (float32); no padded copies.
-    `one_loop`: one masked loop over the key blocks (for Hopper, see `kv_blocks`) instead of plain + masked."""
+    `q_lengths`/`kv_lengths`: int32 [batch], both given iff `masking.lengths`. `one_loop`: one loop over the key
+    blocks (for Hopper, see `kv_ranges`). `count` (interpret-mode tests) adds the number of key blocks each program
+    visited, int32 [q blocks, b, h]."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     bq, bk = config.block_q, config.block_k
     segments = q_ids is not None
+    q_blocks = -(-q_len // bq)
 
     q_spec = pl.BlockSpec((None, q_len, None, head_dim), lambda i, b, h: (b, 0, h, 0))
     kv_spec = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, kv_head(h, groups), 0))
@@ -109,25 +120,31 @@ def forward(
             pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
         ]
         args += [q_ids, kv_ids]
+    if masking.lengths:
+        in_specs += [pl.BlockSpec((batch,), lambda i, b, h: (0,))] * 2
+        args += [q_lengths, kv_lengths]
     kernel = functools.partial(
-        _forward_kernel, scale2=scale * LOG2E, causal=causal, segments=segments, q_len=q_len, kv_len=kv_len,
-        head_dim=head_dim, block_q=bq, block_k=bk, one_loop=one_loop,
+        _forward_kernel, scale=scale, masking=masking, segments=segments, q_len=q_len, kv_len=kv_len,
+        head_dim=head_dim, block_q=bq, block_k=bk, one_loop=one_loop, count=count,
     )
+    out_specs = [q_spec, pl.BlockSpec((None, None, q_len), lambda i, b, h: (b, h, 0))]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)]
+    if count:
+        out_specs.append(pl.BlockSpec((None, None, None), lambda i, b, h: (i, b, h)))
+        out_shape.append(jax.ShapeDtypeStruct((q_blocks, batch, heads), jnp.int32))
     itemsize = q.dtype.itemsize
     nbytes = (2 * q.size + k.size + v.size) * itemsize + batch * heads * q_len * 4
-    out, lse = pl.pallas_call(
+    pairs = batch * heads * visible_pairs(q_len, kv_len, causal=False, window=(masking.left, masking.right))
+    return pl.pallas_call(
         kernel,
-        grid=(-(-q_len // bq), batch, heads),
+        grid=(q_blocks, batch, heads),
         in_specs=in_specs,
-        out_specs=[q_spec, pl.BlockSpec((None, None, q_len), lambda i, b, h: (b, h, 0))],
-        out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32),
-        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
-        cost_estimate=estimate(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
-                               causal=causal, matmuls=2, exps=1, nbytes=nbytes),
+        cost_estimate=pl.CostEstimate(flops=int(4 * pairs * head_dim),
+                                      transcendentals=int(pairs * (1 if masking.softcap is None else 2)),
+                                      bytes_accessed=int(nbytes)),
         interpret=interpret,
         name="flash_attention_fwd",
     )(*args)
-    return out, lse
