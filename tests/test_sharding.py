@@ -54,6 +54,14 @@ HOST_DEVICES = textwrap.dedent("""
     result["explicit_grads"] = [float(jnp.abs(g - w).max()) for g, w in zip(grads, want_grads)]
     result["out_spec"] = str(out.sharding.spec)
 
+    # a sliding window with the log-sum-exp residual: two outputs per device, the residual sharded like the query
+    windowed = dict(local_window_size=(6, 2), query_seq_lengths=lengths, return_residual=True)
+    w_out, w_lse = jax.jit(lambda q, k, v: autotune.dot_product_attention(q, k, v, **windowed))(qs, ks, vs)
+    want_out, want_lse = jax.nn.dot_product_attention(q, k, v, **windowed)
+    result["window_out"] = float(jnp.abs(w_out - want_out).max())
+    result["window_lse"] = float(jnp.abs(w_lse - want_lse).max())
+    result["lse_spec"] = str(w_lse.sharding.spec)
+
     auto = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))  # Auto axes: declared with sharded_as
     auto_spec = NamedSharding(auto, P("data", None, "model", None))
     qa, ka, va = (jax.device_put(x, auto_spec) for x in (q, k, v))
@@ -81,8 +89,9 @@ HOST_DEVICES = textwrap.dedent("""
             errors[name] = str(exc)
     result["errors"] = errors
     store = Store(db)
-    result["keys"] = sorted({(key.batch, key.q_len, key.kv_len, key.heads, key.kv_heads, key.segments)
-                             for key, _ in store.misses()})
+    result["keys"] = sorted({(key.batch, key.q_len, key.kv_len, key.heads, key.kv_heads, key.lengths,
+                              key.window_left, key.window_right) for key, _ in store.misses()},
+                            key=lambda key: [-1 if x is None else x for x in key])
     store.close()
     print(json.dumps(result))
 """)
@@ -157,8 +166,12 @@ def test_a_mesh_of_host_devices_runs_the_kernel_per_device(tmp_path):
     assert max(result["explicit_grads"]) < 5e-5, result["explicit_grads"]
     assert result["out_spec"] == "P('data', None, 'model', None)"  # the output stays sharded like the query
     assert result["auto_lowered_shard_map"] and result["auto_out"] < 2e-5
-    # looked up for the per-device shape: batch 4 / 2, heads 4 / 2, kv heads 2 / 2 (padding lengths: segments)
-    assert [tuple(key) for key in result["keys"]] == [(2, 24, 29, 2, 1, False), (2, 24, 29, 2, 1, True)]
+    assert result["window_out"] < 2e-5 and result["window_lse"] < 1e-4
+    assert result["lse_spec"] == "P('data', None, 'model')"
+    # looked up for the per-device shape: batch 4 / 2, heads 4 / 2, kv heads 2 / 2
+    assert [tuple(key) for key in result["keys"]] == [(2, 24, 29, 2, 1, False, None, None),
+                                                      (2, 24, 29, 2, 1, True, None, None),
+                                                      (2, 24, 29, 2, 1, True, 6, 2)]
     sequence, kv_heads = result["errors"]["sequence"], result["errors"]["kv_heads"]
     assert sequence and "sequence axis of query is sharded over mesh axis 'model'" in sequence
     assert "Shard only the batch and head axes" in sequence
