@@ -50,8 +50,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
     if not isinstance(return_residual, (bool, np.bool_)):
         raise ValueError(f"return_residual must be a bool, got {return_residual!r}")
-    q_lens = _check_lengths(query_seq_lengths, "query_seq_lengths", query.shape[0])
-    kv_lens = _check_lengths(key_value_seq_lengths, "key_value_seq_lengths", query.shape[0])
+    q_lens = _check_lengths(query_seq_lengths, "query_seq_lengths", query.shape[0], query.shape[1])
+    kv_lens = _check_lengths(key_value_seq_lengths, "key_value_seq_lengths", query.shape[0], key.shape[1])
     window = _check_window(local_window_size)
     cap = _check_cap(logits_soft_cap)
     if implementation not in IMPLEMENTATIONS:
@@ -130,8 +130,9 @@ def _check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def _check_lengths(lengths, name: str, batch: int):
-    """Lengths as an int32 [batch] array; concrete ones must not be negative."""
+def _check_lengths(lengths, name: str, batch: int, seq: int):
+    """Lengths as an int32 [batch] array, at most `seq` (jax.nn reads a longer one as "all valid"); concrete ones
+    must not be negative."""
     if lengths is None:
         return None
     if not hasattr(lengths, "dtype"):
@@ -148,7 +149,7 @@ def _check_lengths(lengths, name: str, batch: int):
             raise ValueError(f"{name} must not be negative, got {values.tolist()}")
         if values.size and values.max() > np.iinfo(np.int32).max:
             raise ValueError(f"{name} must fit in int32, got {values.tolist()}")
-    return jnp.asarray(lengths).astype(jnp.int32)
+    return jnp.minimum(jnp.asarray(lengths).astype(jnp.int32), seq)
 
 
 def _check_window(window):

@@ -62,8 +62,9 @@ CASES = {
     # queries and 20 valid keys, and one with every query valid and no valid key (jax.nn: mean of all values).
     "causal+lengths": dict(is_causal=True, scale=0.3, query_seq_lengths=np.array([30, 37], np.int32),
                            key_value_seq_lengths=np.array([20, 0], np.int32)),
-    # A two-sided window with lengths and the residual: rows past the last valid key see nothing (jax.nn: mean).
-    "window+lengths+residual": dict(local_window_size=(5, 3), query_seq_lengths=np.array([37, 25], np.int32),
+    # A two-sided window with lengths and the residual: rows past the last valid key see nothing (jax.nn: mean);
+    # a length past the sequence (99) means all of it, as jax.nn reads it.
+    "window+lengths+residual": dict(local_window_size=(5, 3), query_seq_lengths=np.array([99, 25], np.int32),
                                     key_value_seq_lengths=np.array([45, 17], np.int32), return_residual=True),
     # A causal sliding window, as Mistral and Gemma use it.
     "causal window": dict(is_causal=True, local_window_size=6),

@@ -1,0 +1,89 @@
+"""How the kernels' work falls with a sliding window: blocks visited per kernel, counted exactly in interpret mode.
+
+A causal problem of SEQ tokens with windows from none down to 128 tokens, one fixed config (64 x 64 blocks in every
+kernel) so that only the window changes. For the GPU kernel each program counts the key (or query) blocks its loops
+visit (`count=True`, interpret mode); the sum over programs is the work. The least any blocked kernel must visit is
+the number of 64 x 64 tiles of the mask that hold a visible pair (from the reference mask); the table shows both and
+the share of the full causal work. For the TPU kernel the figure is the kv extent of its grid (the steps each
+q block is given) from the lowered kernel, and the steps that do work.
+
+    python benchmarks/window_work.py            # SEQ 4096; a few minutes on 2 cores
+Writes benchmarks/results/window-work-cpu.json and prints the table (copied into window-work-cpu.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import kernels  # noqa: F401  (environment defaults before jax)
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.gpu.backward import backward
+from kernels.gpu.common import Masking
+from kernels.gpu.config import Config
+from kernels.gpu.forward import forward
+from kernels.reference import attention_mask
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "window-work-cpu.json"
+BLOCK = 64
+
+
+def needed_tiles(n: int, window: int | None) -> int:
+    """BLOCK x BLOCK tiles of the causal (windowed) mask holding at least one visible pair."""
+    mask = np.asarray(attention_mask(n, n, causal=True, window=None if window is None else (window, 0)))[0, 0]
+    return int(mask.reshape(n // BLOCK, BLOCK, n // BLOCK, BLOCK).any(axis=(1, 3)).sum())
+
+
+def gpu_blocks(n: int, window: int | None) -> dict[str, int]:
+    """Blocks the GPU kernels visit (summed over programs) for one causal problem, batch 1, one head."""
+    config = Config(block_q=BLOCK, block_k=BLOCK, num_warps=4, num_stages=2, bwd_block_q=BLOCK, bwd_block_k=BLOCK,
+                    bwd_num_warps=4, bwd_num_stages=2)
+    masking = Masking.of(causal=True, window=None if window is None else (window, 0))
+    keys = jax.random.split(jax.random.key(0), 2)
+    q = jax.random.normal(keys[0], (1, n, 1, 16), jnp.float32)
+    k = jax.random.normal(keys[1], (1, n, 1, 16), jnp.float32)
+    out, lse, fwd = forward(q, k, k, None, None, scale=0.25, masking=masking, config=config, interpret=True,
+                            count=True)
+    *_, dq, dkv = backward(q, k, k, None, None, None, None, out, lse, q, scale=0.25, masking=masking, config=config,
+                           interpret=True, count=True)
+    return {name: int(np.asarray(c).sum()) for name, c in (("forward", fwd), ("dq", dq), ("dkv", dkv))}
+
+
+def table(rows: list[dict], n: int) -> str:
+    full = rows[0]
+    lines = [f"| window (causal, {n} tokens) | tiles needed | GPU forward | GPU dq | GPU dk/dv | share of full causal |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        share = r["gpu"]["forward"] / full["gpu"]["forward"]
+        lines.append(f"| {r['window'] or 'none'} | {r['needed']} | {r['gpu']['forward']} | {r['gpu']['dq']} | "
+                     f"{r['gpu']['dkv']} | {share:.1%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--windows", default="none,2048,1024,512,256,128")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    rows = []
+    for text in args.windows.split(","):
+        window = None if text == "none" else int(text)
+        row = {"window": window, "needed": needed_tiles(args.seq, window), "gpu": gpu_blocks(args.seq, window)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    document = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                "jax": jax.__version__, "seq": args.seq, "block": BLOCK, "mode": "Pallas interpret mode on a CPU",
+                "results": rows}
+    Path(args.out).write_text(json.dumps(document, indent=2) + "\n")
+    print(table(rows, args.seq))
+
+
+if __name__ == "__main__":
+    main()
