@@ -13,8 +13,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from kernels.problem import Problem, check_inputs, resolve_scale
+from kernels.problem import Problem, check_inputs, check_lengths, full_lengths, resolve_scale
 from kernels.tpu.backward import backward
 from kernels.tpu.common import NO_KEY_LSE, Static
 from kernels.tpu.config import Config, invalid_reasons, round_up, vmem_limit_bytes
@@ -63,31 +64,44 @@ def _ids(q_ids, kv_ids, q_len: int, kv_len: int):
     return q_ids, kv_ids
 
 
-def _forward(st: Static, config: Config, q, k, v, q_ids, kv_ids, save_lse: bool):
+def _forward(st: Static, config: Config, q, k, v, q_ids, kv_ids, lengths, save_lse: bool):
     q_pad = round_up(st.q_len, config.block_q)
     kv_pad = round_up(st.kv_len, config.block_k_major)
     qt, kt, vt = _to_kernel(q, q_pad), _to_kernel(k, kv_pad), _to_kernel(v, kv_pad)
     q_ids_p, kv_ids_p = _ids(q_ids, kv_ids, q_pad, kv_pad)
     with _kernel_precision():
-        out_t, lse = forward(qt, kt, vt, q_ids_p, kv_ids_p, st=st, config=config, save_lse=save_lse)
+        out_t, lse = forward(qt, kt, vt, q_ids_p, kv_ids_p, lengths, st=st, config=config, save_lse=save_lse)
     return _from_kernel(out_t, st.q_len, q.dtype), (qt, kt, vt, out_t, lse)
 
 
+def _public_lse(lse: jax.Array, q_len: int) -> jax.Array:
+    """The kernels' lane-broadcast [b, h, padded, 128] log-sum-exp as float32 [b, q_len, h], -inf for rows that
+    see no key (the kernels store NO_KEY_LSE there)."""
+    lse = jnp.swapaxes(lse[:, :, :q_len, 0], 1, 2)
+    return jnp.where(lse >= 0.5 * NO_KEY_LSE, -jnp.inf, lse)
+
+
+def _result(st: Static, out, lse):
+    return (out, _public_lse(lse, st.q_len)) if st.return_lse else out
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _attention(st: Static, config: Config, problem: Problem, q, k, v, q_ids, kv_ids):
-    return _forward(st, config, q, k, v, q_ids, kv_ids, save_lse=False)[0]
+def _attention(st: Static, config: Config, problem: Problem, q, k, v, q_ids, kv_ids, lengths):
+    out, (*_, lse) = _forward(st, config, q, k, v, q_ids, kv_ids, lengths, save_lse=st.return_lse)
+    return _result(st, out, lse)
 
 
-def _attention_fwd(st: Static, config: Config, problem: Problem, q, k, v, q_ids, kv_ids):
+def _attention_fwd(st: Static, config: Config, problem: Problem, q, k, v, q_ids, kv_ids, lengths):
     reasons = invalid_reasons(config, problem.replace(backward=True), device_kind=st.device_kind)
     if reasons:
         raise ValueError("config cannot run the backward pass of this problem: " + "; ".join(reasons))
-    out, (qt, kt, vt, out_t, lse) = _forward(st, config, q, k, v, q_ids, kv_ids, save_lse=True)
-    return out, (qt, kt, vt, out_t, lse, q_ids, kv_ids)
+    out, (qt, kt, vt, out_t, lse) = _forward(st, config, q, k, v, q_ids, kv_ids, lengths, save_lse=True)
+    return _result(st, out, lse), (qt, kt, vt, out_t, lse, q_ids, kv_ids, lengths)
 
 
-def _attention_bwd(st: Static, config: Config, problem: Problem, res, d_out):
-    qt, kt, vt, out_t, lse, q_ids, kv_ids = res
+def _attention_bwd(st: Static, config: Config, problem: Problem, res, cotangent):
+    qt, kt, vt, out_t, lse, q_ids, kv_ids, lengths = res
+    d_out = cotangent[0] if st.return_lse else cotangent  # the lse carries no gradient
     dtype = jnp.dtype(problem.dtype)
     q_pad = round_up(st.q_len, config.bwd_block_q)
     kv_pad = round_up(st.kv_len, config.bwd_block_k_major)
@@ -97,9 +111,9 @@ def _attention_bwd(st: Static, config: Config, problem: Problem, res, d_out):
     do_t = _to_kernel(d_out, q_pad)
     q_ids_p, kv_ids_p = _ids(q_ids, kv_ids, q_pad, kv_pad)
     with _kernel_precision():
-        dq, dk, dv = backward(qt, kt, vt, out_t, lse, do_t, q_ids_p, kv_ids_p, st=st, config=config)
+        dq, dk, dv = backward(qt, kt, vt, out_t, lse, do_t, q_ids_p, kv_ids_p, lengths, st=st, config=config)
     return (_from_kernel(dq, st.q_len, dtype), _from_kernel(dk, st.kv_len, dtype),
-            _from_kernel(dv, st.kv_len, dtype), None, None)
+            _from_kernel(dv, st.kv_len, dtype), None, None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -119,18 +133,32 @@ def _device_kind(device_kind: str | None, interpret: bool) -> str | None:
 
 
 def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None,
-                    config: Config | None = None, interpret: bool = False, device_kind: str | None = None):
+                    window=None, softcap: float | None = None, q_lengths=None, kv_lengths=None,
+                    return_lse: bool = False, config: Config | None = None, interpret: bool = False,
+                    device_kind: str | None = None):
     """Flash attention on TPU (Mosaic), or on the CPU in TPU interpret mode when `interpret` is true.
 
     q [batch, q_len, heads, head_dim], k and v [batch, kv_len, kv_heads, head_dim] (kv_heads divides heads);
-    segment_ids: [batch, seq] when q_len == kv_len, or a pair (q_ids, kv_ids). Top-left causal. Returns an array
-    like q. Differentiable in q, k, v (backward kernels for dq and dk/dv); works under jit and vmap.
+    segment_ids: [batch, seq] when q_len == kv_len, or a pair (q_ids, kv_ids). Top-left causal.
+    window: w or (left, right) (None on a side: unbounded): query i sees keys i - left .. i + right; kv blocks
+    outside a q block's window are not visited. softcap: scores become softcap * tanh(scores / softcap).
+    q_lengths / kv_lengths: int [batch] (may be traced): keys at or past kv_lengths[b] are never seen, rows at or
+    past q_lengths[b] output zeros; blocks wholly past them are skipped. Returns an array like q, or with
+    `return_lse` (out, lse): lse float32 [batch, q_len, heads], natural log, -inf for rows that see no key, no
+    gradient. Differentiable in q, k, v (backward kernels for dq and dk/dv); works under jit and vmap.
     `device_kind` (e.g. 'TPU v5 lite') is the TPU the VMEM checks and the kernels' VMEM limit are for; give it
     when compiling for a target that is not `jax.devices()[0]` (deviceless compiles).
     """
     if not isinstance(interpret, bool):
         raise TypeError(f"interpret must be a bool, got {type(interpret).__name__}")
-    problem, q_ids, kv_ids = check_inputs(q, k, v, segment_ids, causal=causal)
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    has_lengths = q_lengths is not None or kv_lengths is not None
+    problem, q_ids, kv_ids = check_inputs(q, k, v, segment_ids, causal=causal, window=window, softcap=softcap,
+                                          lengths=has_lengths)
+    q_lengths = check_lengths(q_lengths, "q_lengths", problem.batch, problem.q_len)
+    kv_lengths = check_lengths(kv_lengths, "kv_lengths", problem.batch, problem.kv_len)
+    lengths = full_lengths(q_lengths, kv_lengths, problem) if has_lengths else None
     scale = resolve_scale(sm_scale, problem.head_dim)
     kind = _device_kind(device_kind, interpret)
     if config is None:
@@ -143,5 +171,11 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale
     st = Static(causal=problem.causal, scale=scale, q_len=problem.q_len, kv_len=problem.kv_len,
                 groups=problem.groups, segments=q_ids is not None, highest=problem.dtype != "bfloat16",
                 interpret=interpret, device_kind=kind,
-                vmem_limit=vmem_limit_bytes(config, problem.replace(backward=True), device_kind=kind))
-    return _attention(st, config, problem, q, k, v, q_ids, kv_ids)
+                vmem_limit=vmem_limit_bytes(config, problem.replace(backward=True), device_kind=kind),
+                window_left=problem.window_left, window_right=problem.window_right, softcap=problem.softcap,
+                lengths=has_lengths, return_lse=bool(return_lse))
+    result = _attention(st, config, problem, q, k, v, q_ids, kv_ids, lengths)
+    if st.return_lse:
+        out, lse = result
+        return out, jax.lax.stop_gradient(lse)
+    return result

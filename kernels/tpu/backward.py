@@ -14,14 +14,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.cost import estimate
 from kernels.tpu import common
 from kernels.tpu.common import SQUEEZED, Static
 from kernels.tpu.config import LANES, SUBLANES, Config
 
 
 def _unpack(refs, st: Static, n_out: int):
-    """Split refs into inputs (q, k, v, do, lse, di, q_ids, kv_ids), outputs and scratch."""
+    """Split refs into lengths (or None), inputs (q, k, v, do, lse, di, q_ids, kv_ids), outputs and scratch."""
+    lengths = None
+    if st.lengths:
+        lengths, refs = refs[:2], refs[2:]
     ins = list(refs[:6])
     rest = refs[6:]
     if st.segments:
@@ -29,54 +31,74 @@ def _unpack(refs, st: Static, n_out: int):
         rest = rest[2:]
     else:
         ins += [None, None]
-    return ins, rest[:n_out], rest[n_out:]
+    return lengths, ins, rest[:n_out], rest[n_out:]
 
 
-def _dq_kernel(*refs, st: Static, block_k: int, n_kv: int, kv_pad: bool) -> None:
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_ids_ref, kv_ids_ref), (dq_ref,), (acc_ref,) = \
+def _scores(a, b, st: Static, lse_col):
+    """p = exp(capped scores - lse) of a [m, d] x [n, d] tile, and tanh(s / cap) (None without a cap)."""
+    s, t = common.cap_scores(common.dot_nt(a, b, st) * st.scale, st)
+    return jnp.exp(s - lse_col), t
+
+
+def _ds(p, dp, di, t):
+    """dS = p (dP - delta), times the cap's derivative 1 - tanh^2 when capped."""
+    ds = p * (dp - di)
+    return ds if t is None else ds * (1.0 - t * t)
+
+
+def _dq_kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bool) -> None:
+    lengths, (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_ids_ref, kv_ids_ref), (dq_ref,), (acc_ref,) = \
         _unpack(refs, st, 1)
     block_b, block_q, _ = q_ref.shape
     block_k_major = k_ref.shape[1]
-    qi, j = pl.program_id(2), pl.program_id(3)
+    bi, qi, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     q_start = qi * block_q
+    limits = common.batch_limits(lengths, bi, block_b)
+    first, last = common.kv_blocks(st, q_start, block_q, block_k_major, n_kv, limits)
+    block = first + j
+    active = None if st.left is None and limits is None else block <= last
 
     @pl.when(j == 0)
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     for c in range(0, block_k_major, block_k):
-        k_start = j * block_k_major + c
+        k_start = block * block_k_major + c
 
         def chunk(c=c, k_start=k_start):
             @common.for_each(block_b)
             def _step(b):
                 k = k_ref[b, c:c + block_k, :]
-                s = common.dot_nt(q_ref[b], k, st) * st.scale  # [bq, bk]
-                p = jnp.exp(s - lse_ref[b][:, :1])
+                p, t = _scores(q_ref[b], k, st, lse_ref[b][:, :1])  # [bq, bk]
                 q_ids = kv_ids = None
                 if st.segments:
                     q_ids, kv_ids = q_ids_ref[b][:, :1], kv_ids_ref[b, 0:1, c:c + block_k]
-                mask = common.visible(st, q_start, k_start, s.shape, q_ids, kv_ids, kv_pad, q_axis=0)
+                mask = common.visible(st, q_start, k_start, p.shape, q_ids, kv_ids, kv_pad, q_axis=0,
+                                      lengths=common.row_lengths(lengths, bi * block_b, b))
                 if mask is not None:
                     p = jnp.where(mask, p, 0.0)
                 dp = common.dot_nt(do_ref[b], v_ref[b, c:c + block_k, :], st)
-                ds = p * (dp - di_ref[b][:, :1])
+                ds = _ds(p, dp, di_ref[b][:, :1], t)
                 acc_ref[b] += common.dot_nn(ds.astype(k.dtype), k, st)
 
-        common.when(common.chunk_needed(st, q_start + block_q - 1, k_start, kv_pad), chunk)
+        common.when(common.chunk_needed(st, q_start, block_q, k_start, block_k, kv_pad, limits, active), chunk)
 
-    @pl.when(j == n_kv - 1)
+    @pl.when(j == n_steps - 1)
     def _finish():
         dq_ref[...] = (acc_ref[...] * st.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, st: Static, block_k: int, n_q: int, kv_pad: bool) -> None:
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_ids_ref, kv_ids_ref), (dk_ref, dv_ref), (dk_acc, dv_acc) = \
-        _unpack(refs, st, 2)
+def _dkv_kernel(*refs, st: Static, block_k: int, n_q: int, n_steps: int, kv_pad: bool) -> None:
+    lengths, (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q_ids_ref, kv_ids_ref), (dk_ref, dv_ref), \
+        (dk_acc, dv_acc) = _unpack(refs, st, 2)
     block_b, block_q, _ = q_ref.shape
     block_k_major = k_ref.shape[1]
-    j, r = pl.program_id(2), pl.program_id(3)
-    q_start = common.rem(r, n_q) * block_q
+    bi, j, r = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    limits = common.batch_limits(lengths, bi, block_b)
+    first, last = common.q_blocks(st, j * block_k_major, block_k_major, block_q, n_q, limits)
+    block = first + common.rem(r, n_steps)
+    q_start = block * block_q
+    active = None if st.right is None and limits is None else block <= last
 
     @pl.when(r == 0)
     def _init():
@@ -90,31 +112,32 @@ def _dkv_kernel(*refs, st: Static, block_k: int, n_q: int, kv_pad: bool) -> None
             @common.for_each(block_b)
             def _step(b):
                 q, do = q_ref[b], do_ref[b]
-                s = common.dot_nt(k_ref[b, c:c + block_k, :], q, st) * st.scale  # [bk, bq]
-                p = jnp.exp(s - lse_ref[b][0:1, :])
+                p, t = _scores(k_ref[b, c:c + block_k, :], q, st, lse_ref[b][0:1, :])  # [bk, bq]
                 q_ids = kv_ids = None
                 if st.segments:
                     q_ids, kv_ids = q_ids_ref[b][0:1, :], kv_ids_ref[b, c:c + block_k, :][:, :1]
-                mask = common.visible(st, q_start, k_start, s.shape, q_ids, kv_ids, kv_pad, q_axis=1)
+                mask = common.visible(st, q_start, k_start, p.shape, q_ids, kv_ids, kv_pad, q_axis=1,
+                                      lengths=common.row_lengths(lengths, bi * block_b, b))
                 if mask is not None:
                     p = jnp.where(mask, p, 0.0)
                 dv_acc[b, c:c + block_k, :] += common.dot_nn(p.astype(do.dtype), do, st)
                 dp = common.dot_nt(v_ref[b, c:c + block_k, :], do, st)  # [bk, bq]
-                ds = p * (dp - di_ref[b][0:1, :])
+                ds = _ds(p, dp, di_ref[b][0:1, :], t)
                 dk_acc[b, c:c + block_k, :] += common.dot_nn(ds.astype(q.dtype), q, st)
 
-        common.when(common.chunk_needed(st, q_start + block_q - 1, k_start, kv_pad), chunk)
+        common.when(common.chunk_needed(st, q_start, block_q, k_start, block_k, kv_pad, limits, active), chunk)
 
-    @pl.when(r == st.groups * n_q - 1)
+    @pl.when(r == st.groups * n_steps - 1)
     def _finish():
         dk_ref[...] = (dk_acc[...] * st.scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def backward(q, k, v, out, lse, do, q_ids, kv_ids, *, st: Static, config: Config):
+def backward(q, k, v, out, lse, do, q_ids, kv_ids, lengths, *, st: Static, config: Config):
     """dq, dk, dv (inputs' dtype) from padded kernel-layout arrays.
 
-    q, out, do [b, h, q, d]; k, v [b, hk, kv, d]; lse [b, h, q, 128] from the forward; ids [b, q] / [b, kv] or None.
+    q, out, do [b, h, q, d]; k, v [b, hk, kv, d]; lse [b, h, q, 128] from the forward; ids [b, q] / [b, kv] or None;
+    lengths (q_lengths, kv_lengths) int32 [b] or None.
     """
     batch, heads, q_pad, d = q.shape
     kv_heads, kv_pad_len = k.shape[1], k.shape[2]
@@ -123,71 +146,86 @@ def backward(q, k, v, out, lse, do, q_ids, kv_ids, *, st: Static, config: Config
     kv_pad = kv_pad_len != st.kv_len
     interpret = common.interpret_param(st.interpret)
     params = common.compiler_params(st.interpret, st.vmem_limit)
+    prefetch = list(lengths) if st.lengths else []
 
     def cost(matmuls: int, operands, outputs):
         nbytes = sum(x.size * x.dtype.itemsize for x in (*operands, *outputs))
-        return estimate(batch=batch, heads=heads, q_len=st.q_len, kv_len=st.kv_len, head_dim=d, causal=st.causal,
-                        matmuls=matmuls, exps=1, nbytes=nbytes)
+        return common.cost_estimate(st, batch=batch, heads=heads, head_dim=d, matmuls=matmuls, nbytes=nbytes)
     di = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, h, q]
 
     def specs_for(q_block, kv_block, head, row_stats):
-        """BlockSpecs of (q, k, v, do, lse, di, ids) from index functions of the last two grid indices."""
+        """BlockSpecs of (q, k, v, do, lse, di, ids) from index functions of (batch block, the last two grid
+        indices, the scalar-prefetch lengths)."""
 
-        def rows(b, h, x, y):
-            return (b, head(h, y), q_block(x, y), 0)
+        def rows(b, h, x, y, *lens):
+            return (b, head(h, y), q_block(b, x, y, lens), 0)
 
-        def keys(b, h, x, y):
-            return (b, common.div(head(h, y), st.groups), kv_block(x, y), 0)
+        def keys(b, h, x, y, *lens):
+            return (b, common.div(head(h, y), st.groups), kv_block(b, x, y, lens), 0)
 
-        stat = ((bb, SQUEEZED, SUBLANES, bq), lambda b, h, x, y: (b, head(h, y), 0, q_block(x, y))) if row_stats \
-            else ((bb, SQUEEZED, bq, LANES), rows)
+        def stat_cols(b, h, x, y, *lens):
+            return (b, head(h, y), 0, q_block(b, x, y, lens))
+
+        stat = ((bb, SQUEEZED, SUBLANES, bq), stat_cols) if row_stats else ((bb, SQUEEZED, bq, LANES), rows)
         specs = [pl.BlockSpec((bb, SQUEEZED, bq, d), rows), pl.BlockSpec((bb, SQUEEZED, bkm, d), keys),
                  pl.BlockSpec((bb, SQUEEZED, bkm, d), keys), pl.BlockSpec((bb, SQUEEZED, bq, d), rows),
                  pl.BlockSpec(*stat), pl.BlockSpec(*stat)]
         if st.segments:
             if row_stats:  # query ids along lanes, kv ids along sublanes
-                specs += [pl.BlockSpec((bb, SUBLANES, bq), lambda b, h, x, y: (b, 0, q_block(x, y))),
-                          pl.BlockSpec((bb, bkm, LANES), lambda b, h, x, y: (b, kv_block(x, y), 0))]
+                specs += [pl.BlockSpec((bb, SUBLANES, bq), lambda b, h, x, y, *lens: (b, 0, q_block(b, x, y, lens))),
+                          pl.BlockSpec((bb, bkm, LANES), lambda b, h, x, y, *lens: (b, kv_block(b, x, y, lens), 0))]
             else:
-                specs += [pl.BlockSpec((bb, bq, LANES), lambda b, h, x, y: (b, q_block(x, y), 0)),
-                          pl.BlockSpec((bb, SUBLANES, bkm), lambda b, h, x, y: (b, 0, kv_block(x, y)))]
+                specs += [pl.BlockSpec((bb, bq, LANES), lambda b, h, x, y, *lens: (b, q_block(b, x, y, lens), 0)),
+                          pl.BlockSpec((bb, SUBLANES, bkm), lambda b, h, x, y, *lens: (b, 0, kv_block(b, x, y, lens)))]
         return specs
 
-    # dq: grid (b, h, q block, kv block); kv blocks past the diagonal re-point at the last needed one.
+    # dq: grid (b, h, q block, kv step); as in the forward, step j loads kv block first(qi) + j, clamped.
+    def dq_kv_block(b, qi, j, lens):
+        first, last = common.kv_blocks(st, qi * bq, bq, bkm, n_kv, common.batch_limits(lens or None, b, bb))
+        return common.clamp_block(first, last, j)
+
+    kv_n = common.kv_steps(st, n_q, bq, bkm, n_kv)
     args = [q, k, v, do, lse, common.lane_layout(di)]
     if st.segments:
         args += [common.lane_layout(q_ids), common.sublane_layout(kv_ids)]
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, st=st, block_k=bk, n_kv=n_kv, kv_pad=kv_pad),
+        functools.partial(_dq_kernel, st=st, block_k=bk, n_kv=n_kv, n_steps=kv_n, kv_pad=kv_pad),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(batch // bb, heads, n_q, n_kv),
-        in_specs=specs_for(lambda qi, j: qi, lambda qi, j: common.kv_block_clamp(st, qi, j, bq, bkm, n_kv),
-                           lambda h, y: h, row_stats=False),
-        out_specs=pl.BlockSpec((bb, SQUEEZED, bq, d), lambda b, h, qi, j: (b, h, qi, 0)),
-        scratch_shapes=[pltpu.VMEM((bb, bq, d), jnp.float32)],
+        **common.pallas_grid(
+            st, (batch // bb, heads, n_q, kv_n),
+            specs_for(lambda b, qi, j, lens: qi, dq_kv_block, lambda h, y: h, row_stats=False),
+            pl.BlockSpec((bb, SQUEEZED, bq, d), lambda b, h, qi, j, *lens: (b, h, qi, 0)),
+            [pltpu.VMEM((bb, bq, d), jnp.float32)]),
         compiler_params=params,
         cost_estimate=cost(3, args, [q]),
         interpret=interpret,
         name="flash_attention_tpu_dq",
-    )(*args)
+    )(*prefetch, *args)
 
-    # dk, dv: grid (b, kv head, kv block, group member x q block); the last axis is the reduction.
+    # dk, dv: grid (b, kv head, kv block, group member x q step); the last axis is the reduction. Step s of a
+    # member loads q block first(j) + s (first: the first q block that sees kv block j), clamped.
+    q_n = common.q_steps(st, n_kv, bkm, bq, n_q)
+
+    def dkv_q_block(b, j, r, lens):
+        first, last = common.q_blocks(st, j * bkm, bkm, bq, n_q, common.batch_limits(lens or None, b, bb))
+        return common.clamp_block(first, last, common.rem(r, q_n))
+
     args = [q, k, v, do, common.sublane_layout(lse[..., 0]), common.sublane_layout(di)]
     if st.segments:
         args += [common.sublane_layout(q_ids), common.lane_layout(kv_ids)]
-    kv_spec = pl.BlockSpec((bb, SQUEEZED, bkm, d), lambda b, hk, j, r: (b, hk, j, 0))
+    kv_spec = pl.BlockSpec((bb, SQUEEZED, bkm, d), lambda b, hk, j, r, *lens: (b, hk, j, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, st=st, block_k=bk, n_q=n_q, kv_pad=kv_pad),
+        functools.partial(_dkv_kernel, st=st, block_k=bk, n_q=n_q, n_steps=q_n, kv_pad=kv_pad),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        grid=(batch // bb, kv_heads, n_kv, st.groups * n_q),
-        in_specs=specs_for(lambda j, r: common.q_block_clamp(st, common.rem(r, n_q), j, bq, bkm, n_q),
-                           lambda j, r: j,
-                           lambda hk, r: hk * st.groups + common.div(r, n_q), row_stats=True),
-        out_specs=[kv_spec, kv_spec],
-        scratch_shapes=[pltpu.VMEM((bb, bkm, d), jnp.float32), pltpu.VMEM((bb, bkm, d), jnp.float32)],
+        **common.pallas_grid(
+            st, (batch // bb, kv_heads, n_kv, st.groups * q_n),
+            specs_for(dkv_q_block, lambda b, j, r, lens: j,
+                      lambda hk, r: hk * st.groups + common.div(r, q_n), row_stats=True),
+            [kv_spec, kv_spec],
+            [pltpu.VMEM((bb, bkm, d), jnp.float32), pltpu.VMEM((bb, bkm, d), jnp.float32)]),
         compiler_params=params,
         cost_estimate=cost(4, args, [k, v]),
         interpret=interpret,
         name="flash_attention_tpu_dkv",
-    )(*args)
+    )(*prefetch, *args)
     return dq, dk, dv

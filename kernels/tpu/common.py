@@ -9,6 +9,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.problem import visible_pairs
 from kernels.tpu.config import LANES, SUBLANES
 
 # A finite "minus infinity": masked scores never produce inf - inf = NaN in the online softmax.
@@ -33,10 +34,27 @@ class Static:
     interpret: bool
     device_kind: str | None = None  # the TPU compiled for (None: unknown, judged by the conservative limit)
     vmem_limit: int | None = None  # scoped VMEM limit the kernels are compiled with (None: compiler default)
+    window_left: int | None = None  # query i sees keys i - left .. i + right (None: no bound on that side)
+    window_right: int | None = None
+    softcap: float | None = None  # scores become softcap * tanh(scores / softcap)
+    lengths: bool = False  # per-row q and kv lengths come as scalar-prefetch operands (runtime data)
+    return_lse: bool = False  # the forward also returns its log-sum-exp
 
     @property
     def precision(self):
         return jax.lax.Precision.HIGHEST if self.highest else None
+
+    @property
+    def left(self) -> int | None:
+        """How far left of its row a query sees (None: no bound)."""
+        return self.window_left
+
+    @property
+    def right(self) -> int | None:
+        """How far right of its row a query sees (None: no bound); causal caps it at 0."""
+        if self.causal:
+            return 0 if self.window_right is None else min(self.window_right, 0)
+        return self.window_right
 
 
 def dot_nt(a: jax.Array, b: jax.Array, st: Static) -> jax.Array:
@@ -51,53 +69,134 @@ def dot_nn(a: jax.Array, b: jax.Array, st: Static) -> jax.Array:
                                preferred_element_type=jnp.float32)
 
 
-def chunk_needed(st: Static, q_last_row, k_start: jax.Array, kv_pad: bool):
-    """Whether the kv chunk starting at k_start can hold a visible key (a traced bool), or None if it always can.
+def _ops(static: bool):
+    """(min, max, floor-div, where) on Python/numpy ints (static block ranges) or traced int32 grid indices."""
+    if static:
+        return np.minimum, np.maximum, (lambda x, y: x // y), np.where
+    return jnp.minimum, jnp.maximum, div, jnp.where
 
-    Causal: some key j <= the last query row. Padding: the chunk starts before the true kv length.
+
+def kv_blocks(st: Static, q_start, block_q: int, block_kv: int, n_kv: int, limits=None, *, static: bool = False):
+    """(first, last) kv block a query block [q_start, q_start + block_q) can see keys in (last < first: none).
+
+    The window's left side sets the first block, its right side (or causal) the last; `limits` (the batch block's
+    largest q and kv lengths, traced) cut the last at the kv length and empty the range past the q length.
     """
-    cond = None
-    if st.causal:
-        cond = k_start <= q_last_row
+    lo, hi, fdiv, where = _ops(static)
+    first = 0 if st.left is None else lo(fdiv(hi(q_start - st.left, 0), block_kv), n_kv - 1)
+    last = n_kv - 1 if st.right is None else lo(fdiv(q_start + (block_q - 1 + st.right), block_kv), n_kv - 1)
+    if limits is not None:
+        q_limit, kv_limit = limits
+        last = lo(last, fdiv(kv_limit + (block_kv - 1), block_kv) - 1)  # -1 for a length of 0
+        last = where(q_start < q_limit, last, first - 1)
+    return first, last
+
+
+def q_blocks(st: Static, k_start, block_kv: int, block_q: int, n_q: int, limits=None, *, static: bool = False):
+    """(first, last) query block that can see a key in the kv block [k_start, k_start + block_kv) (the mirror of
+    `kv_blocks`: the window's right side, or causal, sets the first block and its left side the last)."""
+    lo, hi, fdiv, where = _ops(static)
+    first = 0 if st.right is None else lo(fdiv(hi(k_start - st.right, 0), block_q), n_q - 1)
+    last = n_q - 1 if st.left is None else lo(fdiv(k_start + (block_kv - 1 + st.left), block_q), n_q - 1)
+    if limits is not None:
+        q_limit, kv_limit = limits
+        last = lo(last, fdiv(q_limit + (block_q - 1), block_q) - 1)
+        last = where(k_start < kv_limit, last, first - 1)
+    return first, last
+
+
+def steps(ranges) -> int:
+    """Grid steps along the reduction axis: the most blocks any outer block's range holds (at least 1)."""
+    first, last = ranges
+    return max(1, int(np.max(last - first + 1)))
+
+
+def kv_steps(st: Static, n_q: int, block_q: int, block_kv: int, n_kv: int) -> int:
+    """Steps of a kv reduction axis (forward, dq): the most kv blocks one q block's window touches."""
+    return steps(kv_blocks(st, np.arange(n_q) * block_q, block_q, block_kv, n_kv, static=True))
+
+
+def q_steps(st: Static, n_kv: int, block_kv: int, block_q: int, n_q: int) -> int:
+    """Query steps of the dk/dv reduction per group member: the most q blocks one kv block's keys are seen from."""
+    return steps(q_blocks(st, np.arange(n_kv) * block_kv, block_kv, block_q, n_q, static=True))
+
+
+def clamp_block(first, last, step):
+    """The block to fetch at reduction step `step`: first + step, repeating the last needed one past the range
+    (the pipeline issues no DMA for an unchanged block index), and `first` when the range is empty."""
+    return jnp.minimum(first + step, jnp.maximum(last, first))
+
+
+def batch_limits(lengths, b, block_b: int):
+    """The largest q and kv length over batch block b (scalar-prefetch refs), or None without lengths."""
+    if lengths is None:
+        return None
+    q_ref, kv_ref = lengths
+    q_limit, kv_limit = q_ref[b * block_b], kv_ref[b * block_b]
+    for i in range(1, block_b):
+        q_limit, kv_limit = jnp.maximum(q_limit, q_ref[b * block_b + i]), jnp.maximum(kv_limit, kv_ref[b * block_b + i])
+    return q_limit, kv_limit
+
+
+def chunk_needed(st: Static, q_start, block_q: int, k_start, block_k: int, kv_pad: bool, limits=None, active=None):
+    """Whether a [block_q queries] x [block_k keys] tile can hold a visible pair (a traced bool), or None if it
+    always can: it meets the window band (causal: k <= q + 0), starts before the padding and the kv length.
+    `active` (the grid step lies in its block range) is and-ed in."""
+    conds = [] if active is None else [active]
+    if st.right is not None:
+        conds.append(k_start <= q_start + (block_q - 1 + st.right))
+    if st.left is not None:
+        conds.append(k_start + (block_k - 1 + st.left) >= q_start)
     if kv_pad:
-        inside = k_start < st.kv_len
-        cond = inside if cond is None else jnp.logical_and(cond, inside)
+        conds.append(k_start < st.kv_len)
+    if limits is not None:
+        conds.append(k_start < limits[1])
+    cond = None
+    for c in conds:
+        cond = c if cond is None else jnp.logical_and(cond, c)
     return cond
 
 
 def visible(st: Static, q_start, k_start, shape: tuple[int, int], q_ids=None, kv_ids=None, kv_pad: bool = False,
-            q_axis: int = 0):
+            q_axis: int = 0, lengths=None):
     """Boolean mask of visible keys over a score tile, or None when every key is visible.
 
     The tile is [queries, keys] (q_axis 0) or [keys, queries] (q_axis 1); q_ids and kv_ids come already
-    oriented to broadcast over it (one a column, the other a row).
+    oriented to broadcast over it (one a column, the other a row). `lengths` is this batch row's (q_len, kv_len).
     """
-    mask = None
-    if st.causal or kv_pad:
+    conds = []
+    if st.left is not None or st.right is not None or kv_pad or lengths is not None:
         keys = jax.lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis) + k_start
-        if st.causal:
-            mask = keys <= jax.lax.broadcasted_iota(jnp.int32, shape, q_axis) + q_start
+        rows = jax.lax.broadcasted_iota(jnp.int32, shape, q_axis) + q_start
+        if st.right is not None:
+            conds.append(keys <= rows + st.right)
+        if st.left is not None:
+            conds.append(keys >= rows - st.left)
         if kv_pad:
-            inside = keys < st.kv_len
-            mask = inside if mask is None else jnp.logical_and(mask, inside)
+            conds.append(keys < st.kv_len)
+        if lengths is not None:
+            conds += [rows < lengths[0], keys < lengths[1]]
     if q_ids is not None:
-        same = q_ids == kv_ids
-        mask = same if mask is None else jnp.logical_and(mask, same)
+        conds.append(q_ids == kv_ids)
+    mask = None
+    for c in conds:
+        mask = c if mask is None else jnp.logical_and(mask, c)
     return mask
 
 
-def kv_block_clamp(st: Static, qi, j, block_q: int, block_k_major: int, n_kv: int):
-    """The kv block to fetch at grid step (qi, j): past the causal diagonal, repeat the last needed one (no DMA)."""
-    if not st.causal:
-        return j
-    return jnp.minimum(j, jnp.minimum(div(qi * block_q + block_q - 1, block_k_major), n_kv - 1))
+def row_lengths(lengths, b0, b):
+    """(q_len, kv_len) of batch row b of the block starting at row b0, or None without lengths."""
+    if lengths is None:
+        return None
+    return lengths[0][b0 + b], lengths[1][b0 + b]
 
 
-def q_block_clamp(st: Static, qi, j, block_q: int, block_k_major: int, n_q: int):
-    """The query block to fetch for kv block j: before the causal diagonal, repeat the first needed one."""
-    if not st.causal:
-        return qi
-    return jnp.maximum(qi, jnp.minimum(div(j * block_k_major, block_q), n_q - 1))
+def cap_scores(s: jax.Array, st: Static):
+    """Scaled scores after soft-capping, and tanh(s / cap) (None without a cap) for the backward's derivative."""
+    if st.softcap is None:
+        return s, None
+    t = jnp.tanh(s * (1.0 / st.softcap))
+    return t * st.softcap, t
 
 
 def div(a, b: int):
@@ -112,6 +211,26 @@ def div(a, b: int):
 def rem(a, b: int):
     """Remainder of non-negative grid indices (int32 divisor, as in `div`)."""
     return jax.lax.rem(a, np.int32(b))
+
+
+def cost_estimate(st: Static, *, batch: int, heads: int, head_dim: int, matmuls: int, nbytes: int,
+                  exps: int = 1) -> pl.CostEstimate:
+    """What a kernel costs XLA's scheduler: `matmuls` [pairs x head_dim] products and `exps` exps per visible
+    (query, key) pair of the causal mask and window (lengths are runtime data: not counted), bytes read once."""
+    pairs = batch * heads * visible_pairs(st.q_len, st.kv_len, causal=st.causal,
+                                          window=(st.window_left, st.window_right))
+    transcendentals = exps + (1 if st.softcap is not None else 0)
+    return pl.CostEstimate(flops=int(2 * matmuls * pairs * head_dim), transcendentals=int(transcendentals * pairs),
+                           bytes_accessed=int(nbytes))
+
+
+def pallas_grid(st: Static, grid, in_specs, out_specs, scratch) -> dict:
+    """pallas_call's grid keywords: a plain grid, or with lengths a scalar-prefetch grid spec whose two int32
+    [batch] operands (q and kv lengths) come first and reach every index map and the kernel."""
+    if not st.lengths:
+        return dict(grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch)
+    return dict(grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=grid, in_specs=in_specs,
+                                                       out_specs=out_specs, scratch_shapes=scratch))
 
 
 def interpret_param(interpret: bool):

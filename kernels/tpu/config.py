@@ -38,16 +38,44 @@ class Config(IntConfig):
         device's limit (the smallest chip's when `device_kind` is None)."""
         q_full = round_up(problem.q_len, SUBLANES)
         kv_full = round_up(problem.kv_len, LANES)
-        block_q, block_k_major = min(512, q_full), min(512, kv_full)
+        cap = window_block_cap(problem) or 512  # a narrow window wants blocks about as wide as itself
+        block_q, block_k_major = min(512, q_full, cap), min(512, kv_full, cap)
         # backward: 256-blocks, or one block when the sequence fits in 512 (less padding than 256-blocks)
-        bwd_q = q_full if q_full <= 512 else 256
-        bwd_k_major = kv_full if kv_full <= 512 else 256
+        bwd_q = min(q_full if q_full <= 512 else 256, cap)
+        bwd_k_major = min(kv_full if kv_full <= 512 else 256, cap)
         config = cls(1, block_q, block_k_major, block_k_major, bwd_q, bwd_k_major, bwd_k_major)
         limit = vmem_limit(device_kind)
         fits_forward = lambda c: forward_vmem_bytes(c, problem, device_kind) <= limit  # noqa: E731
         fits_backward = lambda c: backward_vmem_bytes(c, problem, device_kind) <= limit  # noqa: E731
         config = _shrink(config, fits_forward, "block_q", "block_k_major", "block_k")
         return _shrink(config, fits_backward, "bwd_block_q", "bwd_block_k_major", "bwd_block_k")
+
+
+def window_span(problem: Problem) -> int | None:
+    """Keys one query row can see through the window (left + right + 1; causal caps right at 0), or None when a
+    side is unbounded (no window, or a one-sided one without causal)."""
+    window = problem.window
+    if window is None:
+        return None
+    left, right = window
+    if problem.causal:
+        right = 0
+    if left is None or right is None:
+        return None
+    return left + right + 1
+
+
+def window_block_cap(problem: Problem) -> int | None:
+    """The largest block worth using under a narrow window: the window's span rounded up to a power of two (at
+    least 128, a lane tile), or None when the window does not bound it (wider than 512 tokens, or none): larger
+    blocks only add masked work, since the kernels skip the blocks outside the band."""
+    span = window_span(problem)
+    if span is None or span > 512:
+        return None
+    cap = LANES
+    while cap < span:
+        cap *= 2
+    return cap
 
 
 def round_up(x: int, unit: int) -> int:
@@ -71,9 +99,13 @@ def _halve(block: int) -> int:
 
 
 def search_space(problem: Problem) -> dict[str, tuple[int, ...]]:
-    """Candidate values per field, capped near the padded lengths; backward fields only when the problem has one."""
+    """Candidate values per field, capped near the padded lengths (and, under a narrow window, at twice the
+    window's span: wider blocks only add masked work); backward fields only when the problem has one."""
+    narrow = window_block_cap(problem)
+    limit = (lambda cap: cap) if narrow is None else (lambda cap: min(cap, 2 * narrow))  # noqa: E731
 
     def q_blocks(cap: int) -> tuple[int, ...]:
+        cap = limit(cap)
         full = round_up(problem.q_len, SUBLANES)
         values = {b for b in (128, 256, 512, 1024) if b < full and b <= cap}
         if full <= cap:
@@ -81,6 +113,7 @@ def search_space(problem: Problem) -> dict[str, tuple[int, ...]]:
         return tuple(sorted(values))
 
     def kv_blocks(cap: int) -> tuple[int, ...]:
+        cap = limit(cap)
         full = round_up(problem.kv_len, LANES)
         values = {b for b in (128, 256, 512, 1024, 2048) if b < full and b <= cap}
         if full <= cap:
@@ -150,12 +183,14 @@ TEMPORARIES = {
 def temporary_sizes(problem: Problem, block_b: int, rows: int, cols: int, block_major: int) -> tuple[int, ...]:
     """The sizes temporaries scale with, for a [rows, cols] score tile: the score tile (scores, probabilities);
     the operand tiles in float32 (float32 matmuls are split into bfloat16 passes, casts); the major kv block in
-    float32 (relayouts); the score tile again when segment ids build masks; and a constant (MiB) for the
+    float32 (relayouts); the score tile again when segment ids, a window or lengths build masks (or a soft cap
+    its tanh); and a constant (MiB) for the
     compiler's own scratch."""
     d = problem.head_dim
     score = _tile(rows, cols, 4)
     return (score, block_b * (_tile(rows, d, 4) + _tile(cols, d, 4)), block_b * _tile(block_major, d, 4),
-            score if problem.segments else 0, MIB)
+            score if problem.segments or problem.window is not None or problem.lengths or problem.softcap else 0,
+            MIB)
 
 
 def _temporaries(device_kind: str | None, kernel: int, sizes: tuple[int, ...]) -> int:

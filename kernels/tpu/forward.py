@@ -1,26 +1,31 @@
 """Forward flash-attention kernel: online softmax over kv blocks, f32 state in VMEM scratch.
 
-Grid (batch blocks, heads, q blocks, kv major blocks); the kv axis is the sequential reduction. Each grid step
-loads a [block_k_major, d] tile of k and v and walks it in block_k chunks, skipping chunks that are wholly
-above the causal diagonal or wholly padding.
+Grid (batch blocks, heads, q blocks, kv steps); the kv axis is the sequential reduction. It holds only as many
+steps as the widest range of kv major blocks a q block can see (all of them without a window; the band's width
+with one), and step j of q block qi loads kv block first(qi) + j (first: where qi's window starts), repeating the
+last needed block past the range, so blocks outside the window are neither fetched nor computed. Each step walks
+its [block_k_major, d] tile of k and v in block_k chunks, skipping chunks wholly outside the causal/window band,
+wholly padding or wholly past the row's kv length (lengths arrive as scalar-prefetch operands).
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.cost import estimate
 from kernels.tpu import common
 from kernels.tpu.common import MASK_VALUE, NO_KEY_LSE, SQUEEZED, Static
 from kernels.tpu.config import LANES, SUBLANES, Config
 
 
-def _kernel(*refs, st: Static, block_k: int, n_kv: int, kv_pad: bool, save_lse: bool) -> None:
+def _kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bool, save_lse: bool) -> None:
+    lengths = None
+    if st.lengths:
+        lengths, refs = refs[:2], refs[2:]
     q_ref, k_ref, v_ref = refs[:3]
     rest = refs[3:]
     q_ids_ref = kv_ids_ref = None
@@ -34,8 +39,14 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, kv_pad: bool, save_lse: 
 
     block_b, block_q, _ = q_ref.shape
     block_k_major = k_ref.shape[1]
-    qi, j = pl.program_id(2), pl.program_id(3)
+    bi, qi, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     q_start = qi * block_q
+    limits = common.batch_limits(lengths, bi, block_b)
+    first, last = common.kv_blocks(st, q_start, block_q, block_k_major, n_kv, limits)
+    block = first + j
+    # past its range a step repeats the last block: skip it (without a left bound or lengths, the band and
+    # padding checks of each chunk already do)
+    active = None if st.left is None and limits is None else block <= last
 
     @pl.when(j == 0)
     def _init():
@@ -44,17 +55,19 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, kv_pad: bool, save_lse: 
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     for c in range(0, block_k_major, block_k):
-        k_start = j * block_k_major + c
+        k_start = block * block_k_major + c
 
         def chunk(c=c, k_start=k_start):
             @common.for_each(block_b)
             def _step(b):
                 s = common.dot_nt(q_ref[b], k_ref[b, c:c + block_k, :], st) * st.scale  # [bq, bk]
+                s, _ = common.cap_scores(s, st)
                 q_ids = kv_ids = None
                 if st.segments:
                     q_ids = q_ids_ref[b][:, :1]
                     kv_ids = kv_ids_ref[b, 0:1, c:c + block_k]
-                mask = common.visible(st, q_start, k_start, s.shape, q_ids, kv_ids, kv_pad)
+                mask = common.visible(st, q_start, k_start, s.shape, q_ids, kv_ids, kv_pad,
+                                      lengths=common.row_lengths(lengths, bi * block_b, b))
                 if mask is not None:
                     s = jnp.where(mask, s, MASK_VALUE)
                 m_prev = m_ref[b]  # [bq, 128], all lanes equal
@@ -68,9 +81,9 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, kv_pad: bool, save_lse: 
                 v = v_ref[b, c:c + block_k, :]
                 acc_ref[b] = acc_ref[b] * alpha[:, :1] + common.dot_nn(p.astype(v.dtype), v, st)
 
-        common.when(common.chunk_needed(st, q_start + block_q - 1, k_start, kv_pad), chunk)
+        common.when(common.chunk_needed(st, q_start, block_q, k_start, block_k, kv_pad, limits, active), chunk)
 
-    @pl.when(j == n_kv - 1)
+    @pl.when(j == n_steps - 1)
     def _finish():
         @common.for_each(block_b)
         def _step(b):
@@ -82,21 +95,28 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, kv_pad: bool, save_lse: 
                 lse_ref[b] = jnp.where(seen, m_ref[b] + jnp.log(jnp.where(seen, l, 1.0)), NO_KEY_LSE)
 
 
-def forward(q, k, v, q_ids, kv_ids, *, st: Static, config: Config, save_lse: bool):
-    """Padded [b, h, q, d] / [b, hk, kv, d] inputs, ids [b, q] / [b, kv] or None -> out [b, h, q, d], lse or None.
+def forward(q, k, v, q_ids, kv_ids, lengths, *, st: Static, config: Config, save_lse: bool):
+    """Padded [b, h, q, d] / [b, hk, kv, d] inputs, ids [b, q] / [b, kv] or None, lengths (q_lengths, kv_lengths)
+    int32 [b] or None -> out [b, h, q, d], lse or None.
 
-    lse is [b, h, q, 128] float32 (lane-broadcast), only computed when save_lse (for the backward pass).
+    lse is [b, h, q, 128] float32 (lane-broadcast, natural log, NO_KEY_LSE for a row that sees no key), only
+    computed when save_lse.
     """
     batch, heads, q_pad, d = q.shape
     kv_pad_len = k.shape[2]
     bb, bq, bkm = config.block_b, config.block_q, config.block_k_major
     n_q, n_kv = q_pad // bq, kv_pad_len // bkm
+    n_steps = common.kv_steps(st, n_q, bq, bkm, n_kv)
     groups = st.groups
 
-    def kv_map(b, h, qi, j):
-        return (b, common.div(h, groups), common.kv_block_clamp(st, qi, j, bq, bkm, n_kv), 0)
+    def kv_block(b, qi, j, lens):
+        first, last = common.kv_blocks(st, qi * bq, bq, bkm, n_kv, common.batch_limits(lens or None, b, bb))
+        return common.clamp_block(first, last, j)
 
-    def q_map(b, h, qi, j):
+    def kv_map(b, h, qi, j, *lens):
+        return (b, common.div(h, groups), kv_block(b, qi, j, lens), 0)
+
+    def q_map(b, h, qi, j, *lens):
         return (b, h, qi, 0)
 
     in_specs = [
@@ -107,9 +127,8 @@ def forward(q, k, v, q_ids, kv_ids, *, st: Static, config: Config, save_lse: boo
     args = [q, k, v]
     if st.segments:
         in_specs += [
-            pl.BlockSpec((bb, bq, LANES), lambda b, h, qi, j: (b, qi, 0)),
-            pl.BlockSpec((bb, SUBLANES, bkm),
-                         lambda b, h, qi, j: (b, 0, common.kv_block_clamp(st, qi, j, bq, bkm, n_kv))),
+            pl.BlockSpec((bb, bq, LANES), lambda b, h, qi, j, *lens: (b, qi, 0)),
+            pl.BlockSpec((bb, SUBLANES, bkm), lambda b, h, qi, j, *lens: (b, 0, kv_block(b, qi, j, lens))),
         ]
         args += [common.lane_layout(q_ids), common.sublane_layout(kv_ids)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
@@ -122,21 +141,17 @@ def forward(q, k, v, q_ids, kv_ids, *, st: Static, config: Config, save_lse: boo
         pltpu.VMEM((bb, bq, LANES), jnp.float32),  # running denominator
         pltpu.VMEM((bb, bq, d), jnp.float32),  # unnormalised output
     ]
-    kernel = functools.partial(_kernel, st=st, block_k=config.block_k, n_kv=n_kv,
+    kernel = functools.partial(_kernel, st=st, block_k=config.block_k, n_kv=n_kv, n_steps=n_steps,
                                kv_pad=kv_pad_len != st.kv_len, save_lse=save_lse)
+    nbytes = sum(x.size * x.dtype.itemsize for x in args) + sum(
+        int(np.prod(o.shape)) * o.dtype.itemsize for o in out_shape)
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(batch // bb, heads, n_q, n_kv),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        scratch_shapes=scratch,
+        **common.pallas_grid(st, (batch // bb, heads, n_q, n_steps), in_specs, out_specs, scratch),
         compiler_params=common.compiler_params(st.interpret, st.vmem_limit),
-        cost_estimate=estimate(batch=batch, heads=heads, q_len=st.q_len, kv_len=st.kv_len, head_dim=d,
-                               causal=st.causal, matmuls=2, exps=1,
-                               nbytes=sum(x.size * x.dtype.itemsize for x in args)
-                               + sum(math.prod(o.shape) * o.dtype.itemsize for o in out_shape)),
+        cost_estimate=common.cost_estimate(st, batch=batch, heads=heads, head_dim=d, matmuls=2, nbytes=nbytes),
         interpret=common.interpret_param(st.interpret),
         name="flash_attention_tpu_fwd",
-    )(*args)
+    )(*(list(lengths) if st.lengths else []), *args)
     return outs[0], (outs[1] if save_lse else None)
