@@ -146,7 +146,14 @@ def run_sharded(layout: Layout, body: Callable, *arrays, out_ranks: tuple[int, .
         return body(*full)
 
     specs = tuple(layout.spec(arrays[i].ndim) for i in present)
+    explicit = AxisType.Explicit in tuple(layout.mesh.axis_types)
+    given = []
+    for i, spec in zip(present, specs):  # e.g. lengths left replicated beside a batch-sharded query: split them
+        own = _spec_of(arrays[i])
+        rank = arrays[i].ndim
+        needs = explicit and (own is None or _entries(own[1])[:rank] != _entries(spec)[:rank])
+        given.append(jax.sharding.reshard(arrays[i], NamedSharding(layout.mesh, spec)) if needs else arrays[i])
     out_specs = layout.spec(out_ranks[0]) if len(out_ranks) == 1 else tuple(layout.spec(r) for r in out_ranks)
     mapped = jax.shard_map(per_device, mesh=layout.mesh, in_specs=specs, out_specs=out_specs,
                            check_vma=False)  # the kernels' out_shape carries no varying-axes annotation
-    return mapped(*(arrays[i] for i in present))
+    return mapped(*given)
