@@ -4,8 +4,8 @@ A causal problem of SEQ tokens with windows from none down to 128 tokens, one fi
 kernel) so that only the window changes. For the GPU kernel each program counts the key (or query) blocks its loops
 visit (`count=True`, interpret mode); the sum over programs is the work. The least any blocked kernel must visit is
 the number of 64 x 64 tiles of the mask that hold a visible pair (from the reference mask); the table shows both and
-the share of the full causal work. For the TPU kernel the figure is the kv extent of its grid (the steps each
-q block is given) from the lowered kernel, and the steps that do work.
+the share of the full causal work. For the TPU kernel the figure is the size of each kernel's grid (its steps; a
+window bounded on both sides shrinks the reduction axis to the blocks it reaches), read from the traced program.
 
     python benchmarks/window_work.py            # SEQ 4096; a few minutes on 2 cores
 Writes benchmarks/results/window-work-cpu.json and prints the table (copied into window-work-cpu.md).
@@ -28,6 +28,8 @@ from kernels.gpu.common import Masking
 from kernels.gpu.config import Config
 from kernels.gpu.forward import forward
 from kernels.reference import attention_mask
+from kernels.tpu import Config as TpuConfig
+from kernels.tpu import flash_attention as tpu_attention
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "window-work-cpu.json"
@@ -55,14 +57,39 @@ def gpu_blocks(n: int, window: int | None) -> dict[str, int]:
     return {name: int(np.asarray(c).sum()) for name, c in (("forward", fwd), ("dq", dq), ("dkv", dkv))}
 
 
+def tpu_grid_steps(n: int, window: int | None) -> dict[str, int]:
+    """Grid steps (the product of each pallas_call's grid) of the TPU forward, dq and dk/dv kernels, traced only."""
+    config = TpuConfig(1, BLOCK * 2, BLOCK * 2, BLOCK * 2, BLOCK * 2, BLOCK * 2, BLOCK * 2)  # 128: Mosaic's lanes
+    q = jax.ShapeDtypeStruct((1, n, 1, 128), jnp.bfloat16)
+    steps: dict[str, int] = {}
+
+    def run(q, k, v):
+        out, pull = jax.vjp(lambda *a: tpu_attention(*a, causal=True, window=None if window is None else (window, 0),
+                                                     config=config, interpret=True), q, k, v)
+        return pull(out)
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                name = str(eqn.params["name"]).split("_tpu_")[-1]
+                steps[{"fwd": "forward"}.get(name, name)] = int(np.prod(eqn.params["grid_mapping"].grid))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(run)(q, q, q).jaxpr)
+    return steps
+
+
 def table(rows: list[dict], n: int) -> str:
     full = rows[0]
-    lines = [f"| window (causal, {n} tokens) | tiles needed | GPU forward | GPU dq | GPU dk/dv | share of full causal |",
+    lines = [f"| window (causal, {n} tokens) | tiles needed ({BLOCK}x{BLOCK}) | GPU forward / dq / dk,dv blocks | "
+             f"GPU share of full causal | TPU grid steps fwd / dq / dk,dv ({2 * BLOCK}-blocks) | TPU share |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        share = r["gpu"]["forward"] / full["gpu"]["forward"]
-        lines.append(f"| {r['window'] or 'none'} | {r['needed']} | {r['gpu']['forward']} | {r['gpu']['dq']} | "
-                     f"{r['gpu']['dkv']} | {share:.1%} |")
+        g, t = r["gpu"], r["tpu"]
+        lines.append(f"| {r['window'] or 'none'} | {r['needed']} | {g['forward']} / {g['dq']} / {g['dkv']} | "
+                     f"{g['forward'] / full['gpu']['forward']:.1%} | {t['forward']} / {t['dq']} / {t['dkv']} | "
+                     f"{t['forward'] / full['tpu']['forward']:.1%} |")
     return "\n".join(lines)
 
 
@@ -75,7 +102,8 @@ def main() -> None:
     rows = []
     for text in args.windows.split(","):
         window = None if text == "none" else int(text)
-        row = {"window": window, "needed": needed_tiles(args.seq, window), "gpu": gpu_blocks(args.seq, window)}
+        row = {"window": window, "needed": needed_tiles(args.seq, window), "gpu": gpu_blocks(args.seq, window),
+               "tpu": tpu_grid_steps(args.seq, window)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     document = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
