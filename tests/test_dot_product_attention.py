@@ -66,8 +66,6 @@ CASES = {
     # a length past the sequence (99) means all of it, as jax.nn reads it.
     "window+lengths+residual": dict(local_window_size=(5, 3), query_seq_lengths=np.array([99, 25], np.int32),
                                     key_value_seq_lengths=np.array([45, 17], np.int32), return_residual=True),
-    # A causal sliding window, as Mistral and Gemma use it.
-    "causal window": dict(is_causal=True, local_window_size=6),
 }
 
 
