@@ -210,7 +210,7 @@ def fit(rows: list[dict]) -> None:
 
     import kernels.tpu.config as tpu_config
     saved, margin = tpu_config.TEMPORARIES, tpu_config.MARGIN
-    tpu_config.TEMPORARIES = {g: ((0.0,) * 5,) * 3 for g in saved}
+    tpu_config.TEMPORARIES = {g: ((0.0,) * 6,) * 3 for g in saved}
     tpu_config.MARGIN = 1.0
     points: dict = {}
     try:
@@ -227,7 +227,8 @@ def fit(rows: list[dict]) -> None:
                       "dkv": (2, c.bwd_block_k, c.bwd_block_q, c.bwd_block_k_major)}
             for role, (kernel, rows_, cols, major) in shapes.items():
                 if role in r["kernels"]:
-                    sizes = tpu_config.temporary_sizes(problem, c.block_b, rows_, cols, major)
+                    minor = c.block_k if kernel == 0 else c.bwd_block_k
+                    sizes = tpu_config.temporary_sizes(problem, c.block_b, rows_, cols, major, major // minor)
                     points.setdefault((gen, kernel), []).append((r["kernels"][role]["memory_bytes"] - base[role],
                                                                   sizes))
     finally:
