@@ -21,10 +21,7 @@ from db.compile_transfer import merge_compile_trials, parse_compile_trials
 from db.records import FEATURE_DEFAULTS
 from db.store import MAX_REASON
 
-try:
-    from tests.test_db import H100, make_key, pg_db  # noqa: F401  (pg_db: a fresh PostgreSQL schema per test)
-except ModuleNotFoundError:  # tests/ without __init__.py
-    from test_db import H100, make_key, pg_db  # noqa: F401
+from tests.test_db import H100, make_key, pg_db  # noqa: F401  (pg_db: a fresh PostgreSQL schema per test)
 
 FEATURES = ("window_left", "window_right", "softcap", "lengths")
 WINDOWED = {"window_left": 256, "window_right": 0}
