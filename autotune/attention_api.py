@@ -23,6 +23,7 @@ from autotune import runtime, sharding
 from autotune.xla_attention import xla_attention
 from autotune.device import current_device
 from kernels import DTYPES, Problem
+from kernels.problem import check_lengths
 
 KERNEL_IMPLEMENTATIONS = ("pallas", "gpu", "tpu")
 IMPLEMENTATIONS = (None, "xla", "cudnn") + KERNEL_IMPLEMENTATIONS
@@ -50,8 +51,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
     if not isinstance(return_residual, (bool, np.bool_)):
         raise ValueError(f"return_residual must be a bool, got {return_residual!r}")
-    q_lens = _check_lengths(query_seq_lengths, "query_seq_lengths", query.shape[0], query.shape[1])
-    kv_lens = _check_lengths(key_value_seq_lengths, "key_value_seq_lengths", query.shape[0], key.shape[1])
+    q_lens = check_lengths(query_seq_lengths, "query_seq_lengths", query.shape[0], query.shape[1],
+                           longer_means_all=True)  # jax.nn reads a length past the sequence as "all of it"
+    kv_lens = check_lengths(key_value_seq_lengths, "key_value_seq_lengths", query.shape[0], key.shape[1],
+                            longer_means_all=True)
     window = _check_window(local_window_size)
     cap = _check_cap(logits_soft_cap)
     if implementation not in IMPLEMENTATIONS:
@@ -128,28 +131,6 @@ def _check_scale(scale, head_dim: int) -> float:
     if not _is_number(scale) or not np.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     return float(scale)
-
-
-def _check_lengths(lengths, name: str, batch: int, seq: int):
-    """Lengths as an int32 [batch] array, at most `seq` (jax.nn reads a longer one as "all valid"); concrete ones
-    must not be negative."""
-    if lengths is None:
-        return None
-    if not hasattr(lengths, "dtype"):
-        if isinstance(lengths, (bool, np.bool_)) or not isinstance(lengths, (list, tuple, np.ndarray)):
-            raise ValueError(f"{name} must be an integer array of shape ({batch},), got {type(lengths).__name__}")
-        lengths = np.asarray(lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"{name} must be an integer array of shape ({batch},), got dtype {lengths.dtype}")
-    if tuple(lengths.shape) != (batch,):
-        raise ValueError(f"{name} must have shape ({batch},) (one length per batch row), got {tuple(lengths.shape)}")
-    if not isinstance(lengths, jax.core.Tracer):
-        values = np.asarray(lengths)
-        if values.size and values.min() < 0:
-            raise ValueError(f"{name} must not be negative, got {values.tolist()}")
-        if values.size and values.max() > np.iinfo(np.int32).max:
-            raise ValueError(f"{name} must fit in int32, got {values.tolist()}")
-    return jnp.minimum(jnp.asarray(lengths).astype(jnp.int32), seq)
 
 
 def _check_window(window):

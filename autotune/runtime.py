@@ -182,13 +182,12 @@ def _tune_command(key: TuningKey, url: str) -> str:
     if key.kv_heads != key.heads:
         flags.append(f"--kv-heads {key.kv_heads}")
     flags += ["--causal"] * key.causal + ["--segments 3"] * key.segments + ["--backward"] * key.backward
-    window_left, window_right = getattr(key, "window_left", None), getattr(key, "window_right", None)
-    if window_left is not None or window_right is not None:
-        sides = ["none" if side is None else str(side) for side in (window_left, window_right)]
-        flags.append(f"--window {sides[0] if window_left == window_right else ','.join(sides)}")
-    if getattr(key, "softcap", None) is not None:
+    if key.window_left is not None or key.window_right is not None:
+        sides = ["none" if side is None else str(side) for side in (key.window_left, key.window_right)]
+        flags.append(f"--window {sides[0] if key.window_left == key.window_right else ','.join(sides)}")
+    if key.softcap is not None:
         flags.append(f"--softcap {key.softcap:g}")
-    flags += ["--lengths"] * bool(getattr(key, "lengths", False))
+    flags += ["--lengths"] * key.lengths
     if url != default_url():
         flags.append(f"--db {shlex.quote(display_url(url))}")
     return "autotune search " + " ".join(flags)

@@ -27,21 +27,32 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def check_time(field: str, value: Any, *, optional: bool = False, positive: bool = False) -> float | None:
-    """A duration in seconds: a real number, finite, 0 to MAX_TIME_S (MIN_TIME_S up when `positive`); None if
-    `optional`."""
+def _finite_real(field: str, value: Any, *, optional: bool, kind: str, finite_kind: str,
+                 too_large_kind: str) -> float | None:
+    """`value` as a finite float (never a bool), or None if it is None and `optional`; errors name the field and
+    what it should be (`kind`; `finite_kind` when not finite, `too_large_kind` for an integer past float range)."""
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{field} is required (a number of seconds), got None")
+        raise ValueError(f"{field} is required ({kind}), got None")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{field} must be a number of seconds, got {_describe(value)}")
+        raise ValueError(f"{field} must be {kind}, got {_describe(value)}")
     try:
         number = float(value)
     except OverflowError:
-        raise ValueError(f"{field} must be a finite number of seconds, got an integer too large") from None
+        raise ValueError(f"{field} must be {too_large_kind}, got an integer too large") from None
     if not math.isfinite(number):
-        raise ValueError(f"{field} must be a finite number of seconds, got {number!r}")
+        raise ValueError(f"{field} must be {finite_kind}, got {number!r}")
+    return number
+
+
+def check_time(field: str, value: Any, *, optional: bool = False, positive: bool = False) -> float | None:
+    """A duration in seconds: a real number, finite, 0 to MAX_TIME_S (MIN_TIME_S up when `positive`); None if
+    `optional`."""
+    number = _finite_real(field, value, optional=optional, kind="a number of seconds",
+                          finite_kind="a finite number of seconds", too_large_kind="a finite number of seconds")
+    if number is None:
+        return None
     if number < 0 or (positive and number < MIN_TIME_S):
         bound = f"at least {MIN_TIME_S:g}" if positive else "0 or more"
         raise ValueError(f"{field} must be {bound} seconds, got {number!r}")
@@ -121,17 +132,9 @@ def check_text(field: str, value: Any, *, optional: bool = False, allow_empty: b
 
 def check_positive_number(field: str, value: Any, *, optional: bool = False) -> float | None:
     """A real number > 0 and finite (an integer is taken as a float), never a bool; None if `optional`."""
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{field} is required (a positive number), got None")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{field} must be a positive finite number, got {_describe(value)}")
-    try:
-        number = float(value)
-    except OverflowError:
-        raise ValueError(f"{field} must be a finite number, got an integer too large") from None
-    if not math.isfinite(number) or number <= 0:
+    number = _finite_real(field, value, optional=optional, kind="a positive finite number",
+                          finite_kind="a positive finite number", too_large_kind="a finite number")
+    if number is not None and number <= 0:
         raise ValueError(f"{field} must be a positive finite number, got {number!r}")
     return number
 

@@ -91,7 +91,7 @@ class Problem:
         return dataclasses.replace(self, **changes)
 
 
-def visible_pairs(q_len: int, kv_len: int, *, causal: bool, window) -> float:
+def visible_pairs(q_len: int, kv_len: int, *, causal: bool, window=None) -> int:
     """How many (query, key) pairs the mask lets through (every row: keys max(0, i-left)..min(kv_len-1, i+right))."""
     left, right = window if window is not None else (None, None)
     if causal:
@@ -99,7 +99,7 @@ def visible_pairs(q_len: int, kv_len: int, *, causal: bool, window) -> float:
     rows = np.arange(q_len, dtype=np.int64)
     first = np.zeros_like(rows) if left is None else np.maximum(rows - left, 0)
     last = np.full_like(rows, kv_len - 1) if right is None else np.minimum(rows + right, kv_len - 1)
-    return float(np.maximum(last - first + 1, 0).sum())
+    return int(np.maximum(last - first + 1, 0).sum())
 
 
 def check_softcap(softcap, name: str = "softcap") -> float | None:
@@ -128,9 +128,9 @@ def check_window(window, name: str = "window") -> tuple[int | None, int | None] 
                      f"got {window!r}")
 
 
-def check_lengths(lengths, name: str, batch: int, seq: int):
-    """Per-row lengths as an int32 [batch] array clipped to [0, seq] (None stays None); concrete values must be in
-    0..seq."""
+def check_lengths(lengths, name: str, batch: int, seq: int, *, longer_means_all: bool = False):
+    """Per-row lengths as an int32 [batch] array clipped to [0, seq] (None stays None). Concrete values must be in
+    0..seq, or, with `longer_means_all` (jax.nn's reading), anything from 0 that fits int32."""
     if lengths is None:
         return None
     if not hasattr(lengths, "shape") or not hasattr(lengths, "dtype"):
@@ -143,8 +143,14 @@ def check_lengths(lengths, name: str, batch: int, seq: int):
         raise ValueError(f"{name} must have shape ({batch},) (one length per batch row), got {tuple(lengths.shape)}")
     if not isinstance(lengths, jax.core.Tracer):
         values = np.asarray(lengths)
-        if values.size and (values.min() < 0 or values.max() > seq):
-            raise ValueError(f"{name} must be between 0 and the sequence length {seq}, got {values.tolist()}")
+        if values.size and values.min() < 0:
+            raise ValueError(f"{name} must not be negative, got {values.tolist()}")
+        top = np.iinfo(np.int32).max if longer_means_all else seq
+        if values.size and values.max() > top:
+            raise ValueError(f"{name} must be at most {'int32' if longer_means_all else 'the sequence length'} "
+                             f"({top}), got {values.tolist()}")
+        if not _fits_int32(values.dtype):
+            lengths = np.minimum(values, seq)  # before any cast: a wide integer must not wrap
     return jnp.clip(jnp.asarray(lengths), 0, seq).astype(jnp.int32)
 
 

@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import Problem, attention_reference, tolerance
+from kernels import Problem, attention_reference
 from kernels.gpu import Config, flash_attention, invalid_reasons, search_space
 from kernels.gpu.backward import backward
 from kernels.gpu.common import Masking
 from kernels.gpu.forward import forward
 from kernels.reference import attention_mask
+from tests.test_gpu_kernel import assert_close
 
 # Several q and kv blocks per sequence, ragged tails, different forward and backward tiles.
 SMALL = Config(block_q=16, block_k=32, num_warps=2, num_stages=1,
@@ -35,14 +36,6 @@ def make(seed, batch=2, q_len=100, kv_len=83, heads=4, kv_heads=2, head_dim=24, 
                  normal(rng, batch, kv_len, kv_heads, head_dim, dtype=dtype),
                  normal(rng, batch, kv_len, kv_heads, head_dim, dtype=dtype),
                  normal(rng, batch, q_len, heads, head_dim, dtype=dtype))
-
-
-def assert_close(actual, expected, dtype, *, grad, what):
-    actual = np.asarray(jnp.asarray(actual, jnp.float32))
-    expected = np.asarray(jnp.asarray(expected, jnp.float32))
-    assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
-    atol, rtol = tolerance(dtype, grad=grad)
-    np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol, err_msg=what)
 
 
 def check(q, k, v, cot, *, config=SMALL, device_kind=None, lengths=(), **options):

@@ -281,12 +281,12 @@ def clean_rows(rows: list[list]) -> list[list[str]]:
 def describe_problem(p) -> str:
     text = f"b{p.batch} q{p.q_len} kv{p.kv_len} h{p.heads}/{p.kv_heads} d{p.head_dim} {p.dtype}"
     text += " causal" * p.causal + " seg" * p.segments + " +bwd" * p.backward
-    left, right = getattr(p, "window_left", None), getattr(p, "window_right", None)
-    if left is not None or right is not None:
-        text += f" win({'-' if left is None else left},{'-' if right is None else right})"
-    if getattr(p, "softcap", None) is not None:
+    if p.window_left is not None or p.window_right is not None:
+        left, right = ("-" if side is None else side for side in (p.window_left, p.window_right))
+        text += f" win({left},{right})"
+    if p.softcap is not None:
         text += f" cap{p.softcap:g}"
-    return text + " len" * bool(getattr(p, "lengths", False))
+    return text + " len" * p.lengths
 
 
 def ordered_config(config: dict) -> dict:

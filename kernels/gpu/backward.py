@@ -25,7 +25,7 @@ from kernels.gpu.common import (
     scores, store, tile_mask, visible,
 )
 from kernels.gpu.config import Config, padded_head_dim
-from kernels.problem import visible_pairs
+from kernels.cost import estimate
 
 
 def _split_refs(refs, segments: bool, lengths: bool):
@@ -187,12 +187,11 @@ def backward(
     params = pltriton.CompilerParams(num_warps=config.bwd_num_warps, num_stages=config.bwd_num_stages)
     itemsize = q.dtype.itemsize
     row_bytes = 2 * batch * heads * q_len * 4  # lse and delta
-    pairs = batch * heads * visible_pairs(q_len, kv_len, causal=False, window=(masking.left, masking.right))
-    exps = 1 if masking.softcap is None else 2
 
     def cost(matmuls: int, nbytes: int) -> pl.CostEstimate:
-        return pl.CostEstimate(flops=int(2 * matmuls * pairs * head_dim), transcendentals=int(exps * pairs),
-                               bytes_accessed=int(nbytes))
+        return estimate(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim, causal=False,
+                        window=(masking.left, masking.right), softcap=masking.softcap, matmuls=matmuls, exps=1,
+                        nbytes=nbytes)
 
     extra_specs = [pl.BlockSpec((None, q_len), lambda x, b, h: (b, 0)),
                    pl.BlockSpec((None, kv_len), lambda x, b, h: (b, 0))] if segments else []

@@ -22,7 +22,7 @@ from kernels.gpu.common import (
     tile_mask, visible,
 )
 from kernels.gpu.config import Config, padded_head_dim
-from kernels.problem import visible_pairs
+from kernels.cost import estimate
 
 
 def _forward_kernel(
@@ -134,7 +134,6 @@ def forward(
         out_shape.append(jax.ShapeDtypeStruct((q_blocks, batch, heads), jnp.int32))
     itemsize = q.dtype.itemsize
     nbytes = (2 * q.size + k.size + v.size) * itemsize + batch * heads * q_len * 4
-    pairs = batch * heads * visible_pairs(q_len, kv_len, causal=False, window=(masking.left, masking.right))
     return pl.pallas_call(
         kernel,
         grid=(q_blocks, batch, heads),
@@ -142,9 +141,9 @@ def forward(
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
-        cost_estimate=pl.CostEstimate(flops=int(4 * pairs * head_dim),
-                                      transcendentals=int(pairs * (1 if masking.softcap is None else 2)),
-                                      bytes_accessed=int(nbytes)),
+        cost_estimate=estimate(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+                               causal=False, window=(masking.left, masking.right), softcap=masking.softcap,
+                               matmuls=2, exps=1, nbytes=nbytes),
         interpret=interpret,
         name="flash_attention_fwd",
     )(*args)

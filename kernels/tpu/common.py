@@ -9,7 +9,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.problem import visible_pairs
+from kernels.cost import estimate
 from kernels.tpu.config import LANES, SUBLANES
 
 # A finite "minus infinity": masked scores never produce inf - inf = NaN in the online softmax.
@@ -217,11 +217,9 @@ def cost_estimate(st: Static, *, batch: int, heads: int, head_dim: int, matmuls:
                   exps: int = 1) -> pl.CostEstimate:
     """What a kernel costs XLA's scheduler: `matmuls` [pairs x head_dim] products and `exps` exps per visible
     (query, key) pair of the causal mask and window (lengths are runtime data: not counted), bytes read once."""
-    pairs = batch * heads * visible_pairs(st.q_len, st.kv_len, causal=st.causal,
-                                          window=(st.window_left, st.window_right))
-    transcendentals = exps + (1 if st.softcap is not None else 0)
-    return pl.CostEstimate(flops=int(2 * matmuls * pairs * head_dim), transcendentals=int(transcendentals * pairs),
-                           bytes_accessed=int(nbytes))
+    return estimate(batch=batch, heads=heads, q_len=st.q_len, kv_len=st.kv_len, head_dim=head_dim,
+                    causal=st.causal, window=(st.window_left, st.window_right), softcap=st.softcap,
+                    matmuls=matmuls, exps=exps, nbytes=nbytes)
 
 
 def pallas_grid(st: Static, grid, in_specs, out_specs, scratch) -> dict:
