@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from autotune.kernels_registry import BUILTIN, load_kernel
+from autotune.kernel_protocol import BUILTIN, load_kernel
 from autotune.keys import problem_of
 from db import ConfigCheck, TuningKey
 

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from autotune.timing import TimingPolicy
+
+@dataclass(frozen=True)
+class TimingPolicy:
+    """How one function is timed: warm-up calls, samples, and how long one sample lasts."""
+
+    warmup: int = 2
+    samples: int = 7
+    min_sample_s: float = 2e-3
+    max_calls_per_sample: int = 100
+
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 DEFAULT_TRIALS = 30  # a study's budget when --trials is not given (the grid: every valid config)
@@ -30,7 +39,7 @@ class SearchOptions:
     input_buffers: int = 3
     timing: TimingPolicy = field(default_factory=TimingPolicy)
     compare_xla: bool = True
-    allow_spills: bool = False  # time configs that spilled registers in a compile-only sweep (autotune.compile_results)
+    allow_spills: bool = False  # time configs that spilled registers in a compile-only sweep (autotune.compile.results)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:

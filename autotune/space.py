@@ -6,11 +6,17 @@ CMA-ES, random, grid) works on any kernel's space; `Space.config` turns indices 
 from __future__ import annotations
 
 import itertools
+import json
 
 import optuna
 
-from autotune.kernels_registry import KernelModule
+from autotune.kernel_protocol import KernelModule
 from kernels import Problem
+
+
+def config_text(config: dict) -> str:
+    """A config as the study compares configs: canonical JSON."""
+    return json.dumps(config, sort_keys=True)
 
 
 class Space:
@@ -24,7 +30,7 @@ class Space:
         self.kernel, self.problem, self.device_kind = kernel, problem, device_kind
         self.default = kernel.Config.default(problem, device_kind=device_kind)
         self.choices = {name: tuple(sorted(set(values))) for name, values in kernel.search_space(problem).items()}
-        self.ahead = ahead  # autotune.compile_results.AheadOfTime: a compile-only sweep's verdicts, or None
+        self.ahead = ahead  # autotune.compile.results.AheadOfTime: a compile-only sweep's verdicts, or None
 
     def skip_reason(self, config) -> str | None:
         """Why a valid config is not evaluated: the compiler rejected it ahead of time ('rejected') or it spilled

@@ -1,8 +1,8 @@
 """Do the validity checks agree with the real compilers? A sampled sweep of each target's search space.
 
-For every target (autotune.targets), three problems (d64 and d128 bfloat16 causal at 2k; a ragged GQA d72 case
+For every target (autotune.compile.targets), three problems (d64 and d128 bfloat16 causal at 2k; a ragged GQA d72 case
 with segment ids), forward and backward: sample configs that pass the structural rules, compile each deviceless
-(autotune.compilers, parallel processes) and set the estimate beside the real figure. The goal: the checks never
+(autotune.compile.pool, parallel processes) and set the estimate beside the real figure. The goal: the checks never
 accept a config the compiler rejects, and reject (for memory) at most 10% of the configs that compile.
 Writes benchmarks/results/compile-<target>.md and the raw results (compile-sweep.jsonl, for --fit and --render).
 
@@ -26,8 +26,8 @@ from pathlib import Path
 import kernels  # noqa: F401  (environment defaults before jax)
 import jax
 
-from autotune.compilers import CompileJob, CompileResult, compile_many, estimated_bytes
-from autotune.targets import TARGETS, get_target
+from autotune.compile.pool import CompileJob, CompileResult, compile_many, estimated_bytes
+from autotune.compile.targets import TARGETS, get_target
 from kernels import Problem
 from kernels import gpu as gpu_kernel
 from kernels import tpu as tpu_kernel

@@ -20,9 +20,9 @@ import jax
 
 import autotune
 from autotune.device import current_device
-from autotune.inputs import random_qkv
+from autotune.measure.inputs import random_qkv
 from autotune.keys import make_key
-from autotune.timing import TimingPolicy, time_interleaved
+from autotune.measure.timing import TimingPolicy, time_interleaved
 from db import Store
 from kernels import Problem, gpu, tpu
 

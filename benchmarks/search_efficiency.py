@@ -25,10 +25,10 @@ import optuna
 
 from autotune.device import current_device
 from autotune.keys import make_key
-from autotune.kernels_registry import load_kernel
-from autotune.candidate import compile_candidate
-from autotune.search import SearchOptions, Space, make_sampler, search_problem, timing_inputs
-from autotune.timing import TimingPolicy, time_interleaved
+from autotune.kernel_protocol import load_kernel
+from autotune.measure.kernel_call import compile_candidate
+from autotune.search.loop import SearchOptions, Space, make_sampler, search_problem, timing_inputs
+from autotune.measure.timing import TimingPolicy, time_interleaved
 from db import Store
 from kernels import Problem
 

@@ -3,7 +3,7 @@ and what it spares a later device search.
 
 For each target, every problem of the shapes file gets a sample of its valid configs (the default first, then a
 seeded random sample, `--trials` per problem), compiled deviceless in parallel processes and recorded, exactly as the
-CLI does (autotune.target_search), into a fresh SQLite file. Reported per target: wall time, configs per minute,
+CLI does (autotune.compile.search), into a fresh SQLite file. Reported per target: wall time, configs per minute,
 the share of the search space the validity checks alone reject, and of the configs they accept the share the
 compiler rejects and the share that spill registers; then the share of device compile time a later device search
 saves by skipping those (weighted by each config's own compile seconds, a stand-in for its compile on the device).
@@ -25,9 +25,9 @@ from pathlib import Path
 import kernels  # noqa: F401  (environment defaults before jax)
 import jax
 
-from autotune.compile_results import REJECTED, SPILLS, trial_verdict
+from autotune.compile.results import REJECTED, SPILLS, trial_verdict
 from autotune.shapes import load_shapes
-from autotune.target_search import plan_searches, resolve_targets, run_plans
+from autotune.compile.search import plan_searches, resolve_targets, run_plans
 from db import Store
 
 HERE = Path(__file__).parent

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from autotune.device import current_device  # noqa: E402
 from autotune.keys import make_key  # noqa: E402
-from autotune.kernels_registry import load_kernel  # noqa: E402
+from autotune.kernel_protocol import load_kernel  # noqa: E402
 from db import Store  # noqa: E402
 from db.urls import resolve_url  # noqa: E402
 from kernels import Problem  # noqa: E402

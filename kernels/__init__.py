@@ -2,7 +2,7 @@
 
 Pure JAX: nothing here knows about the results database or the search. Each kernel lives in its own subpackage
 (`kernels.gpu`: Triton lowering; `kernels.tpu`: Mosaic TPU lowering) and offers the same surface, the
-`autotune.kernels_registry.KernelModule` protocol (checked whenever a kernel is loaded): `NAME`, `VERSION`,
+`autotune.kernel_protocol.KernelModule` protocol (checked whenever a kernel is loaded): `NAME`, `VERSION`,
 `Config` (with `default(problem, *, device_kind)`, `to_dict`, `from_dict`), `search_space(problem)`,
 `invalid_reasons(config, problem, *, device_kind)` and `flash_attention(q, k, v, ...)`. `device_kind` is the
 real device's kind (`jax.devices()[0].device_kind`), or None in interpret mode.

@@ -335,7 +335,7 @@ def test_a_database_on_read_only_storage_can_be_read() -> None:
 
 
 def test_reading_an_older_database_upgrades_it_only_where_it_can() -> None:
-    from tests.test_db import V1_SCHEMA
+    from tests.db.test_db import V1_SCHEMA
 
     folder = Path(tempfile.mkdtemp(prefix="autotune-old-"))
     try:

@@ -93,9 +93,9 @@ def all_imports(package: str) -> dict[str, set[str]]:
 
 def test_the_graph_is_read():
     graph = project_graph()
-    assert "autotune.search" in graph and "autotune.study" in graph["autotune.search"]
-    assert "autotune.evaluation" in graph["autotune.isolation"]  # a function-level import counts too: see below
-    assert "autotune.search" in graph["autotune.runtime"]  # imported inside a function there
+    assert "autotune.search.loop" in graph and "autotune.search.study" in graph["autotune.search.loop"]
+    assert "autotune.measure.evaluation" in graph["autotune.measure.isolation"]  # a function-level import counts too: see below
+    assert "autotune.search.loop" in graph["autotune.runtime.lookup"]  # imported inside a function there
 
 
 def test_find_cycle_finds_one():
@@ -106,6 +106,50 @@ def test_find_cycle_finds_one():
 def test_no_import_cycle_in_the_project():
     cycle = find_cycle(project_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# The stages of autotune/, each importing only the ones before it (the shared nouns at the top come first).
+STAGES = ("", "measure", "compile", "search", "runtime", "cli")
+
+
+def stage_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in STAGES else ""
+
+
+def test_every_autotune_module_sits_in_a_stage_or_at_the_top():
+    top = sorted(name for name in project_modules() if name.count(".") == 1 and name.startswith("autotune.")
+                 and name.split(".")[1] not in STAGES)
+    folders = sorted(p.name for p in (ROOT / "autotune").iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert folders == sorted(STAGES[1:])
+    assert len(top) <= 12, f"too many shared modules at the top of autotune/: {top}"
+
+
+def test_stages_import_one_way():
+    wrong = []
+    for name, targets in project_graph().items():
+        if not name.startswith("autotune.") or name == "autotune.__main__":  # the entry points run the app
+            continue
+        for target in targets:
+            if target.startswith("autotune.") and target != "autotune" and \
+                    STAGES.index(stage_of(target)) > STAGES.index(stage_of(name)):
+                wrong.append(f"{name} -> {target}")
+    assert not wrong, "a stage imports a later one: " + ", ".join(sorted(wrong))
+
+
+def test_no_module_imports_a_private_name_of_another_package():
+    modules = project_modules()
+    wrong = []
+    for name, path in modules.items():
+        package = name.rpartition(".")[0] if path.name != "__init__.py" else name
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                source = node.module if node.module in modules else node.module.rpartition(".")[0]
+                source_package = source if (ROOT / source.replace(".", "/")).is_dir() else source.rpartition(".")[0]
+                if source_package != package:
+                    wrong += [f"{name}: {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not wrong, "private names imported across packages: " + ", ".join(wrong)
 
 
 @pytest.mark.parametrize("package, forbidden", [("kernels", {"db", "autotune"}),
@@ -129,7 +173,7 @@ def test_tuning_keys_carry_every_problem_field():
 @pytest.mark.parametrize("command", ["search", "show", "bench"])
 def test_the_problem_flags_are_the_fields_of_a_shapes_file(command):
     """The problem's field list has one source (kernels.Problem); the flags and a shapes file follow it."""
-    from autotune.cli import main
+    from autotune.cli.app import main
     from autotune.shapes import FIELDS, USER_NAMES
     from kernels import Problem
 

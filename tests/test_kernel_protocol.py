@@ -8,8 +8,8 @@ import types
 import pytest
 from click.testing import CliRunner
 
-from autotune.cli import main
-from autotune.kernels_registry import load_kernel, protocol_gaps
+from autotune.cli.app import main
+from autotune.kernel_protocol import load_kernel, protocol_gaps
 from kernels import Problem
 
 

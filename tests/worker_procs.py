@@ -109,7 +109,7 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
 
 
 def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The trials that count toward the budget, as the search defines them (see autotune.search)."""
+    """The trials that count toward the budget, as the search defines them (see autotune.search.loop)."""
     return [t for t in study.get_trials(deepcopy=False, states=COUNTED)
             if "kind" not in t.user_attrs and "config" in t.user_attrs]
 

@@ -1,0 +1,1 @@
+"""The `autotune` command line: the click app (`app.py`) and one module per command."""

@@ -1,0 +1,34 @@
+"""The `autotune` command line: one click group with the commands of `autotune/cli/` added to it."""
+from __future__ import annotations
+
+import click
+
+from autotune.cli.bench import bench_command
+from autotune.cli.listing import list_command, show_command
+from autotune.cli.report import report_command
+from autotune.cli.search import search_command
+from autotune.cli.targets import targets_command
+from autotune.cli.transfer import export_command, import_command, prune_command
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pallas-autotune")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", prog_name="autotune", message="%(prog)s %(version)s")
+def main() -> None:
+    """Autotune Pallas flash-attention kernels: search, store, inspect and ship the best configs."""
+
+
+for _command in (search_command, list_command, show_command, export_command, import_command, prune_command,
+                 bench_command, report_command, targets_command):
+    main.add_command(_command)
+
+if __name__ == "__main__":
+    main()

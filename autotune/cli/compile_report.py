@@ -1,0 +1,98 @@
+"""The `report` section for compile-only results (`search --target`): per target and problem, a block_q x block_k
+map coloured by what the compiler said (compiled, spilled, rejected for resources, failed otherwise), each cell
+labelled with the largest shared-memory or VMEM figure of its configs. Every stored value is HTML-escaped."""
+from __future__ import annotations
+
+import html
+
+from autotune.cli.block_cells import block_cells
+from autotune.cli.common import describe_problem
+from autotune.compile.results import peak_bytes, trial_spills
+
+OUTCOME_COLORS = {"compiled": "#1a9850", "spilled": "#fdae61", "resource_exhausted": "#d73027",
+                  "failed": "#7570b3"}
+OUTCOME_WORDS = {"compiled": "compiled", "spilled": "compiled, spills", "resource_exhausted": "out of memory",
+                 "failed": "failed otherwise"}
+SEVERITY = ("compiled", "spilled", "failed", "resource_exhausted")  # a cell shows its worst config's outcome
+MAX_MAPS = 24
+
+
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def outcome(trial) -> str:
+    if trial.status == "compiled":
+        return "spilled" if trial_spills(trial) else "compiled"
+    return "resource_exhausted" if trial.status == "resource_exhausted" else "failed"
+
+
+def compile_map(key, trials: list) -> str | None:
+    """One compile-only key's map (None when its configs have no block_q/block_k)."""
+    cells, rows, cols = block_cells(trials)
+    if not cells:
+        return None
+    cw, ch, left, top = 84, 40, 60, 44
+    width, height = max(left + cw * len(cols) + 20, 420), top + ch * len(rows) + 40
+    title = f"{key.device_kind}: {describe_problem(key)}"
+    body = [f'<text class="title" x="8" y="14">{esc(title)}</text>',
+            f'<text class="title" x="{left}" y="30">block_k</text>',
+            f'<text class="title" x="4" y="{top + 14}">block_q</text>']
+    for j, k in enumerate(cols):
+        body.append(f'<text x="{left + j * cw + cw / 2}" y="{top - 4}" text-anchor="middle">{esc(k)}</text>')
+    for i, q in enumerate(rows):
+        body.append(f'<text x="{left - 6}" y="{top + i * ch + ch / 2 + 4}" text-anchor="end">{esc(q)}</text>')
+        for j, k in enumerate(cols):
+            ts = cells.get((q, k))
+            if not ts:
+                continue
+            outcomes = [outcome(t) for t in ts]
+            worst = max(outcomes, key=SEVERITY.index)
+            peaks = [p for p in (peak_bytes(t) for t in ts) if p is not None]
+            label = f"{max(peaks) / 1024:.0f}K" if peaks else "-"
+            counts = ", ".join(f"{outcomes.count(o)} {OUTCOME_WORDS[o]}" for o in SEVERITY if o in outcomes)
+            tip = f"block_q={q} block_k={k}: {counts}; largest memory figure {label}B ({len(ts)} config(s))"
+            x, y = left + j * cw, top + i * ch
+            body.append(f'<rect class="mark cell" x="{x}" y="{y}" width="{cw}" height="{ch}" '
+                        f'fill="{OUTCOME_COLORS[worst]}" stroke="#fff"><title>{esc(tip)}</title></rect>'
+                        f'<text x="{x + cw / 2}" y="{y + ch / 2 + 4}" text-anchor="middle">'
+                        f'{esc(label)} {outcomes.count("compiled")}/{len(ts)}</text>')
+    legend_y, x = top + ch * len(rows) + 16, 8
+    for name in SEVERITY:
+        body.append(f'<rect x="{x}" y="{legend_y}" width="12" height="10" fill="{OUTCOME_COLORS[name]}"/>'
+                    f'<text x="{x + 16}" y="{legend_y + 9}">{esc(OUTCOME_WORDS[name])}</text>')
+        x += 22 + 7 * len(OUTCOME_WORDS[name])
+    return (f'<svg class="chart" data-chart="compile-{esc(key.digest()[:8])}" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc("what compiles: " + title)}">'
+            + "".join(body) + "</svg>")
+
+
+def compile_section(trials: list) -> str:
+    """The report's section over every compile-only trial, grouped by target (device kind); '' when there are none."""
+    if not trials:
+        return ""
+    by_key: dict[str, tuple] = {}
+    for t in trials:
+        by_key.setdefault(t.key.digest(), (t.key, []))[1].append(t)
+    parts = ["<h2>What compiles, per target (compile-only searches)</h2>",
+             "<p class='note'>Each cell: the block_q x block_k configs compiled for the target without the hardware, "
+             "coloured by the worst outcome among them, labelled with the largest shared-memory (GPU) or scoped VMEM "
+             "(TPU) figure of any kernel and how many compiled cleanly. Nothing here was timed.</p>"]
+    keys = sorted(by_key.values(), key=lambda kt: (kt[0].device_kind, describe_problem(kt[0])))
+    if len(keys) > MAX_MAPS:
+        parts.append(f"<p class='note'>The first {MAX_MAPS} of {len(keys)} compile-only keys.</p>")
+    current = None
+    maps: list[str] = []
+    for key, ts in keys[:MAX_MAPS]:
+        if key.device_kind != current:
+            if maps:
+                parts.append("<div class='multiples'>" + "".join(maps) + "</div>")
+                maps = []
+            current = key.device_kind
+            parts.append(f"<h3>{esc(key.device_kind)} [{esc(key.platform)}]</h3>")
+        drawn = compile_map(key, ts)
+        if drawn:
+            maps.append(drawn)
+    if maps:
+        parts.append("<div class='multiples'>" + "".join(maps) + "</div>")
+    return "".join(parts)

@@ -1,0 +1,122 @@
+"""`autotune search --target NAME|all|a,b|list`: the compile-only search for hardware this machine does not have.
+
+Everything is checked before anything is written: the target names (an unknown one lists the known ones), the
+target's platform against --kernel, the compilers this machine has (a missing one names the install that brings it),
+and the problems. Then one run row, a progress bar over every compile, and a summary per target and problem. The
+work itself is `autotune.compile.search`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+
+import click
+
+from autotune.cli.common import (database_errors, describe_problem, open_store, plural, print_table,
+                                      specs_from_flags, where, worker_settings)
+from autotune.compile.pool import INSTALL_HINT, compilers_missing
+from autotune.compile.targets import TARGETS
+
+COMPILE_PROCESSES = max(1, min(8, os.cpu_count() or 1))
+
+
+def print_targets() -> None:
+    """`--target list`: the names, device kinds and whether this machine can compile for each."""
+    missing = {platform: compilers_missing(platform) for platform in ("gpu", "tpu")}
+    rows = [[t.name, t.platform, t.device_kind, "yes" if missing[t.platform] is None else f"no ({INSTALL_HINT})"]
+            for t in TARGETS.values()]
+    print_table(["target", "platform", "device kind", "compiler here"], rows)
+
+
+def run_target_command(*, target_text: str, kernel: str | None, shapes: str | None, flags: dict, tune_misses: bool,
+                       allow_spills: bool, trials: int | None, sampler: str, seed: int | None,
+                       trial_timeout: float, quiet: bool, db: str | None) -> None:
+    from autotune.compile.search import plan_searches, resolve_targets
+
+    if target_text.strip() == "list":
+        print_targets()
+        return
+    if tune_misses:
+        raise click.UsageError("--misses tunes on the device; it cannot be combined with --target")
+    if allow_spills:
+        raise click.UsageError("--allow-spills is for the device search; a compile-only search records spills")
+    try:
+        targets = resolve_targets(target_text, kernel)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--target") from None
+    specs = specs_from_flags(flags, shapes)  # bad problems stop here, before any write
+    from autotune.device import current_device
+
+    worker_settings()
+    device = current_device()
+    store = open_store(db)
+    try:
+        with database_errors(store):
+            plans = plan_searches(specs, targets, store, trials=trials, grid_all=sampler == "grid", seed=seed,
+                                  jax_version=device.jax_version)
+            summaries = _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet)
+    finally:
+        store.close()
+    print_compile_summary(summaries)
+
+
+def _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet):
+    from tqdm import tqdm
+
+    from autotune.compile.search import run_plans
+
+    total = sum(len(p.configs) for p in plans)
+    names = ", ".join(dict.fromkeys(p.target.name for p in plans))
+    click.echo(f"Compiling {plural(total, 'config')} for {names} ({plural(len({p.spec for p in plans}), 'problem')}; "
+               f"compile-only: nothing is timed), results in {where(store)}", err=True)
+    run_id = store.start_run(host=device.host, device_kind=", ".join(dict.fromkeys(p.target.device_kind
+                                                                               for p in plans)),
+                             platform="compile-only", jax_version=device.jax_version,
+                             arguments={k: v for k, v in dict(target=target_text, trials=trials, seed=seed).items()
+                                        if v is not None})
+    counts: Counter = Counter()
+    bar = tqdm(total=total, desc="compile-only", unit="config", disable=quiet, dynamic_ncols=True)
+
+    def on_result(summary, result) -> None:
+        counts["compiled" if result.ok else result.failure_kind] += 1
+        counts["spilled"] += result.ok and result.spills
+        bar.update(1)
+        bar.set_postfix_str(", ".join(f"{name} {n}" for name, n in counts.items() if n), refresh=False)
+
+    status = "failed"
+    try:
+        summaries = run_plans(plans, store, run_id=run_id, processes=COMPILE_PROCESSES, timeout_s=trial_timeout,
+                              on_result=on_result)
+        status = "ok"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        click.echo("\nInterrupted: every finished compile is stored; run the same command to resume.", err=True)
+        sys.exit(130)
+    finally:
+        bar.close()
+        try:
+            store.finish_run(run_id, status)
+        except Exception:  # noqa: BLE001 - the run's end is a nicety; the trials are stored
+            pass
+    return summaries
+
+
+def print_compile_summary(summaries) -> None:
+    """One row per target and problem: what compiled, spilled and failed (by class), and what was left out."""
+    rows = []
+    for s in summaries:
+        p = s.plan
+        failed = ", ".join(f"{kind} {n}" for kind, n in sorted(s.failed.items())) or "-"
+        rows.append([p.target.name, describe_problem(p.spec.problem), f"{p.grid - p.valid}/{p.grid}",
+                     str(len(p.configs)), str(s.compiled), str(s.spilled), failed, str(p.recorded),
+                     f"{s.compile_s:.1f}"])
+    click.echo()
+    print_table(["target", "problem", "invalid/space", "compiled now", "ok", "spilled", "failed",
+                 "recorded before", "compile s"], rows)
+    compiled = sum(s.compiled for s in summaries)
+    failed = sum(sum(s.failed.values()) for s in summaries)
+    spilled = sum(s.spilled for s in summaries)
+    click.echo(f"\n{plural(compiled + failed, 'compile')}: {compiled} compiled ({spilled} spilling registers), "
+               f"{failed} failed. No time is claimed and no best stored: a device search for the same device kind "
+               f"skips the rejected and spilling configs (see `autotune show --target NAME ...`).")

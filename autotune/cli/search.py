@@ -1,0 +1,219 @@
+"""`autotune search`: find the fastest valid config for each problem and store it.
+
+The command reads the flags (or a shapes file, or the runtime's misses), opens the database, starts a run row, then
+hands the list to the scheduler (autotune/scheduler.py), which claims each problem and calls the search
+(autotune/search/loop.py) on it. The summary at the end says what was stored and why.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+import uuid
+
+import click
+
+from autotune.cli.common import (Seconds, database_errors, db_option, describe_problem, format_ms,
+                                      kernel_option_module, open_store, print_table, problem_options,
+                                      specs_from_flags, table_config, where, worker_settings)
+from autotune.options import SAMPLERS
+from autotune.shapes import ProblemSpec
+from db.urls import display_url, resolve_url
+
+MAX_TRIALS = 1_000_000  # per study: far beyond any search space, and within every counter's range
+_CTRL_C_SEEN = threading.Event()  # once set, a failure on the way out is the interrupt's doing, not the database's
+
+
+def _stop_on_first_ctrl_c(_signum, _frame) -> None:
+    """The first Ctrl-C stops the search (KeyboardInterrupt); more while it shuts down are ignored, so the run is
+    recorded and the process ends cleanly instead of with tracebacks from its cleanup or an abort."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _CTRL_C_SEEN.set()
+    raise KeyboardInterrupt
+
+
+def _beat(store, run_id: int) -> None:
+    with contextlib.suppress(Exception):  # a missed beat only risks the run being called crashed later
+        store.heartbeat_run(run_id)
+
+
+@click.command("search")
+@problem_options
+@click.option("--shapes", type=click.Path(exists=True, dir_okay=False), help="TOML or JSON file of problems.")
+@click.option("--misses", "tune_misses", is_flag=True, help="Tune the keys the runtime missed, most frequent first.")
+@click.option("--kernel", default=None, help="gpu | tpu | a module path (default: the platform's kernel).")
+@click.option("--trials", type=click.IntRange(min=1, max=MAX_TRIALS), default=None,
+              help="Total trials per problem's study, over all workers and resumptions [default: 30; grid: all].")
+@click.option("--timeout", type=Seconds(), default=None, help="Seconds for this run.")
+@click.option("--patience", type=click.IntRange(min=1, max=MAX_TRIALS), default=None,
+              help="Stop after N trials without a better config.")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="tpe", show_default=True,
+              help="How candidates are chosen (grid: every valid config once).")
+@click.option("--seed", type=click.IntRange(min=0, max=2**32 - 1), default=None,
+              help="Seed of the sampler and the inputs.")
+@click.option("--isolate", is_flag=True, help="Run each candidate in a child process (survives crashing candidates).")
+@click.option("--trial-timeout", type=Seconds(), default=600.0, show_default=True,
+              help="Seconds one candidate may take.")
+@click.option("--samples", type=click.IntRange(min=3, max=10_000), default=None,
+              help="Timing samples per candidate (each a synchronised run of back-to-back calls; the median is "
+                   "kept) [default: 7].")
+@click.option("--no-xla", is_flag=True, help="Skip timing jax.nn.dot_product_attention for the summary.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--target", "target_text", default=None, metavar="NAME|all|list",
+              help="Compile-only search for a target this machine lacks (h100, v5e, ...; a comma list, 'all', or "
+                   "'list' to show them): every outcome and its compiler figures are stored, nothing is timed.")
+@click.option("--allow-spills", is_flag=True,
+              help="Also time configs that spilled registers in a compile-only search for this device kind.")
+@db_option
+def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampler, seed, isolate, trial_timeout,
+                   samples, no_xla, quiet, target_text, allow_spills, db, **flags):
+    """Find the fastest valid config for each problem and store it (or, with --target, compile every candidate
+    for a target ahead of time)."""
+    if target_text is not None:
+        from autotune.cli.compile_search import run_target_command
+
+        run_target_command(target_text=target_text, kernel=kernel, shapes=shapes, flags=flags,
+                           tune_misses=tune_misses, allow_spills=allow_spills, trials=trials, sampler=sampler,
+                           seed=seed, trial_timeout=trial_timeout, quiet=quiet, db=db)
+        return
+    from autotune.device import current_device
+    from autotune.search.heartbeat import Heartbeat
+    from autotune.kernel_protocol import kernel_for_platform
+    from autotune.options import SearchOptions
+    from autotune.search.scheduler import claim_name, tune_list
+    from autotune.search.loop import search_problem
+    from autotune.options import TimingPolicy
+
+    config = worker_settings()
+    if isolate:  # parent and children share the accelerator: no process may grab most of its memory up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    device = current_device()
+    kernel = kernel or kernel_for_platform(device.platform)
+    kernel_module = kernel_option_module(kernel, device)
+    specs = None if tune_misses else specs_from_flags(flags, shapes)  # bad input stops here, before any write
+    store = open_store(db)
+    if tune_misses:
+        specs = missed_specs(store, kernel_module, device)
+        if not specs:
+            click.echo("No missed keys for this kernel and device: nothing to tune.")
+            return
+    timing = TimingPolicy(samples=samples) if samples else TimingPolicy()
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    arguments = {k: v for k, v in dict(shapes=shapes, kernel=kernel, trials=trials, timeout=timeout,
+                                       patience=patience, sampler=sampler, seed=seed, isolate=isolate,
+                                       misses=tune_misses, **flags).items() if v not in (None, False)}
+    with database_errors(store):
+        store.mark_crashed_runs(config.claim_ttl_s)  # searches killed without a word (SIGKILL, a lost machine)
+        run_id = store.start_run(host=device.host, device_kind=device.device_kind, platform=device.platform,
+                                 jax_version=device.jax_version, arguments=arguments)
+    run_beat = Heartbeat(config.claim_beat_s, lambda: _beat(store, run_id), name="run heartbeat").start()
+    previous_sigint = None
+    if threading.current_thread() is threading.main_thread():
+        previous_sigint = signal.signal(signal.SIGINT, _stop_on_first_ctrl_c)
+    click.echo(f"Tuning {len(specs)} problem(s) with the {kernel_module.NAME} kernel (version "
+               f"{kernel_module.VERSION}) on {device.device_kind} [{device.platform}], results in {where(store)}",
+               err=True)
+
+    def options_for(spec: ProblemSpec, remaining: float | None) -> SearchOptions:
+        return SearchOptions(trials=trials, timeout_s=remaining, patience=patience, sampler=sampler, seed=seed,
+                             documents=spec.documents or 3, isolate=isolate, trial_timeout_s=trial_timeout,
+                             timing=timing, compare_xla=not no_xla, allow_spills=allow_spills)
+
+    def tune(spec: ProblemSpec, options: SearchOptions):
+        return search_problem(spec.problem, kernel_name=kernel, store=store, device=device, options=options,
+                              run_id=run_id, progress=not quiet)
+
+    def skipped(index: int) -> None:
+        click.echo(f"Skipping problem {index + 1} for now: tuned or being tuned by another worker.", err=True)
+
+    status, failures, report = "failed", [], None
+    _CTRL_C_SEEN.clear()
+    try:
+        with database_errors(store):
+            report = tune_list(
+                specs, store=store, owner=owner, claim_ttl_s=config.claim_ttl_s, claim_beat_s=config.claim_beat_s,
+                options_for=options_for, tune=tune, timeout_s=timeout, on_skip=skipped,
+                claim_for=(lambda spec, options: claim_name(kernel_module, spec, device, options))
+                if len(specs) > 1 else None)
+        failures = report.failures
+        if report.out_of_time:
+            click.echo("Time is up: the remaining problems are left for a later run.", err=True)
+        status = "failed" if failures else "ok"
+    except (KeyboardInterrupt, click.ClickException) as exc:
+        if isinstance(exc, click.ClickException) and not _CTRL_C_SEEN.is_set():
+            raise
+        status = "interrupted"  # a database error after Ctrl-C (a commit cut short) is the interrupt too
+        click.echo("\nInterrupted: every finished trial is stored; run the same command to resume.", err=True)
+        sys.exit(130)
+    finally:
+        run_beat.stop()
+        if previous_sigint is not None and signal.getsignal(signal.SIGINT) is _stop_on_first_ctrl_c:
+            signal.signal(signal.SIGINT, previous_sigint)  # no Ctrl-C came: the caller's handling again
+        with contextlib.suppress(Exception):
+            store.finish_run(run_id, status, "; ".join(failures))
+        store.close()
+    print_summary(report.results, db)
+    if failures:
+        raise click.ClickException("no valid config found:\n  " + "\n  ".join(failures))
+
+
+def missed_specs(store, kernel_module, device) -> list[ProblemSpec]:
+    """The missed keys of this kernel version on this device, most frequent first, as problems to tune; keys
+    missed with a reason (the kernels could not run the call: a bias, a mask) are left out, tuning cannot help."""
+    from autotune.keys import problem_of
+
+    specs = []
+    for record in store.miss_records():
+        key = record.key
+        if record.reason is None and (key.kernel, key.kernel_version, key.platform, key.device_kind) == (
+                kernel_module.NAME, kernel_module.VERSION, device.platform, device.device_kind):
+            specs.append(ProblemSpec(problem_of(key), 3 if key.segments else 0))
+    return specs
+
+
+def print_summary(results, db: str | None) -> None:
+    """What was stored per problem, and why it can differ from the progress bar's best trial; then what to run
+    next."""
+    if not results:
+        return
+    rows = []
+    for r in results:
+        rows.append([
+            describe_problem(r.problem), table_config(r.best_config, r.key),
+            format_ms(r.best_time_s), format_ms(r.default_time_s),
+            f"{r.speedup:.2f}x" if r.speedup else "-", format_ms(r.xla_time_s),
+            f"{r.trials_run}/{r.trials_failed}", f"{r.wall_s:.1f}",
+        ])
+    click.echo()
+    print_table(["problem", "best config", "best ms", "default ms", "speedup", "xla ms", "trials/failed", "wall s"],
+                rows)
+    click.echo()
+    for r in results:
+        label = f"#{r.best_id}" if r.best_id is not None else describe_problem(r.problem)
+        if r.ahead_of_time:
+            click.echo(f"{describe_problem(r.problem)}: {r.ahead_of_time}")
+        if r.budget_met_before:
+            click.echo(f"{label}: the study already has its {r.trials_run} trials; nothing searched. Shown: the best "
+                       "stored before (raise --trials to search further).")
+        elif r.stored:
+            trial = f" (its fastest trial ran {format_ms(r.best_trial_s)} ms)" if r.best_trial_s else ""
+            click.echo(f"{label}: stored the winner of the final re-timing, where the top configs and the default "
+                       f"ran interleaved on the same inputs{trial}; trial times, measured while other candidates "
+                       "compiled, are what the progress bar showed.")
+        else:
+            click.echo(f"{label}: the database already held a faster result (another worker's, or an earlier "
+                       "run's); it was kept.")
+    shown = None if db is None else display_url(resolve_url(db))  # a password in a URL is never printed
+    db_flag = "" if shown is None else f" --db {shown}"
+    ids = [str(r.best_id) for r in results if r.best_id is not None]
+    if ids:
+        click.echo(f"Next: autotune show --id {ids[0]}{db_flag}   (all results: autotune list{db_flag})")
+        r = next(r for r in results if r.best_id is not None)
+        p = r.problem
+        flags = "".join(f", {name}=True" for name in ("causal", "segments", "backward") if getattr(p, name))
+        db_arg = "" if shown is None else f"autotune.configure(db={shown!r}); "
+        click.echo(f"In Python: {db_arg}autotune.lookup(({p.batch}, {p.q_len}, {p.heads}, {p.head_dim}), "
+                   f"({p.batch}, {p.kv_len}, {p.kv_heads}, {p.head_dim}), '{p.dtype}'{flags})")

@@ -1,0 +1,196 @@
+"""`autotune search --target`: compile every candidate for hardware this machine does not have, and record it.
+
+For each problem and target, the valid configs (by the kernel's checks for the target's device kind) are compiled by
+the target's real compiler in parallel worker processes (`autotune.compile.pool`): forward, and with a backward
+problem the gradient's kernels too. Every outcome becomes a trial under the target's compile-only key
+(`autotune.compile.results`): `compiled` with the figures of each kernel (shared memory or VMEM bytes, registers,
+spills, compile seconds), or a failure with its class. No time is claimed and no best is stored. Each trial also goes
+into the key's Optuna study (named by the key's digest, as the device search's), with the same parameters, as a
+pruned trial (compiled) or a failed one, marked `kind = compile_only`, so a dashboard never shows a value for it.
+A second run of the same command resumes: configs already recorded for a key are not compiled again.
+"""
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+import optuna
+
+from autotune import optuna_storage as adapter
+from autotune.compile.results import COMPILED, compile_key, config_text, figures_of
+from autotune.compile.pool import CompileJob, CompileResult, compile_many, compilers_missing
+from autotune.kernel_protocol import BUILTIN, kernel_for_platform, load_kernel
+from autotune.options import DEFAULT_TRIALS
+from autotune.shapes import ProblemSpec
+from autotune.space import Space
+from autotune.compile.targets import PLATFORMS, TARGETS, Target, get_target
+from db import Store, TuningKey
+
+FAILURE_STATUS = {"resources_exhausted": "resource_exhausted"}  # other failure kinds are stored as compile_error
+KIND = "compile_only"
+
+
+def resolve_targets(text: str, kernel: str | None) -> list[Target]:
+    """The targets `--target` names ('all', one name, or a comma list), checked before anything is written:
+    ValueError naming the known targets, a platform that does not match --kernel, or the install a missing
+    compiler needs."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"--target must name a target (one of {', '.join(TARGETS)}), 'all' or 'list'")
+    if kernel is not None and kernel not in BUILTIN:
+        raise ValueError(f"--kernel with --target must be 'gpu' or 'tpu' (the compile workers build the built-in "
+                         f"kernels), got {kernel!r}")
+    names = [part.strip() for part in text.split(",")]
+    targets: list[Target] = []
+    for name in names:
+        if name == "all":
+            targets += [t for t in TARGETS.values() if kernel is None or t.platform == kernel]
+            continue
+        if name not in TARGETS:
+            raise ValueError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)} (or 'all')")
+        target = get_target(name)
+        if kernel is not None and target.platform != kernel:
+            raise ValueError(f"target {name!r} is a {target.platform.upper()}, but --kernel {kernel} builds the "
+                             f"{kernel.upper()} kernel; use --kernel {target.platform} or leave --kernel out")
+        targets.append(target)
+    unique = list(dict.fromkeys(targets))
+    for platform in PLATFORMS:
+        reason = compilers_missing(platform) if any(t.platform == platform for t in unique) else None
+        if reason:
+            named = ", ".join(t.name for t in unique if t.platform == platform)
+            raise ValueError(f"cannot compile for {named} on this machine: {reason}")
+    return unique
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """One problem on one target: its compile-only key and the configs to compile now."""
+
+    target: Target
+    spec: ProblemSpec
+    key: TuningKey
+    space: Space
+    configs: tuple = ()  # kernel Configs to compile in this run
+    grid: int = 0  # configs in the search space
+    valid: int = 0  # of them, accepted by the kernel's checks for the target
+    recorded: int = 0  # configs the key already had trials for (an earlier run): not compiled again
+
+
+def plan_searches(specs: list[ProblemSpec], targets: list[Target], store: Store, *, trials: int | None,
+                  grid_all: bool, seed: int | None, jax_version: str) -> list[TargetPlan]:
+    """What to compile for every (target, problem): the default config first, then a seeded random sample of the
+    valid configs, up to `trials` per key counting what the key already holds (all of them with `grid_all`)."""
+    plans = []
+    for target in targets:
+        kernel = load_kernel(kernel_for_platform(target.platform))
+        for spec in specs:
+            space = Space(kernel, spec.problem, target.device_kind)
+            key = compile_key(kernel.NAME, kernel.VERSION, target.platform, target.device_kind, jax_version,
+                              spec.problem)
+            valid = space.valid_configs()
+            grid = 1
+            for values in space.choices.values():
+                grid *= len(values)
+            seen = {config_text(t.config) for t in store.trials(key)}
+            budget = len(valid) if grid_all else (trials or DEFAULT_TRIALS)
+            rest = [c for c in valid if c != space.default]
+            random.Random(seed if seed is not None else 0).shuffle(rest)
+            ordered = ([space.default] if space.default in valid else []) + rest
+            todo = [c for c in ordered if config_text(c.to_dict()) not in seen]
+            room = max(0, min(budget, len(valid)) - len(seen))
+            plans.append(TargetPlan(target, spec, key, space, tuple(todo[:room]), grid, len(valid), len(seen)))
+    return plans
+
+
+@dataclass
+class TargetSummary:
+    """What one (target, problem) came to in this run."""
+
+    plan: TargetPlan
+    compiled: int = 0
+    spilled: int = 0
+    failed: Counter = field(default_factory=Counter)
+    compile_s: float = 0.0
+
+
+class _Recorder:
+    """Writes each compile result as it comes (from the compile threads, one at a time) to the key's Optuna study
+    and then to our trials table, as the device search does."""
+
+    def __init__(self, store: Store, plans: list[TargetPlan], run_id: int | None):
+        self.store, self.run_id, self.lock = store, run_id, threading.Lock()
+        self.storage = adapter.open_storage(store.url)
+        self.studies: dict[str, int] = {}
+        try:
+            for plan in plans:
+                if plan.configs and plan.key.digest() not in self.studies:
+                    study = optuna.create_study(study_name=plan.key.digest(), storage=self.storage,
+                                                direction="minimize", load_if_exists=True)
+                    study.set_user_attr("key", plan.key.to_dict())
+                    study.set_user_attr("kind", KIND)
+                    self.studies[plan.key.digest()] = self.storage.get_study_id_from_name(plan.key.digest())
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        adapter.close_storage(self.storage)
+
+    def record(self, plan: TargetPlan, config, result: CompileResult) -> None:
+        figures = figures_of(result, plan.target.name)
+        if result.ok:
+            status, error_class, message = COMPILED, None, None
+        else:
+            status = FAILURE_STATUS.get(result.failure_kind, "compile_error")
+            error_class, message = result.failure_kind, result.message
+        space = plan.space
+        distributions = {name: optuna.distributions.IntDistribution(0, len(values) - 1)
+                         for name, values in space.choices.items()}
+        note = (f"compiled for {plan.target.name}, not timed (compile-only)" if result.ok
+                else f"the {plan.target.name} compiler failed: {result.failure_kind}")
+        frozen = optuna.trial.create_trial(
+            state=optuna.trial.TrialState.PRUNED if result.ok else optuna.trial.TrialState.FAIL,
+            params=space.params(config), distributions=distributions,
+            user_attrs={"config": config.to_dict(), "kind": KIND, "note": note, "figures": figures,
+                        "compile_s": result.seconds})
+        with self.lock:
+            trial_id = self.storage.create_new_trial(self.studies[plan.key.digest()], template_trial=frozen)
+            number = self.storage.get_trial_number_from_id(trial_id)
+            self.store.add_trial(plan.key, config=config.to_dict(), status=status, run_id=self.run_id,
+                                 number=number, error_class=error_class, error_message=message,
+                                 compile_s=result.seconds, figures=figures)
+
+
+def run_plans(plans: list[TargetPlan], store: Store, *, run_id: int | None = None, processes: int = 2,
+              timeout_s: float = 600.0, nice: int = 0, on_result=None) -> list[TargetSummary]:
+    """Compile every planned config (all targets and problems share the worker processes) and record each outcome
+    as it comes; `on_result(summary, result)` follows each record (the progress bar)."""
+    summaries = [TargetSummary(plan) for plan in plans]
+    jobs, owners = [], {}
+    for summary in summaries:
+        for config in summary.plan.configs:
+            job = CompileJob(summary.plan.target.name, summary.plan.spec.problem, config.to_dict())
+            owners[id(job)] = (summary, config)
+            jobs.append(job)
+    if not jobs:
+        return summaries
+    recorder = _Recorder(store, plans, run_id)
+
+    def record(result: CompileResult) -> None:
+        summary, config = owners[id(result.job)]
+        recorder.record(summary.plan, config, result)
+        summary.compile_s += result.seconds
+        if result.ok:
+            summary.compiled += 1
+            summary.spilled += result.spills
+        else:
+            summary.failed[result.failure_kind] += 1
+        if on_result is not None:
+            on_result(summary, result)
+
+    try:
+        compile_many(jobs, processes=processes, timeout_s=timeout_s, nice=nice, on_result=record)
+    finally:
+        recorder.close()
+    return summaries

@@ -1,0 +1,157 @@
+"""One compile process: reads compile jobs (JSON lines) on stdin, compiles each deviceless, answers JSON lines.
+
+Run by `autotune.compile.pool` as `python -m autotune.compile.worker`, with the environment that makes the compilers
+talk (ptxas log at verbose level 2) and lets several processes load libtpu. Each job gets its own XLA dump folder and
+its own capture of file descriptor 2 (where XLA and ptxas log), so figures never mix between jobs. Before each job
+the worker writes a `start` line, so the parent knows which job a crash or a hang belongs to.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import inspect
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+
+import kernels  # noqa: F401  (environment defaults before jax)
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import SingleDeviceSharding
+
+from autotune.measure.kernel_call import feature_kwargs
+from autotune.compile.figures import classify_failure, gpu_kernels, tpu_kernels
+from autotune.compile.targets import Target, get_target, gpu_target_config
+from kernels import Problem
+
+_DEVICES: dict[str, object] = {}
+
+
+def device_for(target: Target):
+    """The compile-only device standing in for `target` (made once per process)."""
+    if target.name not in _DEVICES:
+        if target.platform == "tpu":
+            topology = topologies.get_topology_desc(target.topology, platform="tpu",
+                                                    chips_per_host_bounds=(1, 1, 1))
+        else:
+            topology = topologies.get_topology_desc(platform="cuda", topology_name="",
+                                                    target_config=gpu_target_config(target), topology="1x1x1")
+        _DEVICES[target.name] = topology.devices[0]
+    return _DEVICES[target.name]
+
+
+def _unchecked(module) -> None:
+    """Let the kernel wrappers compile configs their checks reject: the compiler is the judge here."""
+    for name, loaded in list(sys.modules.items()):
+        if name.startswith(module.__name__ + ".") and not name.endswith(".config") and \
+                hasattr(loaded, "invalid_reasons"):
+            loaded.invalid_reasons = lambda *args, **kwargs: []
+
+
+def _attention_fn(module, problem: Problem, config, device_kind: str):
+    takes_kind = "device_kind" in inspect.signature(module.flash_attention).parameters
+    extra = {"device_kind": device_kind} if takes_kind else {}
+
+    def attention(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
+        ids = (q_ids, kv_ids) if problem.segments else None
+        return module.flash_attention(q, k, v, causal=problem.causal, segment_ids=ids, config=config, **extra,
+                                      **feature_kwargs(problem, q_lengths, kv_lengths))
+
+    if not problem.backward:
+        return attention
+
+    def loss(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
+        return attention(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths).astype(jnp.float32).sum()
+
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def _specs(problem: Problem, device) -> tuple:
+    sharding = SingleDeviceSharding(device)
+    dtype = jnp.dtype(problem.dtype)
+    q = jax.ShapeDtypeStruct((problem.batch, problem.q_len, problem.heads, problem.head_dim), dtype, sharding=sharding)
+    kv = jax.ShapeDtypeStruct((problem.batch, problem.kv_len, problem.kv_heads, problem.head_dim), dtype,
+                              sharding=sharding)
+    q_ids = jax.ShapeDtypeStruct((problem.batch, problem.q_len), jnp.int32, sharding=sharding)
+    kv_ids = jax.ShapeDtypeStruct((problem.batch, problem.kv_len), jnp.int32, sharding=sharding)
+    lengths = jax.ShapeDtypeStruct((problem.batch,), jnp.int32, sharding=sharding)
+    return q, kv, kv, q_ids, kv_ids, lengths, lengths
+
+
+@contextmanager
+def _captured_stderr(path: str):
+    """Send file descriptor 2 (C++ logs) to `path` for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "wb") as sink:
+        os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _read(pattern: str) -> str:
+    return "".join(open(p, errors="replace").read() for p in sorted(glob.glob(pattern)))
+
+
+def run_job(job: dict) -> dict:
+    """Compile one job; a dict with ok, seconds, kernels or failure (kind, message, requested/limit bytes)."""
+    target = get_target(job["target"])
+    problem = Problem.from_dict(job["problem"])
+    module = __import__(f"kernels.{target.platform}", fromlist=["Config"])
+    config = module.Config.from_dict(job["config"])
+    _unchecked(module)
+    jax.config.update("jax_enable_x64", bool(job.get("x64", False)))
+    with tempfile.TemporaryDirectory(prefix="autotune-compile-") as folder:
+        log = os.path.join(folder, "log.txt")
+        dump = os.path.join(folder, "dump")
+        start = time.perf_counter()
+        try:
+            with _captured_stderr(log):
+                device = device_for(target)
+                function = _attention_fn(module, problem, config, target.device_kind)
+                lowered = jax.jit(function).lower(*_specs(problem, device))
+                lowered.compile(compiler_options={"xla_dump_to": dump})
+        except Exception as exc:  # noqa: BLE001 - every compile failure becomes a classified result
+            message = f"{type(exc).__name__}: {exc}"
+            kind, requested, limit = classify_failure(message + "\n" + _read(log)[-4000:])
+            return {"ok": False, "seconds": time.perf_counter() - start, "kind": kind,
+                    "message": message[:2000], "requested_bytes": requested, "limit_bytes": limit,
+                    "trace": traceback.format_exc()[-1500:] if kind == "other" else ""}
+        seconds = time.perf_counter() - start
+        if target.platform == "gpu":
+            found = gpu_kernels(_read(log), _read(os.path.join(dump, "*thunk_sequence.txt")))
+        else:
+            found = tpu_kernels(_read(os.path.join(dump, "*after_codegen.txt")))
+    return {"ok": True, "seconds": seconds, "kernels": [dataclasses.asdict(k) for k in found]}
+
+
+def main() -> None:
+    out = sys.stdout
+    sys.stdout = sys.stderr  # anything printed by libraries stays off the answer channel
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        out.write(json.dumps({"start": job["id"]}) + "\n")
+        out.flush()
+        try:
+            result = run_job(job)
+        except Exception as exc:  # noqa: BLE001 - bad job: report, keep serving
+            result = {"ok": False, "seconds": 0.0, "kind": "other", "message": f"{type(exc).__name__}: {exc}",
+                      "requested_bytes": None, "limit_bytes": None, "trace": traceback.format_exc()[-1500:]}
+        result["id"] = job["id"]
+        out.write(json.dumps(result) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""What tuned kernels are compared with: XLA's and cuDNN's attention, and JAX's own Pallas kernel.
+
+Each baseline is built as a jitted function with the candidates' signature (q, k, v, q_ids, kv_ids, q_lengths,
+kv_lengths[, d_out]) so the same timing code and the same input buffers serve all of them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+
+from autotune.measure.kernel_call import jitted_call
+from kernels.xla_attention import xla_attention
+from kernels import Problem
+
+
+def dot_product_attention_call(problem: Problem, implementation: str = "xla") -> Callable:
+    """`jax.nn.dot_product_attention` with the given implementation ("xla" or "cudnn"); a soft cap, which jax.nn
+    lacks, is written out in XLA (autotune.runtime.attention.xla_attention)."""
+    def forward(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
+        mask = None
+        if q_ids is not None:
+            mask = (q_ids[:, :, None] == kv_ids[:, None, :])[:, None]
+        return xla_attention(q, k, v, None, mask, scale=1.0 / problem.head_dim ** 0.5, is_causal=problem.causal,
+                             q_lens=q_lengths, kv_lens=kv_lengths, window=problem.window, cap=problem.softcap,
+                             implementation=implementation, return_residual=False)
+
+    return jitted_call(forward, problem)
+
+
+def xla_attention_call(problem: Problem) -> Callable:
+    return dot_product_attention_call(problem, "xla")
+
+
+def pallas_mha_call(problem: Problem, *, interpret: bool) -> Callable | None:
+    """JAX's own Pallas GPU `mha` at its default block sizes, or None where it cannot run the problem.
+
+    It has no GQA (k and v are repeated to the query heads), one segment-id array for both sides (so it needs
+    q_len == kv_len), and refuses lengths that are not multiples of its blocks.
+    """
+    try:
+        from jax.experimental.pallas.ops.gpu import attention as jax_attention
+    except ImportError:
+        return None
+    if (problem.segments and problem.q_len != problem.kv_len) or problem.window is not None \
+            or problem.softcap is not None or problem.lengths:
+        return None
+    block = 128
+    if problem.q_len % min(block, problem.q_len) or problem.kv_len % min(block, problem.kv_len):
+        return None
+    scale = 1.0 / problem.head_dim ** 0.5
+
+    def forward(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
+        groups = problem.groups
+        k_full = jnp.repeat(k, groups, axis=2) if groups > 1 else k
+        v_full = jnp.repeat(v, groups, axis=2) if groups > 1 else v
+        sizes = jax_attention.BlockSizes(
+            block_q=min(block, problem.q_len), block_k=min(block, problem.kv_len),
+            block_q_dkv=min(32, problem.q_len), block_kv_dkv=min(32, problem.kv_len),
+            block_q_dq=min(32, problem.q_len), block_kv_dq=min(32, problem.kv_len),
+        )
+        return jax_attention.mha(q, k_full, v_full, q_ids, sm_scale=scale, causal=problem.causal,
+                                 block_sizes=sizes, interpret=interpret)
+
+    return jitted_call(forward, problem)
