@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from autotune.measure.baselines import xla_attention_call
 from autotune.measure.kernel_call import compile_candidate
 from autotune.config_check import check_with
-from autotune.device import DeviceInfo
 from autotune.kernel_protocol import KernelModule
-from autotune.options import SearchOptions
-from autotune.search.study import SharedStudy
+from autotune.options import TimingPolicy
+from autotune.search.study import Standings
 from autotune.space import config_text
 from autotune.measure.timing import time_interleaved
-from db import TuningKey
+from db import Store, TuningKey
 from kernels import Problem
 
 
@@ -57,62 +56,49 @@ class AllCandidatesFailed(RuntimeError):
     """Every candidate of a problem failed: nothing could be stored."""
 
 
-def trial_statuses(study: SharedStudy) -> tuple[dict[str, int], int]:
-    """Our table's trials of the key counted by status, and how many of them failed."""
-    statuses: dict[str, int] = {}
-    for row in study.store.trials(study.key):
-        statuses[row.status] = statuses.get(row.status, 0) + 1
-    return statuses, sum(n for s, n in statuses.items() if s not in ("ok", "invalid"))
-
-
-def retime_and_store(study: SharedStudy, kernel: KernelModule, device: DeviceInfo, options: SearchOptions,
-                     arg_sets: list[tuple], started: float) -> SearchResult:
+def retime_and_store(standings: Standings, *, kernel: KernelModule, store: Store, run_id: int | None,
+                     interpret: bool, timing: TimingPolicy, compare_xla: bool, arg_sets: list[tuple],
+                     started: float) -> SearchResult:
     """Re-time the top configs with the default (and XLA's attention, for the summary) and offer the winner to the
     database, which keeps the faster of it and what another worker stored; AllCandidatesFailed if none passed."""
-    problem = study.space.problem
-    study.reconcile()  # trials of workers that died between telling Optuna and recording them
-    counted = study.counted_trials()
-    statuses, failed = trial_statuses(study)
-    top = study.top_configs(options.retime_top)
-    if not top:
+    problem = standings.problem
+    if not standings.top:
         raise AllCandidatesFailed(
-            f"every candidate failed for {problem} ({failed} failed: "
-            + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + ")"
+            f"every candidate failed for {problem} ({standings.failed} failed: "
+            + ", ".join(f"{n} {s}" for s, n in sorted(standings.statuses.items())) + ")"
         )
-    best_trial = study.best_value()
-    default = study.space.default
-    contenders = {config_text(c.to_dict()): c for c in [*top, default]}
+    default = standings.default
+    contenders = {config_text(c.to_dict()): c for c in [*standings.top, default]}
     calls = {}
     for name, config in contenders.items():
         try:
-            calls[name] = compile_candidate(kernel, config, problem, interpret=device.interpret).call
+            calls[name] = compile_candidate(kernel, config, problem, interpret=interpret).call
         except Exception:  # noqa: BLE001 - the default may fail to compile on odd hardware
             continue
-    if options.compare_xla:
+    if compare_xla:
         calls["xla"] = xla_attention_call(problem)
-    timings = time_interleaved(calls, arg_sets, options.timing)
+    timings = time_interleaved(calls, arg_sets, timing)
     xla = timings.pop("xla", None)
     default_name = config_text(default.to_dict())
     default_time = timings[default_name].median_s if default_name in timings else None
     winner = min(timings, key=lambda n: timings[n].median_s)
     best_config = contenders[winner].to_dict()
-    stored = study.store.put_best(study.key, config=best_config, time_s=timings[winner].median_s,
-                                  default_time_s=default_time, trials=len(counted), run_id=study.run_id,
-                                  check=check_with(kernel))
-    study.store.clear_miss(study.key)
-    best = study.store.get_best(study.key)
-    return SearchResult(study.key, problem, best_config, timings[winner].median_s, default_time,
-                        xla.median_s if xla else None, len(counted), failed, statuses,
-                        time.perf_counter() - started, stored, best_trial_s=best_trial,
+    stored = store.put_best(standings.key, config=best_config, time_s=timings[winner].median_s,
+                            default_time_s=default_time, trials=standings.counted, run_id=run_id,
+                            check=check_with(kernel))
+    store.clear_miss(standings.key)
+    best = store.get_best(standings.key)
+    return SearchResult(standings.key, problem, best_config, timings[winner].median_s, default_time,
+                        xla.median_s if xla else None, standings.counted, standings.failed, standings.statuses,
+                        time.perf_counter() - started, stored, best_trial_s=standings.best_trial_s,
                         best_id=best.id if best else None)
 
 
-def already_done(study: SharedStudy, started: float) -> SearchResult:
+def already_done(standings: Standings, store: Store, started: float) -> SearchResult:
     """The result of a rerun whose study already has its budget: what is stored, with nothing searched or timed."""
-    statuses, failed = trial_statuses(study)
-    best = study.store.get_best(study.key)
+    best = store.get_best(standings.key)
     if best is None:  # the trials are there but no best was stored (the last run stopped before the end)
         raise LookupError("no best stored yet")
-    return SearchResult(study.key, study.space.problem, best.config, best.time_s, best.default_time_s, None,
-                        len(study.counted_trials()), failed, statuses, time.perf_counter() - started, False,
-                        best_trial_s=study.best_value(), best_id=best.id, budget_met_before=True)
+    return SearchResult(standings.key, standings.problem, best.config, best.time_s, best.default_time_s, None,
+                        standings.counted, standings.failed, standings.statuses, time.perf_counter() - started,
+                        False, best_trial_s=standings.best_trial_s, best_id=best.id, budget_met_before=True)

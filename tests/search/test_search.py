@@ -178,3 +178,15 @@ def test_a_finished_search_leaves_nothing_open(tmp_path):
         other.rollback()
     finally:
         other.close()
+
+
+def test_a_config_asked_while_its_trial_runs_is_not_evaluated_again(store):
+    """Issue 24 item 9: with four candidates compiling ahead, the random sampler proposes the default again while
+    the default's own trial is still running; that is a duplicate, not a second trial toward --trials."""
+    result = search_problem(PROBLEM, kernel_name=TOY, store=store, device=current_device(),
+                            options=options(trials=4, sampler="random", seed=1, compile_ahead=4), progress=False)
+    evaluated = [json.dumps(t.config, sort_keys=True) for t in store.trials(result.key) if t.status != "invalid"]
+    assert len(evaluated) == 4 and len(set(evaluated)) == 4, evaluated  # the toy's whole space, each once
+    study = optuna.load_study(study_name=result.key.digest(), storage=store.url)
+    counted = [t for t in study.trials if "kind" not in t.user_attrs]
+    assert len(counted) == 4 and result.trials_run == 4
