@@ -1,12 +1,13 @@
 """`autotune search`: find the fastest valid config for each problem and store it.
 
 The command reads the flags (or a shapes file, or the runtime's misses), opens the database, starts a run row, then
-hands the list to the scheduler (autotune/scheduler.py), which claims each problem and calls the search
+takes the problems the scheduler (autotune/search/scheduler.py) hands it, each claimed while it runs the search
 (autotune/search/loop.py) on it. The summary at the end says what was stored and why.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -80,19 +81,18 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
                            seed=seed, trial_timeout=trial_timeout, quiet=quiet, db=db)
         return
     from autotune.device import current_device
-    from autotune.search.heartbeat import Heartbeat
     from autotune.kernel_protocol import kernel_for_platform
-    from autotune.options import SearchOptions
-    from autotune.search.scheduler import claim_name, tune_list
-    from autotune.search.loop import search_problem
-    from autotune.options import TimingPolicy
+    from autotune.options import SearchOptions, TimingPolicy
+    from autotune.search.heartbeat import Heartbeat
+    from autotune.search.loop import AllCandidatesFailed, Search
+    from autotune.search.scheduler import ClaimTimings, TurnKind, claim_name, claimed_problems
 
     config = worker_settings()
     if isolate:  # parent and children share the accelerator: no process may grab most of its memory up front
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     device = current_device()
     kernel = kernel or kernel_for_platform(device.platform)
-    kernel_module = kernel_option_module(kernel, device)
+    kernel_module = kernel_option_module(kernel, device)  # the only load: the search and the claims use it
     specs = None if tune_misses else specs_from_flags(flags, shapes)  # bad input stops here, before any write
     store = open_store(db)
     if tune_misses:
@@ -100,7 +100,10 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
         if not specs:
             click.echo("No missed keys for this kernel and device: nothing to tune.")
             return
-    timing = TimingPolicy(samples=samples) if samples else TimingPolicy()
+    options = SearchOptions(trials=trials, patience=patience, sampler=sampler, seed=seed, isolate=isolate,
+                            trial_timeout_s=trial_timeout, timing=TimingPolicy(samples=samples) if samples
+                            else TimingPolicy(), compare_xla=not no_xla, allow_spills=allow_spills)
+    claims = [claim_name(kernel_module, spec, device, options) if len(specs) > 1 else None for spec in specs]
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     arguments = {k: v for k, v in dict(shapes=shapes, kernel=kernel, trials=trials, timeout=timeout,
                                        patience=patience, sampler=sampler, seed=seed, isolate=isolate,
@@ -117,30 +120,26 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
                f"{kernel_module.VERSION}) on {device.device_kind} [{device.platform}], results in {where(store)}",
                err=True)
 
-    def options_for(spec: ProblemSpec, remaining: float | None) -> SearchOptions:
-        return SearchOptions(trials=trials, timeout_s=remaining, patience=patience, sampler=sampler, seed=seed,
-                             documents=spec.documents or 3, isolate=isolate, trial_timeout_s=trial_timeout,
-                             timing=timing, compare_xla=not no_xla, allow_spills=allow_spills)
-
-    def tune(spec: ProblemSpec, options: SearchOptions):
-        return search_problem(spec.problem, kernel_name=kernel, store=store, device=device, options=options,
-                              run_id=run_id, progress=not quiet)
-
-    def skipped(index: int) -> None:
-        click.echo(f"Skipping problem {index + 1} for now: tuned or being tuned by another worker.", err=True)
-
-    status, failures, report = "failed", [], None
+    status, results, failures = "failed", [], []
     _CTRL_C_SEEN.clear()
     try:
-        with database_errors(store):
-            report = tune_list(
-                specs, store=store, owner=owner, claim_ttl_s=config.claim_ttl_s, claim_beat_s=config.claim_beat_s,
-                options_for=options_for, tune=tune, timeout_s=timeout, on_skip=skipped,
-                claim_for=(lambda spec, options: claim_name(kernel_module, spec, device, options))
-                if len(specs) > 1 else None)
-        failures = report.failures
-        if report.out_of_time:
-            click.echo("Time is up: the remaining problems are left for a later run.", err=True)
+        turns = claimed_problems(specs, claims, store=store, owner=owner, timeout_s=timeout,
+                                 timings=ClaimTimings(config.claim_ttl_s, config.claim_beat_s))
+        with database_errors(store), contextlib.closing(turns):
+            for turn in turns:
+                if turn.kind is TurnKind.HELD:
+                    click.echo(f"Skipping problem {turn.index + 1} for now: tuned or being tuned by another "
+                               "worker.", err=True)
+                elif turn.kind is TurnKind.OUT_OF_TIME:
+                    click.echo("Time is up: the remaining problems are left for a later run.", err=True)
+                else:
+                    one = dataclasses.replace(options, timeout_s=turn.remaining_s,
+                                              documents=turn.spec.documents or 3)
+                    try:
+                        results.append(Search(turn.spec.problem, kernel_module, kernel, store, device, one,
+                                              run_id=run_id, progress=not quiet).run())
+                    except AllCandidatesFailed as exc:  # this problem's failure, not the list's
+                        failures.append(str(exc))
         status = "failed" if failures else "ok"
     except (KeyboardInterrupt, click.ClickException) as exc:
         if isinstance(exc, click.ClickException) and not _CTRL_C_SEEN.is_set():
@@ -155,7 +154,7 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
         with contextlib.suppress(Exception):
             store.finish_run(run_id, status, "; ".join(failures))
         store.close()
-    print_summary(report.results, db)
+    print_summary(results, db)
     if failures:
         raise click.ClickException("no valid config found:\n  " + "\n  ".join(failures))
 

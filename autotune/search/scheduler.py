@@ -2,20 +2,21 @@
 
 A problem another worker holds is come back to until it is done: if that worker dies, its claim stops getting
 heartbeats, goes stale after $AUTOTUNE_CLAIM_TTL seconds and is taken over here, so every problem gets tuned once.
-Nothing here knows about the command line; `autotune search` (autotune/cli/search.py) drives it.
+The scheduler hands out turns (`claimed_problems`); the command searches each problem it is handed
+(`autotune/cli/search.py`). Nothing here knows about the command line or the search itself.
 """
 from __future__ import annotations
 
 import contextlib
+import enum
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 from autotune.search.heartbeat import Heartbeat
 from autotune.keys import make_key
 from autotune.kernel_protocol import KernelModule
 from autotune.options import SearchOptions
-from autotune.search.retime import AllCandidatesFailed
 from autotune.shapes import ProblemSpec
 
 
@@ -52,30 +53,42 @@ def claimed(store, name: str | None, owner: str, ttl_s: float = 60.0, beat_s: fl
             store.release_claim(name, owner, done=done)
 
 
-@dataclass
-class ScheduleReport:
-    """What a worker did with a list: the results of the problems it tuned, the failures, and whether time ran out
-    before the list was done."""
+class TurnKind(enum.Enum):
+    """What the scheduler hands the command for one problem."""
 
-    results: list = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    out_of_time: bool = False
+    TUNE = "tune"  # this worker holds the problem's claim until it asks for the next turn: search it now
+    HELD = "held"  # another worker holds it (said once per problem; it is come back to until done)
+    OUT_OF_TIME = "out_of_time"  # the list's time ran out: the remaining problems are left for a later run
 
 
-def tune_list(specs: Sequence[ProblemSpec], *, store, owner: str, claim_ttl_s: float, claim_beat_s: float,
-              options_for: Callable[[ProblemSpec, float | None], SearchOptions],
-              tune: Callable[[ProblemSpec, SearchOptions], Any],
-              claim_for: Callable[[ProblemSpec, SearchOptions], str] | None,
-              timeout_s: float | None = None, on_skip: Callable[[int], None] = lambda index: None,
-              clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-              ) -> ScheduleReport:
-    """Tune every problem of the list once over all workers.
+@dataclass(frozen=True)
+class Turn:
+    """One problem of the list (for OUT_OF_TIME, the one that was next), and the seconds left for it."""
 
-    `options_for(spec, remaining_s)` gives a problem's options with the time left; `tune(spec, options)` searches
-    it (AllCandidatesFailed is a failure of that problem, not of the list); `claim_for` names a problem's claim
-    (None: no claims, one problem). `on_skip(index)` is told once per problem first found held by another worker.
+    kind: TurnKind
+    index: int
+    spec: ProblemSpec
+    remaining_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ClaimTimings:
+    """How long a claim lives without a heartbeat (then another worker takes it over), and how often it beats."""
+
+    ttl_s: float = 60.0
+    beat_s: float = 10.0
+
+
+def claimed_problems(specs: Sequence[ProblemSpec], claim_names: Sequence[str | None], *, store, owner: str,
+                     timings: ClaimTimings = ClaimTimings(), timeout_s: float | None = None,
+                     clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                     ) -> Iterator[Turn]:
+    """Every problem of the list, tuned once over all workers: a TUNE turn while this worker holds its claim.
+
+    The claim is released as done when the caller asks for the next turn (a problem whose candidates all failed is
+    done too), and released not done when the caller stops with an error: close the generator (contextlib.closing)
+    so that happens at once. `claim_names[i]` names problem i's claim (None: no claim, a list of one problem).
     """
-    report = ScheduleReport()
     started = clock()
     pending = list(enumerate(specs))
     told: set[int] = set()
@@ -84,23 +97,18 @@ def tune_list(specs: Sequence[ProblemSpec], *, store, owner: str, claim_ttl_s: f
         for index, spec in pending:
             remaining = None if timeout_s is None else timeout_s - (clock() - started)
             if remaining is not None and remaining <= 0:
-                report.out_of_time = True
-                return report
-            options = options_for(spec, remaining)
-            claim = claim_for(spec, options) if claim_for is not None else None
-            with claimed(store, claim, owner, claim_ttl_s, claim_beat_s) as mine:
-                if not mine:
-                    if not store.claim_done(claim):
-                        held.append((index, spec))
-                    if index not in told:
-                        told.add(index)
-                        on_skip(index)
+                yield Turn(TurnKind.OUT_OF_TIME, index, spec)
+                return
+            claim = claim_names[index]
+            with claimed(store, claim, owner, timings.ttl_s, timings.beat_s) as mine:
+                if mine:
+                    yield Turn(TurnKind.TUNE, index, spec, remaining)
                     continue
-                try:
-                    report.results.append(tune(spec, options))
-                except AllCandidatesFailed as exc:
-                    report.failures.append(str(exc))
+                if not store.claim_done(claim):
+                    held.append((index, spec))
+                if index not in told:
+                    told.add(index)
+                    yield Turn(TurnKind.HELD, index, spec, remaining)
         pending = held
         if pending:
-            sleep(min(5.0, claim_beat_s))
-    return report
+            sleep(min(5.0, timings.beat_s))

@@ -66,7 +66,10 @@ def test_a_rerun_whose_budget_is_met_answers_at_once_and_creates_no_trial(tmp_pa
     assert took < first.wall_s  # nothing compiled or timed
     # Nothing in the study reads as a failure that never ran: over-budget trials are not created.
     assert not [t for t in after if t.user_attrs.get("kind") == "over_budget"]
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in after)
+    # (A config asked again while its first trial still ran is set aside as a duplicate: pruned, with a note.)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE or (t.state == optuna.trial.TrialState.PRUNED
+               and t.user_attrs.get("kind") == "duplicate" and "note" in t.user_attrs) for t in after), \
+        [(t.state, t.user_attrs) for t in after]
 
 
 def test_the_summary_says_what_was_stored_and_what_to_run_next(tmp_path):
