@@ -387,17 +387,36 @@ def test_a_killed_search_is_marked_crashed(tmp_path: Path) -> None:
         child.stdout.close()
     with Store(path) as store:
         alive = store.start_run(host="box", device_kind="cpu", platform="gpu", jax_version="0.10.2", arguments={})
-        assert store.mark_crashed_runs(60.0) == []  # both heartbeats are fresh enough
+        # Its heartbeat is fresh, but its process on this machine is gone: crashed at once (issue 24 item 14).
+        assert store.mark_crashed_runs(60.0) == [killed_run]
+        statuses = {run.id: (run.status, run.message) for run in store.runs()}
+        assert statuses[killed_run][0] == "crashed"
+        assert f"pid {child.pid} on this machine) is gone" in statuses[killed_run][1]
+        assert statuses[alive][0] == "running"  # this process lives
+        assert not store.heartbeat_run(killed_run)
+        stalled = store.start_run(host="box", device_kind="cpu", platform="gpu", jax_version="0.10.2",
+                                  arguments={})
         time.sleep(0.3)
         assert store.heartbeat_run(alive)
-        assert store.mark_crashed_runs(0.2) == [killed_run]
-        statuses = {run.id: (run.status, run.message) for run in store.runs()}
-        assert statuses[killed_run][0] == "crashed" and "no heartbeat since" in statuses[killed_run][1]
-        assert statuses[alive][0] == "running"
-        assert not store.heartbeat_run(killed_run)
+        assert store.mark_crashed_runs(0.2) == [stalled]  # alive, but no heartbeat within the limit
+        assert "no heartbeat since" in {run.id: run.message for run in store.runs()}[stalled]
         store.finish_run(alive, "ok")
         assert store.mark_crashed_runs(1e-3) == []
-        assert {run.id: run.status for run in store.runs()} == {killed_run: "crashed", alive: "ok"}
+        assert {run.id: run.status for run in store.runs()} == {killed_run: "crashed", alive: "ok",
+                                                                 stalled: "crashed"}
+
+
+def test_a_run_of_a_reused_pid_or_another_machine_is_judged_by_its_heartbeat(tmp_path: Path) -> None:
+    from db import runs
+
+    here = runs.this_process()
+    if here is None:
+        pytest.skip("no /proc here: runs are judged by their heartbeat only")
+    prefix, machine, pid, ticks = here.rsplit(":", 3)[0].split(":", 1)[0], *here.split(":", 1)[1].rsplit(":", 2)
+    assert runs.gone_pid(here) is None  # this process
+    assert runs.gone_pid(f"{prefix}:{machine}:{pid}:{int(ticks) + 1}") == int(pid)  # the pid, reused later
+    assert runs.gone_pid(f"{prefix}:another-boot/pid:[1]:{pid}:{int(ticks) + 1}") is None  # another machine
+    assert runs.gone_pid("run:7") is None  # a run written before runs named their process
 
 
 # -- a large import and a concurrent writer -------------------------------------------------------------------------
