@@ -7,8 +7,10 @@ work itself is `autotune.compile.search`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import uuid
 from collections import Counter
 
 import click
@@ -19,6 +21,11 @@ from autotune.compile.pool import INSTALL_HINT, compilers_missing
 from autotune.compile.targets import TARGETS
 
 COMPILE_PROCESSES = max(1, min(8, os.cpu_count() or 1))
+
+
+def _beat(store, run_id: int) -> None:
+    with contextlib.suppress(Exception):  # a missed beat only risks the run being called crashed later
+        store.heartbeat_run(run_id)
 
 
 def print_targets() -> None:
@@ -48,23 +55,31 @@ def run_target_command(*, target_text: str, kernel: str | None, shapes: str | No
     specs = specs_from_flags(flags, shapes)  # bad problems stop here, before any write
     from autotune.device import current_device
 
-    worker_settings()
+    from autotune.compile.claims import ConfigClaims, claim_plans
+
+    config = worker_settings()
     device = current_device()
     store = open_store(db)
+    owner = f"{device.host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     try:
         with database_errors(store):
             plans = plan_searches(specs, targets, store, trials=trials, grid_all=sampler == "grid", seed=seed,
                                   jax_version=device.jax_version)
-            summaries = _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet)
+            # Concurrent runs on one database share each key's budget and configs (autotune/compile/claims.py).
+            with ConfigClaims(store, owner, ttl_s=config.claim_ttl_s, beat_s=config.claim_beat_s) as claims:
+                plans = claim_plans(plans, claims)
+                summaries = _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet, claims,
+                                     config.claim_beat_s)
     finally:
         store.close()
     print_compile_summary(summaries)
 
 
-def _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet):
+def _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet, claims, beat_s):
     from tqdm import tqdm
 
     from autotune.compile.search import run_plans
+    from autotune.heartbeat import Heartbeat
 
     total = sum(len(p.configs) for p in plans)
     names = ", ".join(dict.fromkeys(p.target.name for p in plans))
@@ -75,6 +90,7 @@ def _compile(plans, store, device, target_text, trials, seed, trial_timeout, qui
                              platform="compile-only", jax_version=device.jax_version,
                              arguments={k: v for k, v in dict(target=target_text, trials=trials, seed=seed).items()
                                         if v is not None})
+    run_beat = Heartbeat(beat_s, lambda: _beat(store, run_id), name="run heartbeat").start()
     counts: Counter = Counter()
     bar = tqdm(total=total, desc="compile-only", unit="config", disable=quiet, dynamic_ncols=True)
 
@@ -87,13 +103,14 @@ def _compile(plans, store, device, target_text, trials, seed, trial_timeout, qui
     status = "failed"
     try:
         summaries = run_plans(plans, store, run_id=run_id, processes=COMPILE_PROCESSES, timeout_s=trial_timeout,
-                              on_result=on_result)
+                              on_result=on_result, claims=claims)
         status = "ok"
     except KeyboardInterrupt:
         status = "interrupted"
         click.echo("\nInterrupted: every finished compile is stored; run the same command to resume.", err=True)
         sys.exit(130)
     finally:
+        run_beat.stop()
         bar.close()
         try:
             store.finish_run(run_id, status)

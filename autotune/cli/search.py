@@ -83,7 +83,7 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
     from autotune.device import current_device
     from autotune.kernel_protocol import kernel_for_platform
     from autotune.options import SearchOptions, TimingPolicy
-    from autotune.search.heartbeat import Heartbeat
+    from autotune.heartbeat import Heartbeat
     from autotune.search.loop import AllCandidatesFailed, Search
     from autotune.search.scheduler import ClaimTimings, TurnKind, claim_name, claimed_problems
 

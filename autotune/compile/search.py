@@ -71,16 +71,19 @@ class TargetPlan:
     spec: ProblemSpec
     key: TuningKey
     space: Space
-    configs: tuple = ()  # kernel Configs to compile in this run
+    configs: tuple = ()  # kernel Configs to compile in this run (claim_plans: those this process claimed)
     grid: int = 0  # configs in the search space
     valid: int = 0  # of them, accepted by the kernel's checks for the target
     recorded: int = 0  # configs the key already had trials for (an earlier run): not compiled again
+    limit: int = 0  # the key's total of configs (--trials, at most the valid ones): budget slots recorded..limit-1
+    candidates: tuple = ()  # every config not recorded yet, in the planned order (what claim_plans claims from)
 
 
 def plan_searches(specs: list[ProblemSpec], targets: list[Target], store: Store, *, trials: int | None,
                   grid_all: bool, seed: int | None, jax_version: str) -> list[TargetPlan]:
-    """What to compile for every (target, problem): the default config first, then a seeded random sample of the
-    valid configs, up to `trials` per key counting what the key already holds (all of them with `grid_all`)."""
+    """What to compile for every (target, problem): the default config first, then the valid configs in a seeded
+    random order, up to `trials` per key counting what the key already holds (all of them with `grid_all`). With
+    other processes on the same keys, `autotune.compile.claims.claim_plans` picks from every candidate left."""
     plans = []
     for target in targets:
         kernel = load_kernel(kernel_for_platform(target.platform))
@@ -98,8 +101,10 @@ def plan_searches(specs: list[ProblemSpec], targets: list[Target], store: Store,
             random.Random(seed if seed is not None else 0).shuffle(rest)
             ordered = ([space.default] if space.default in valid else []) + rest
             todo = [c for c in ordered if config_text(c.to_dict()) not in seen]
-            room = max(0, min(budget, len(valid)) - len(seen))
-            plans.append(TargetPlan(target, spec, key, space, tuple(todo[:room]), grid, len(valid), len(seen)))
+            limit = min(budget, len(valid))
+            room = max(0, limit - len(seen))
+            plans.append(TargetPlan(target, spec, key, space, tuple(todo[:room]), grid, len(valid), len(seen), limit,
+                                    tuple(todo)))
     return plans
 
 
@@ -163,9 +168,10 @@ class _Recorder:
 
 
 def run_plans(plans: list[TargetPlan], store: Store, *, run_id: int | None = None, processes: int = 2,
-              timeout_s: float = 600.0, nice: int = 0, on_result=None) -> list[TargetSummary]:
+              timeout_s: float = 600.0, nice: int = 0, on_result=None, claims=None) -> list[TargetSummary]:
     """Compile every planned config (all targets and problems share the worker processes) and record each outcome
-    as it comes; `on_result(summary, result)` follows each record (the progress bar)."""
+    as it comes; `on_result(summary, result)` follows each record (the progress bar); `claims` (ConfigClaims) are
+    marked done for each recorded config."""
     summaries = [TargetSummary(plan) for plan in plans]
     jobs, owners = [], {}
     for summary in summaries:
@@ -180,6 +186,8 @@ def run_plans(plans: list[TargetPlan], store: Store, *, run_id: int | None = Non
     def record(result: CompileResult) -> None:
         summary, config = owners[id(result.job)]
         recorder.record(summary.plan, config, result)
+        if claims is not None:
+            claims.done(config)
         summary.compile_s += result.seconds
         if result.ok:
             summary.compiled += 1

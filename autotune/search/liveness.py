@@ -17,7 +17,7 @@ from typing import Callable
 import optuna
 
 from autotune import optuna_storage as adapter
-from autotune.search.heartbeat import Heartbeat
+from autotune.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 RUNNING = adapter.RUNNING

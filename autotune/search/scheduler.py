@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from autotune.search.heartbeat import Heartbeat
+from autotune.heartbeat import Heartbeat
 from autotune.keys import make_key
 from autotune.kernel_protocol import KernelModule
 from autotune.options import SearchOptions

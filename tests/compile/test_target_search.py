@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import jax
@@ -287,3 +289,42 @@ def test_a_version_2_database_gains_the_figures_column_in_place(tmp_path):
     check = sqlite3.connect(path)
     assert check.execute("SELECT value FROM autotune_meta").fetchall() == [(str(SCHEMA_VERSION),)]
     check.close()
+
+
+@pytest.mark.slow
+def test_concurrent_target_searches_share_the_budget_and_compile_each_config_once(tmp_path):
+    """Issue 24 item 7: three `search --target` processes started together on one database, `--trials 3` each,
+    compile three distinct configs between them (the old code compiled and stored 3 per process: 9)."""
+    from tests.worker_procs import REPO, worker_env
+
+    name, args = next(((n, a) for n, a in (("v5e", TINY_TPU), ("h100", TINY))
+                       if not compilers_missing(get_target(n).platform)), (None, None))
+    if name is None:
+        pytest.skip(f"no compiler here (install: {INSTALL_HINT})")
+    db = tmp_path / "shared.db"
+    Store(db).close()  # the schema exists before they race
+    command = [sys.executable, "-m", "autotune", "search", "--target", name, *args, "--trials", "3", "--seed", "1",
+               "--quiet", "--db", str(db)]
+    logs = [tmp_path / f"p{i}.log" for i in range(3)]
+    processes = [subprocess.Popen(command, cwd=REPO, env=worker_env(**PATIENT), stdout=log.open("w"),
+                                  stderr=subprocess.STDOUT) for log in logs]
+    try:
+        codes = [p.wait(timeout=240) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [0, 0, 0], [log.read_text() for log in logs]
+    with Store(db) as store:
+        [key] = store.keys()  # the one compile-only key
+        rows = store.trials(key)
+        configs = [json.dumps(r.config, sort_keys=True) for r in rows]
+        assert len(rows) == 3 and len(set(configs)) == 3, configs
+        assert [r.status for r in store.runs()] == ["ok"] * 3
+    study = optuna.load_study(study_name=key.digest(), storage=f"sqlite:///{db}")
+    assert len(study.trials) == 3
+
+
+PATIENT = {"AUTOTUNE_CLAIM_TTL": "300"}  # no process dies here: a slow one's claims must not look stale
+

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from autotune.search.heartbeat import Heartbeat
+from autotune.heartbeat import Heartbeat
 from autotune.search.retime import AllCandidatesFailed
 from autotune.search.scheduler import ClaimTimings, TurnKind, claimed, claimed_problems
 from autotune.shapes import spec_from_fields

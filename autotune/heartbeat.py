@@ -1,7 +1,8 @@
 """One background thread that does a piece of work every interval, and at once when kicked.
 
-Both heartbeats of the search use it: the beat of the trials a worker is evaluating (kicked for a new trial, so its
-first beat is not an interval late) and the beat of the claim on a problem of a shapes list.
+Every heartbeat uses it: the beat of the trials a search worker is evaluating (kicked for a new trial, so its first
+beat is not an interval late), of the claim on a problem of a shapes list, of a run, and of the configs a
+compile-only search claimed.
 """
 from __future__ import annotations
 
