@@ -103,6 +103,30 @@ def test_worker_killed_mid_trial_is_failed_on_restart_and_the_search_resumes(tmp
 
 
 @pytest.mark.slow
+def test_a_rerun_right_after_a_kill_marks_the_killed_run_crashed_at_once(tmp_path):
+    """Issue 24 item 14: the killed worker's run row is `crashed` as soon as a search starts on the same machine
+    (its process is gone), though its heartbeat is fresh and the claim TTL is five minutes."""
+    db, log = tmp_path / "killed.db", tmp_path / "traced.jsonl"
+    slow_ttl = {"AUTOTUNE_HEARTBEAT_GRACE": "3", "AUTOTUNE_CLAIM_TTL": "300"}
+    doomed = start_worker(str(db), [*problem_args(), "--trials", "2", "--seed", "0"], out=tmp_path / "doomed.log",
+                          env=worker_env(AUTOTUNE_TOY_FAULTS=json.dumps({"hang": {}}), AUTOTUNE_TOY_LOG=str(log),
+                                         **slow_ttl))
+    wait_for(lambda: traced(log), 120, "the doomed worker to start a trial")
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.wait()
+    with Store(db) as store:
+        [killed] = [run.id for run in store.runs() if run.status == "running"]
+    rerun = run_worker(str(db), [*problem_args(seq_len=40), "--trials", "1", "--seed", "0"],
+                       out=tmp_path / "rerun.log", env=worker_env(**slow_ttl))
+    assert rerun.process.returncode == 0, rerun.text
+    with Store(db) as store:
+        runs = {run.id: run for run in store.runs()}
+    assert runs[killed].status == "crashed", runs[killed]
+    assert f"pid {doomed.process.pid} on this machine) is gone" in runs[killed].message
+    assert sorted(run.status for run in runs.values()) == ["crashed", "ok"]
+
+
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_killed_workers_trial_and_claim_are_taken_over_by_another_worker(pg_url, tmp_path):
     url = fresh_pg_database(pg_url)
