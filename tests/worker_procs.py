@@ -116,13 +116,15 @@ def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def check_recorded_once(store, key, url: str, budget: int) -> tuple[optuna.Study, list]:
     """Every counted Optuna trial appears exactly once in our table, with the same outcome; the budget is met
-    exactly; nothing is left running. Returns the study and our rows of evaluated trials."""
+    exactly, by distinct configs; nothing is left running. Returns the study and our rows of evaluated trials."""
     study = optuna.load_study(study_name=key.digest(), storage=url)
     left = [t.number for t in study.get_trials(deepcopy=False) if t.state in (optuna.trial.TrialState.RUNNING,
                                                                               optuna.trial.TrialState.WAITING)]
     assert not left, f"trials left running or waiting: {left}"
     counted = counted_trials(study)
     assert len(counted) == budget, [(t.number, t.state, t.user_attrs) for t in study.trials]
+    configs = [json.dumps(t.user_attrs["config"], sort_keys=True) for t in counted]
+    assert len(set(configs)) == len(configs), f"a config was evaluated twice: {configs}"  # issue 24 item 9
     rows = [r for r in store.trials(key) if r.status != "invalid"]
     numbers = Counter(r.number for r in rows)
     assert numbers == Counter(t.number for t in counted), (numbers, [t.number for t in counted])
