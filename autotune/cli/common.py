@@ -140,7 +140,7 @@ def database_errors(store) -> Iterator[None]:
     except (SQLAlchemyError, StorageInternalError, DatabaseError, OSError) as exc:
         if caused_by_ctrl_c(exc):  # Ctrl-C inside a commit: the driver's next words hide the interrupt
             raise KeyboardInterrupt from exc
-        raise click.ClickException(describe_database_error(exc, display_url(store.url))) from None
+        raise click.ClickException(scrub(describe_database_error(exc, display_url(store.url)), store.url)) from None
 
 
 def caused_by_ctrl_c(exc: BaseException) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -21,7 +22,7 @@ from autotune.cli.common import (Seconds, database_errors, db_option, describe_p
                                       specs_from_flags, table_config, where, worker_settings)
 from autotune.options import SAMPLERS
 from autotune.shapes import ProblemSpec
-from db.urls import display_url, resolve_url
+from db.urls import PASSWORD_HINT, resolve_url, shareable_url
 
 MAX_TRIALS = 1_000_000  # per study: far beyond any search space, and within every counter's range
 _CTRL_C_SEEN = threading.Event()  # once set, a failure on the way out is the interrupt's doing, not the database's
@@ -206,8 +207,9 @@ def print_summary(results, db: str | None) -> None:
         else:
             click.echo(f"{label}: the database already held a faster result (another worker's, or an earlier "
                        "run's); it was kept.")
-    shown = None if db is None else display_url(resolve_url(db))  # a password in a URL is never printed
-    db_flag = "" if shown is None else f" --db {shown}"
+    # A secret in the URL is never printed: the hints show the URL without it, and say how to give it instead.
+    shown, secret_left_out = (None, False) if db is None else shareable_url(resolve_url(db))
+    db_flag = "" if shown is None else f" --db {shlex.quote(shown)}"
     ids = [str(r.best_id) for r in results if r.best_id is not None]
     if ids:
         click.echo(f"Next: autotune show --id {ids[0]}{db_flag}   (all results: autotune list{db_flag})")
@@ -217,3 +219,5 @@ def print_summary(results, db: str | None) -> None:
         db_arg = "" if shown is None else f"autotune.configure(db={shown!r}); "
         click.echo(f"In Python: {db_arg}autotune.lookup(({p.batch}, {p.q_len}, {p.heads}, {p.head_dim}), "
                    f"({p.batch}, {p.kv_len}, {p.kv_heads}, {p.head_dim}), '{p.dtype}'{flags})")
+        if secret_left_out:
+            click.echo(f"(In both, {PASSWORD_HINT}.)")

@@ -28,7 +28,7 @@ from autotune.keys import make_key, shape_distance
 from autotune.kernel_protocol import device_kind_of, kernel_for_platform, load_kernel
 from autotune.settings import RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
 from db import Store, TuningKey, default_url, resolve_url
-from db.urls import display_url, scrub, sqlite_file
+from db.urls import PASSWORD_HINT, display_url, scrub, shareable_url, sqlite_file
 from kernels import Problem, canonical_dtype, check_inputs
 from kernels.problem import check_window, window_fields
 
@@ -188,9 +188,12 @@ def _tune_command(key: TuningKey, url: str) -> str:
     if key.softcap is not None:
         flags.append(f"--softcap {key.softcap:g}")
     flags += ["--lengths"] * key.lengths
+    note = ""
     if url != default_url():
-        flags.append(f"--db {shlex.quote(display_url(url))}")
-    return "autotune search " + " ".join(flags)
+        shown, secret_left_out = shareable_url(url)
+        flags.append(f"--db {shlex.quote(shown)}")
+        note = f" ({PASSWORD_HINT})" if secret_left_out else ""
+    return "autotune search " + " ".join(flags) + note
 
 
 def _stored_config(kernel: ModuleType, problem: Problem, config_dict: dict, device: DeviceInfo):
