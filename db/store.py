@@ -256,34 +256,40 @@ class Store:
     # -- misses ---------------------------------------------------------------------------------------------------
 
     def record_miss(self, key: TuningKey, reason: str | None = None) -> None:
-        """Count one lookup of a key that ran without a tuned config. `reason` says why when it was not only a
-        missing best (e.g. an argument the kernels do not take); it replaces the stored reason, and a miss without
-        one leaves the stored reason as it is. It is stored cleaned: one line, at most MAX_REASON characters."""
+        """Count one call of a key that ran without a tuned config. Without `reason` it had no best (a tunable
+        miss: `count`); with one, the kernels could not run it at all (e.g. an argument they do not take) and it ran
+        XLA: counted apart (`fallbacks`, the reason replacing the stored one), so it never hides the key's tunable
+        misses. The reason is stored cleaned: one line, at most MAX_REASON characters."""
         reason = clean_text("reason", reason, limit=MAX_REASON)
+        counts = {"count": int(reason is None), "fallbacks": int(reason is not None)}
         kept = {} if reason is None else {"reason": reason}
 
         def work(session: Session) -> None:
             key_id = key_row_id(session, key)
             now = utc_now()
             counted = session.execute(update(MissRow).where(MissRow.key_id == key_id)
-                                      .values(count=MissRow.count + 1, last_seen=now, **kept)
+                                      .values(count=MissRow.count + counts["count"],
+                                              fallbacks=MissRow.fallbacks + counts["fallbacks"], last_seen=now,
+                                              **kept)
                                       .execution_options(**_NO_SYNC))
             if not counted.rowcount:
-                session.add(MissRow(key_id=key_id, count=1, last_seen=now, reason=reason))
+                session.add(MissRow(key_id=key_id, last_seen=now, reason=reason, **counts))
                 session.flush()
 
         self._write(work)
 
     def misses(self) -> list[tuple[TuningKey, int]]:
-        """Missed keys with their counts, most frequent first."""
-        return [(record.key, record.count) for record in self.miss_records()]
+        """Keys with tunable misses (no best) and their counts, most frequent first: what `search --misses` tunes."""
+        return [(record.key, record.count) for record in self.miss_records() if record.count]
 
     def miss_records(self) -> list[MissRecord]:
-        """Missed keys with their counts, last times and reasons, most frequent first (the order of `misses`)."""
+        """Missed keys with their counts, fallbacks, last times and reasons, most frequent first (tunable misses,
+        then fallbacks)."""
         query = (select(KeyRow, MissRow).join(MissRow, MissRow.key_id == KeyRow.id)
-                 .order_by(MissRow.count.desc(), MissRow.last_seen.desc(), KeyRow.id))
+                 .order_by(MissRow.count.desc(), MissRow.fallbacks.desc(), MissRow.last_seen.desc(), KeyRow.id))
         with self._reading() as session:
-            return [MissRecord(key=key, count=miss.count, last_seen=miss.last_seen, reason=miss.reason)
+            return [MissRecord(key=key, count=miss.count, last_seen=miss.last_seen, reason=miss.reason,
+                               fallbacks=miss.fallbacks)
                     for row, miss in session.execute(query) if (key := _key(row)) is not None]
 
     def clear_miss(self, key: TuningKey) -> None:

@@ -162,14 +162,14 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
 
 
 def missed_specs(store, kernel_module, device) -> list[ProblemSpec]:
-    """The missed keys of this kernel version on this device, most frequent first, as problems to tune; keys
-    missed with a reason (the kernels could not run the call: a bias, a mask) are left out, tuning cannot help."""
+    """The missed keys of this kernel version on this device, most frequent first, as problems to tune; calls the
+    kernels could not run at all (a bias, a mask: counted apart, as fallbacks) are left out, tuning cannot help."""
     from autotune.keys import problem_of
 
     specs = []
     for record in store.miss_records():
         key = record.key
-        if record.reason is None and (key.kernel, key.kernel_version, key.platform, key.device_kind) == (
+        if record.count and (key.kernel, key.kernel_version, key.platform, key.device_kind) == (
                 kernel_module.NAME, kernel_module.VERSION, device.platform, device.device_kind):
             specs.append(ProblemSpec(problem_of(key), 3 if key.segments else 0))
     return specs

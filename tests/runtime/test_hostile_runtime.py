@@ -36,3 +36,25 @@ def test_a_query_password_is_masked_in_the_warning_and_its_command_can_be_pasted
     words = shlex.split(command)
     assert words[words.index("--db") + 1] == "postgresql+psycopg://tuner@127.0.0.1:1/autotune"
     assert "PGPASSWORD" in message
+
+
+def test_a_bias_call_does_not_hide_the_tunable_misses_of_its_key(tmp_path) -> None:
+    from autotune.cli.search import missed_specs
+    from autotune.device import current_device
+    from kernels import gpu
+
+    db = tmp_path / "misses.db"
+    Store(db).close()
+    q = k = v = jnp.ones((1, 24, 2, 16))
+    bias = jnp.zeros((1, 2, 24, 24))
+    with autotune.using(db=db):
+        caught(lambda: autotune.dot_product_attention(q, k, v, bias=bias))
+        caught(lambda: autotune.dot_product_attention(q, k, v))
+    autotune.reload()
+    with autotune.using(db=db):
+        caught(lambda: autotune.dot_product_attention(q, k, v))  # another process's plain miss of the same key
+    with Store(db) as store:
+        [record] = store.miss_records()
+        assert (record.count, record.fallbacks) == (2, 1) and record.reason.startswith("bias is given")
+        [spec] = missed_specs(store, gpu, current_device())
+    assert (spec.problem.q_len, spec.problem.heads, spec.problem.head_dim) == (24, 2, 16)
