@@ -78,6 +78,27 @@ COLUMNS_ADDED: dict[int, dict[str, dict[str, str]]] = {
 }
 
 
+def columns_missing(version: int) -> dict[str, dict[str, str]] | None:
+    """What a version-`version` database lacks of the current schema, when the steps up from it only add columns
+    ({table: {column: what older rows read as}}, empty when current); None when a step does more (a new table)."""
+    missing: dict[str, dict[str, str]] = {}
+    for step in range(version, SCHEMA_VERSION):
+        if step not in COLUMNS_ADDED:
+            return None
+        for table, columns in COLUMNS_ADDED[step].items():
+            missing.setdefault(table, {}).update(columns)
+    return missing
+
+
+def legacy_views(missing: dict[str, dict[str, str]]) -> list[str]:
+    """SQLite statements that make an older database read as the current schema on one connection, changing
+    nothing in it: a TEMP view per table that lacks columns, named like the table (SQLite looks in `temp` before
+    `main`), adding each missing column with the value older rows read as."""
+    return [f"CREATE TEMP VIEW {table} AS SELECT *, "
+            + ", ".join(f"{value} AS {column}" for column, value in columns.items()) + f" FROM main.{table}"
+            for table, columns in missing.items()]
+
+
 def prepare_schema(engine: Engine, where: str) -> None:
     """Create our tables (a new database) or upgrade them to SCHEMA_VERSION; Optuna's tables are left alone."""
     with engine.connect() as connection:

@@ -68,8 +68,10 @@ class Store:
         self.url: str = default_url() if url is None else resolve_url(url)
         self._where = display_url(self.url)
         self.engine: Engine
-        self.engine, self.read_only = open_engine(self.url, self._where, busy_timeout_s=busy_timeout_s,
-                                                  create=create and not read_only, read_only=read_only)
+        self.notice: str | None  # to show once: e.g. an older database read as it is (read-only storage)
+        self.engine, self.read_only, self.notice = open_engine(
+            self.url, self._where, busy_timeout_s=busy_timeout_s, create=create and not read_only,
+            read_only=read_only)
 
     @property
     def where(self) -> str:

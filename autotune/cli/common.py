@@ -111,7 +111,10 @@ def open_store(db: str | None, *, create: bool = True, read_only: bool = False):
     from db import DatabaseError, Store
 
     try:
-        return Store(db, busy_timeout_s=worker_settings().busy_timeout_s, create=create, read_only=read_only)
+        store = Store(db, busy_timeout_s=worker_settings().busy_timeout_s, create=create, read_only=read_only)
+        if store.notice:
+            click.echo(f"Note: {printable(store.notice)}", err=True)
+        return store
     except DatabaseError as exc:
         message = str(exc)
     except Exception as exc:  # noqa: BLE001 - driver errors: locked, read-only, unreachable server

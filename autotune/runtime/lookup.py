@@ -134,8 +134,8 @@ def _warn_once(tag: Any, message: str) -> None:
 
 
 def _store(url: str) -> tuple[Store | None, str]:
-    """The open store for a URL, or None and why not (missing, or cannot be opened). Never creates a database;
-    never warns: the caller folds the reason into the one warning of the call."""
+    """The open store for a URL, or None and why not (missing, or cannot be opened). Never creates a database; the
+    caller folds the reason into the one warning of the call (only a store's notice is warned here, once)."""
     with _lock:
         if url in _stores:
             return _stores[url]
@@ -150,6 +150,8 @@ def _store(url: str) -> tuple[Store | None, str]:
                               create=False, read_only=None)  # never creates; read-only where it cannot write
             except Exception as exc:  # noqa: BLE001 - inference must never break on the database
                 why = f"the results database {display_url(url)} cannot be opened ({scrub(str(exc), url)})"
+            if store is not None and store.notice:  # said once: the store is opened once per URL
+                _warn_once(("notice", url), store.notice)
         _stores[url] = (store, why)
         return store, why
 
