@@ -22,7 +22,10 @@ def default_url() -> str:
     """$AUTOTUNE_DB (a URL or a path) if set, else <cache>/pallas-autotune/results.db in the user's cache dir."""
     configured = os.environ.get(ENV_VAR, "").strip()
     if configured:
-        return resolve_url(configured)
+        try:
+            return resolve_url(configured)
+        except ValueError as exc:
+            raise ValueError(f"${ENV_VAR}: {exc}") from None
     return resolve_url(_cache_dir() / "pallas-autotune" / "results.db")
 
 

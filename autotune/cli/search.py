@@ -21,10 +21,10 @@ from autotune.cli.common import (Seconds, database_errors, db_option, describe_p
                                       kernel_option_module, open_store, print_table, problem_options,
                                       specs_from_flags, table_config, where, worker_settings)
 from autotune.options import SAMPLERS
+from autotune.settings import MAX_TRIALS
 from autotune.shapes import ProblemSpec
 from db.urls import PASSWORD_HINT, resolve_url, shareable_url
 
-MAX_TRIALS = 1_000_000  # per study: far beyond any search space, and within every counter's range
 _CTRL_C_SEEN = threading.Event()  # once set, a failure on the way out is the interrupt's doing, not the database's
 
 

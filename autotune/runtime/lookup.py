@@ -26,13 +26,13 @@ from autotune.measure.kernel_call import feature_kwargs
 from autotune.device import DeviceInfo, current_device, device_of
 from autotune.keys import make_key, shape_distance
 from autotune.kernel_protocol import device_kind_of, kernel_for_platform, load_kernel
-from autotune.settings import RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
+from autotune import settings as environment
+from autotune.settings import MISS_POLICIES, RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
 from db import Store, TuningKey, default_url, resolve_url
 from db.urls import PASSWORD_HINT, display_url, scrub, shareable_url, sqlite_file
 from kernels import Problem, canonical_dtype, check_inputs
 from kernels.problem import check_window, window_fields
 
-MISS_POLICIES = ("heuristic", "nearest", "error", "tune")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -48,17 +48,23 @@ class Settings:
     on_miss: str | None = None
 
     @functools.cached_property
-    def _resolved(self) -> tuple[str, str]:
-        policy = self.on_miss or os.environ.get("AUTOTUNE_ON_MISS") or "heuristic"
-        if policy not in MISS_POLICIES:
-            raise ValueError(f"on_miss must be one of {MISS_POLICIES}, got {policy!r}")
-        return (resolve_url(self.db) if self.db is not None else default_url()), policy
+    def _resolved(self) -> tuple[str, str, int]:
+        """Everything read at once, so a malformed setting fails here (naming it), before a miss is recorded."""
+        if self.on_miss and self.on_miss not in MISS_POLICIES:
+            raise ValueError(f"on_miss must be one of {MISS_POLICIES}, got {self.on_miss!r}")
+        policy = self.on_miss or environment.miss_policy() or "heuristic"
+        trials = environment.tune_trials() if policy == "tune" else environment.DEFAULT_TUNE_TRIALS
+        return (resolve_url(self.db) if self.db is not None else default_url()), policy, trials
 
     def url(self) -> str:
         return self._resolved[0]
 
     def policy(self) -> str:
         return self._resolved[1]
+
+    def tune_trials(self) -> int:
+        """The trials of the short search the `tune` policy runs ($AUTOTUNE_TUNE_TRIALS)."""
+        return self._resolved[2]
 
 
 @dataclass(frozen=True)
@@ -236,7 +242,7 @@ def _resolve(kernel: ModuleType, kernel_name: str, problem: Problem, device: Dev
         from autotune.search.loop import search_problem
 
         result = search_problem(problem, kernel_name=kernel_name, store=store, device=device,
-                                options=SearchOptions(trials=int(os.environ.get("AUTOTUNE_TUNE_TRIALS", "8")),
+                                options=SearchOptions(trials=settings.tune_trials(),
                                                       compare_xla=False, retime_top=2), progress=False)
         return Lookup(kernel.Config.from_dict(result.best_config), "tuned", key, "tuned on miss")
     if policy == "nearest" and store is not None:

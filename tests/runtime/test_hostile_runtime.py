@@ -58,3 +58,34 @@ def test_a_bias_call_does_not_hide_the_tunable_misses_of_its_key(tmp_path) -> No
         assert (record.count, record.fallbacks) == (2, 1) and record.reason.startswith("bias is given")
         [spec] = missed_specs(store, gpu, current_device())
     assert (spec.problem.q_len, spec.problem.heads, spec.problem.head_dim) == (24, 2, 16)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "2.5", "1e3", "99999999", "８"])
+def test_a_malformed_tune_trials_is_named_before_any_miss_is_recorded(tmp_path, monkeypatch, value: str) -> None:
+    db = tmp_path / "settings.db"
+    Store(db).close()
+    monkeypatch.setenv("AUTOTUNE_ON_MISS", "tune")
+    monkeypatch.setenv("AUTOTUNE_TUNE_TRIALS", value)
+    q = jnp.ones((1, 16, 1, 16))
+    with pytest.raises(ValueError, match=r"^\$AUTOTUNE_TUNE_TRIALS must be a whole number of trials from 1 to "):
+        with autotune.using(db=db):
+            autotune.flash_attention(q, q, q)
+    with Store(db) as store:
+        assert store.miss_records() == []
+
+
+def test_every_runtime_variable_is_read_through_the_settings_and_named(monkeypatch) -> None:
+    from autotune import settings
+
+    monkeypatch.setenv("AUTOTUNE_TUNE_TRIALS", " 12 ")
+    assert settings.tune_trials() == 12
+    monkeypatch.delenv("AUTOTUNE_TUNE_TRIALS")
+    assert settings.tune_trials() == settings.DEFAULT_TUNE_TRIALS
+    monkeypatch.setenv("AUTOTUNE_ON_MISS", "sometimes")
+    with pytest.raises(ValueError, match=r"^\$AUTOTUNE_ON_MISS must be one of heuristic, nearest, error, tune"):
+        autotune.lookup((1, 16, 1, 16), (1, 16, 1, 16), "float32")
+    monkeypatch.setenv("AUTOTUNE_ON_MISS", "")
+    monkeypatch.setenv("AUTOTUNE_DB", "postgresql://tuner@db-host:port/autotune")
+    autotune.reload()
+    with pytest.raises(ValueError, match=r"^\$AUTOTUNE_DB: cannot parse the database URL"):
+        autotune.lookup((1, 16, 1, 16), (1, 16, 1, 16), "float32")
