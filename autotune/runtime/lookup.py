@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from autotune.measure.kernel_call import feature_kwargs
 from autotune.device import DeviceInfo, current_device, device_of
 from autotune.keys import make_key, shape_distance
-from autotune.kernel_protocol import device_kind_of, kernel_for_platform, load_kernel
+from autotune.kernel_protocol import device_kind_of, kernel_for_platform, load_kernel, refusals
 from autotune import settings as environment
 from autotune.settings import MISS_POLICIES, RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
 from db import Store, TuningKey, default_url, resolve_url
@@ -231,6 +231,10 @@ def _resolve(kernel: ModuleType, kernel_name: str, problem: Problem, device: Dev
             if config is not None:
                 return Lookup(config, "tuned", key)
             why = f"ignoring the stored config {best.config}: {invalid}"
+    refused = refusals(kernel, problem, device_kind=device_kind_of(device))
+    if refused:  # no config can run it: not a miss (tuning cannot help); the kernel's call says why
+        return Lookup(kernel.Config.default(problem, device_kind=device_kind_of(device)), "heuristic", key,
+                      "; ".join(refused))
     if store is not None:
         with contextlib.suppress(Exception):  # a read-only database cannot count misses: not worth failing for
             store.record_miss(key)

@@ -41,3 +41,39 @@ def test_the_search_hints_can_be_pasted_and_say_how_to_give_the_password(capsys)
     assert db_arg == "postgresql+psycopg:///autotune?host=db-host&user=tuner"
     assert "autotune.configure(db='postgresql+psycopg:///autotune?host=db-host&user=tuner')" in out
     assert "PGPASSWORD" in out and ".pgpass" in out
+
+
+def test_search_misses_skips_keys_no_config_can_run_and_tunes_the_others(tmp_path) -> None:
+    """Issue 24, item 3: a missed key past the flags' limits (head_dim 2048) or one the kernel refuses (a backward
+    whose smallest tiles overflow shared memory) made every `search --misses` exit with a traceback."""
+    from autotune.device import current_device
+    from autotune.keys import make_key
+    from db import Store
+    from kernels import Problem, gpu
+
+    db = tmp_path / "misses.db"
+    device = current_device()
+    small = Problem(batch=1, q_len=16, kv_len=16, heads=1, kv_heads=1, head_dim=16)
+    with Store(db) as store:
+        for problem in (small.replace(head_dim=2048), small.replace(q_len=64, kv_len=64, head_dim=768, backward=True),
+                        small):
+            for _ in range(2 if problem is not small else 1):  # the unrunnable ones are the most frequent
+                store.record_miss(make_key(gpu, problem, device))
+    for _ in range(2):  # and the next run says the same, not a traceback
+        result = invoke("search", "--misses", "--trials", "1", "--samples", "3", "--no-xla", "--quiet", "--db", db)
+        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+        skipped = sorted(line for line in result.output.splitlines() if line.startswith("Skipping"))
+        assert len(skipped) == 2, result.output
+        assert "d2048" in skipped[0] and "field 'head_dim' must be at most" in skipped[0]
+        assert "d768" in skipped[1] and "cannot run it: its default config" in skipped[1]
+    with Store(db) as store:
+        assert store.get_best(make_key(gpu, small, device)) is not None
+        assert {key.head_dim for key, _ in store.misses()} == {2048, 768}  # kept: nothing stored is lost
+
+
+def test_a_search_the_kernel_cannot_run_is_refused_before_anything_is_written(tmp_path) -> None:
+    result = invoke("search", "--batch", "1", "--seq-len", "64", "--heads", "1", "--head-dim", "768", "--backward",
+                    "--quiet", "--db", tmp_path / "new.db")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cannot run b1 q64 kv64 h1/1 d768 float32 +bwd: its default config" in result.output
+    assert list(tmp_path.iterdir()) == []

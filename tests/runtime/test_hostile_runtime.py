@@ -89,3 +89,16 @@ def test_every_runtime_variable_is_read_through_the_settings_and_named(monkeypat
     autotune.reload()
     with pytest.raises(ValueError, match=r"^\$AUTOTUNE_DB: cannot parse the database URL"):
         autotune.lookup((1, 16, 1, 16), (1, 16, 1, 16), "float32")
+
+
+def test_a_call_no_config_can_run_is_refused_without_recording_a_miss(tmp_path) -> None:
+    db = tmp_path / "refused.db"
+    Store(db).close()
+    q = jnp.ones((1, 16, 1, 2048))
+    with autotune.using(db=db):
+        with pytest.raises(ValueError, match="cannot run"):
+            autotune.flash_attention(q, q, q)
+        found = autotune.lookup(q.shape, q.shape, q.dtype)
+    assert found.source == "heuristic" and "shared memory" in found.detail
+    with Store(db) as store:
+        assert store.miss_records() == []  # `search --misses` would only stumble on it
