@@ -60,8 +60,10 @@ def _v3_to_v4(connection: Connection) -> None:
 
 def _v4_to_v5(connection: Connection) -> None:
     """Version 5 counts a key's calls that ran XLA because the kernels could not run them (a bias, a mask) apart
-    from its tunable misses, so one such call no longer hides them. Older rows: no such calls counted."""
-    connection.execute(text("ALTER TABLE autotune_misses ADD COLUMN fallbacks INTEGER NOT NULL DEFAULT 0"))
+    from its tunable misses, so one such call no longer hides them. Older rows: no such calls counted. A column
+    already there is left as it is."""
+    if "fallbacks" not in {column["name"] for column in inspect(connection).get_columns("autotune_misses")}:
+        connection.execute(text("ALTER TABLE autotune_misses ADD COLUMN fallbacks INTEGER NOT NULL DEFAULT 0"))
 
 
 # STEPS[n] upgrades a version-n database to version n + 1.

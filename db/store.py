@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from db import claims, runs
 from db.bests import best_record, key_row_id, offer_best, require_run
 from db.errors import DatabaseError
+from db.figures import check_figures, is_plain_config, readable_figures
 from db.integrity import find_problems
 from db.opening import open_engine
 from db.pruning import prune_keys
@@ -154,7 +155,7 @@ class Store:
                   time_count: int | None = None, max_error: float | None = None,
                   figures: dict[str, Any] | None = None) -> int:
         """Record one trial; returns its id. Times must be finite and >= 0; a NaN `max_error` is stored as +inf.
-        `figures`: what the compiler said of a compile-only trial (a JSON object)."""
+        `figures`: what the compiler said of a compile-only trial (db.figures' schema)."""
         values = dict(
             config=check_json_object("config", config), status=check_choice("status", status, TRIAL_STATUSES),
             run_id=check_int("run_id", run_id, optional=True), number=check_int("number", number, optional=True),
@@ -165,7 +166,7 @@ class Store:
             time_spread_s=check_time("time_spread_s", time_spread_s, optional=True),
             time_count=check_int("time_count", time_count, optional=True, minimum=0),
             max_error=check_error_size("max_error", max_error),
-            figures=None if figures is None else check_json_object("figures", figures))
+            figures=None if figures is None else check_figures(figures))
 
         def work(session: Session) -> int:
             require_run(session, values["run_id"])
@@ -182,8 +183,8 @@ class Store:
         if key is not None:
             query = query.where(KeyRow.digest == key.digest())
         with self._reading() as session:
-            return [_trial_record(trial, key) for trial, key_row in session.execute(query)
-                    if (key := _key(key_row)) is not None]
+            return [record for trial, key_row in session.execute(query)
+                    if (key := _key(key_row)) is not None and (record := _trial_record(trial, key)) is not None]
 
     def keys(self, *, platform: str | None = None, kernel: str | None = None, kernel_version: str | None = None,
              device_kind: str | None = None) -> list[TuningKey]:
@@ -376,10 +377,16 @@ def _key(row: KeyRow) -> TuningKey | None:
         return None
 
 
-def _trial_record(row: TrialRow, key: TuningKey) -> TrialRecord:
+def _trial_record(row: TrialRow, key: TuningKey) -> TrialRecord | None:
+    """The row as a record, or None (skipped, with a log line) when its config is not a flat object of scalars;
+    figures that do not fit their schema read as none. Rows of older versions or hand edits never crash a reader,
+    and `integrity_check` names them."""
+    if not is_plain_config(row.config):
+        log.warning("skipping autotune_trials row %s: its config is not a flat object of scalars", row.id)
+        return None
     return TrialRecord(id=row.id, key=key, run_id=row.run_id, number=row.number, config=row.config,
                        status=row.status, error_class=row.error_class, error_message=row.error_message,
                        compile_s=row.compile_s, time_s=row.time_s, time_spread_s=row.time_spread_s,
                        time_count=row.time_count, max_error=row.max_error, created_at=row.created_at,
-                       figures=row.figures)
+                       figures=readable_figures(row.figures, row.id))
 

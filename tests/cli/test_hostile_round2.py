@@ -77,3 +77,45 @@ def test_a_search_the_kernel_cannot_run_is_refused_before_anything_is_written(tm
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "cannot run b1 q64 kv64 h1/1 d768 float32 +bwd: its default config" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_show_target_report_and_the_device_search_read_past_bad_compile_rows(tmp_path) -> None:
+    """Issue 24, item 2: rows an older version or a hand edit left (figures {"kernels": "x"} or 5, a config
+    {"block_q": [1, 2]}) crashed `show --target` and `report` for the whole database, and the device search."""
+    import json
+    import sqlite3
+
+    import jax
+
+    from autotune.compile.results import ahead_of_time, compile_key
+    from autotune.compile.targets import TARGETS
+    from db import Store
+    from kernels import Problem, gpu
+    from tests.db.test_compile_figures import compiled_figures
+
+    db = tmp_path / "old.db"
+    problem = Problem(batch=1, q_len=32, kv_len=32, heads=1, kv_heads=1, head_dim=16)
+    key = compile_key(gpu.NAME, gpu.VERSION, "gpu", TARGETS["h100"].device_kind, jax.__version__, problem)
+    configs = [{**gpu.Config.default(problem, device_kind=None).to_dict(), "block_q": q} for q in (16, 32, 64, 128)]
+    with Store(db) as store:
+        ids = [store.add_trial(key, config=config, status="compiled", compile_s=1.0, figures=compiled_figures())
+               for config in configs]
+    connection = sqlite3.connect(db)
+    for trial_id, column, value in ((ids[0], "figures", {"kernels": "x"}), (ids[1], "figures", {"kernels": 5}),
+                                    (ids[2], "config", {"block_q": [1, 2]})):
+        connection.execute(f"UPDATE autotune_trials SET {column} = ? WHERE id = ?", (json.dumps(value), trial_id))
+    connection.commit()
+    connection.close()
+    flags = ["--batch", "1", "--seq-len", "32", "--heads", "1", "--head-dim", "16"]
+    shown = invoke("show", "--target", "h100", *flags, "--db", db)
+    assert shown.exit_code == 0 and "Traceback" not in shown.output, shown.output
+    assert "fwd 52.0K r96" in shown.output  # the good row's figures
+    as_json = invoke("show", "--target", "h100", *flags, "--json", "--db", db)
+    assert as_json.exit_code == 0 and len(json.loads(as_json.output)["trials"]) == 3
+    page = tmp_path / "report.html"
+    report = invoke("report", page, "--db", db)
+    assert report.exit_code == 0 and "Traceback" not in report.output, report.output
+    with Store(db) as store:
+        device_key = key.__class__(**{**key.to_dict(), "platform": "gpu"})
+        ahead = ahead_of_time(store, device_key)
+    assert ahead is not None and ahead.rejected == frozenset() and ahead.spills == frozenset()

@@ -149,7 +149,8 @@ def test_featured_keys_survive_export_and_import(tmp_path: Path) -> None:
     compile_key = make_key(platform="gpu-compile", **WINDOWED, softcap=30.0, lengths=True)
     with Store(tmp_path / "a.db") as source, Store(tmp_path / "b.db") as target:
         keys = put_featured(source)
-        source.add_trial(compile_key, config={"block_q": 32}, status="compiled", figures={"kernels": []})
+        source.add_trial(compile_key, config={"block_q": 32}, status="compiled",
+                          figures={"target": "h100", "kernels": []})
         document = json.loads(json.dumps(export_document(source)))
         assert import_document(target, document) == {"imported": len(keys), "kept_existing": 0}
         check_featured(target, keys)
