@@ -138,3 +138,20 @@ def test_bad_rows_stored_before_are_read_as_no_figures_or_skipped(tmp_path: Path
         assert len(problems) == 3 and all("autotune_trials row" in p for p in problems)
         doc = export_document(store)  # what is exported imports again
     assert len(parse(copy.deepcopy(doc))) == 3
+
+
+def test_the_nesting_check_reads_strings_without_a_cost_per_character() -> None:
+    """Before parsing, the document's depth is measured with its strings taken out; the old pattern kept a
+    backtracking entry per character of a string (8.6 GB of memory for one 71 MB string)."""
+    import resource
+    import time
+
+    from db.transfer import _nesting_depth
+
+    assert _nesting_depth('{"a": "x\\"[[[[", "b": [[1]], "c": "\\\\"}') == 3
+    text = '{"kernels": [{"name": "' + "x" * 20_000_000 + '"}]}'
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    began = time.monotonic()
+    assert _nesting_depth(text) == 3
+    assert time.monotonic() - began < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: not GBs
