@@ -110,6 +110,10 @@ def open_store(db: str | None, *, create: bool = True, read_only: bool = False):
     from autotune.cli.database_messages import explain_open_failure
     from db import DatabaseError, Store
 
+    try:  # a malformed --db or $AUTOTUNE_DB is bad input (exit 2), not a database that failed
+        resolve_url(db) if db else default_url()
+    except ValueError as exc:
+        raise (click.BadParameter(str(exc), param_hint="--db") if db else click.UsageError(str(exc))) from None
     try:
         store = Store(db, busy_timeout_s=worker_settings().busy_timeout_s, create=create, read_only=read_only)
         if store.notice:

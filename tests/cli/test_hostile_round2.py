@@ -119,3 +119,14 @@ def test_show_target_report_and_the_device_search_read_past_bad_compile_rows(tmp
         device_key = key.__class__(**{**key.to_dict(), "platform": "gpu"})
         ahead = ahead_of_time(store, device_key)
     assert ahead is not None and ahead.rejected == frozenset() and ahead.spills == frozenset()
+
+
+def test_a_malformed_database_url_is_bad_input_named_before_anything_is_written(tmp_path, monkeypatch) -> None:
+    flags = ["search", "--batch", "1", "--seq-len", "16", "--heads", "1", "--head-dim", "16", "--quiet"]
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*flags, "--db", f"postgresql://tuner@db-host:port/autotune?password={SECRET}")
+    assert result.exit_code == 2 and "--db" in result.output and SECRET not in result.output
+    monkeypatch.setenv("AUTOTUNE_DB", "postgresql://tuner@db-host:port/autotune")
+    result = invoke(*flags)
+    assert result.exit_code == 2 and "$AUTOTUNE_DB: cannot parse the database URL" in result.output
+    assert list(tmp_path.iterdir()) == []
