@@ -115,9 +115,7 @@ def readable_figures(value: Any, trial_id: int | None = None) -> dict[str, Any] 
         return None
 
 
-def is_plain_config(value: Any) -> bool:
-    """Whether a stored config is a flat object of scalar values, as every config path writes (a reader may use
-    its values as dict keys and sort them)."""
-    return isinstance(value, Mapping) and all(
-        isinstance(name, str) and (item is None or isinstance(item, (bool, int, float, str)))
-        for name, item in value.items())
+def is_config_object(value: Any) -> bool:
+    """Whether a stored config is a JSON object (string keys), as every config path writes; a reader of anything
+    else (a list, a number: a hand edit) would fail on it."""
+    return isinstance(value, Mapping) and all(isinstance(name, str) for name in value)

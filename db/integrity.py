@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, select, text
 from sqlalchemy.orm import Session
 
-from db.figures import check_figures, is_plain_config
+from db.figures import check_figures, is_config_object
 from db.records import TuningKey
 from db.schema import SCHEMA_VERSION, BestRow, KeyRow, MetaRow, MissRow, RunRow, TrialRow
 from db.validation import is_physical_time
@@ -68,12 +68,12 @@ def _key_checks(session: Session) -> list[str]:
 
 
 def _trial_checks(session: Session) -> list[str]:
-    """Trial rows a reader skips (a config that is not a flat object of scalars) or reads without figures (figures
-    that do not fit db.figures' schema)."""
+    """Trial rows a reader skips (a config that is not a JSON object) or reads without figures (figures that do not
+    fit db.figures' schema)."""
     problems: list[str] = []
     for trial_id, config, figures in session.execute(select(TrialRow.id, TrialRow.config, TrialRow.figures)):
-        if not is_plain_config(config):
-            problems.append(f"autotune_trials row {trial_id} has a config that is not a flat object of scalars")
+        if not is_config_object(config):
+            problems.append(f"autotune_trials row {trial_id} has a config that is not a JSON object")
         elif figures is not None:
             try:
                 check_figures(figures)

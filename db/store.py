@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from db import claims, runs
 from db.bests import best_record, key_row_id, offer_best, require_run
 from db.errors import DatabaseError
-from db.figures import check_figures, is_plain_config, readable_figures
+from db.figures import check_figures, is_config_object, readable_figures
 from db.integrity import find_problems
 from db.opening import open_engine
 from db.pruning import prune_keys
@@ -378,11 +378,11 @@ def _key(row: KeyRow) -> TuningKey | None:
 
 
 def _trial_record(row: TrialRow, key: TuningKey) -> TrialRecord | None:
-    """The row as a record, or None (skipped, with a log line) when its config is not a flat object of scalars;
-    figures that do not fit their schema read as none. Rows of older versions or hand edits never crash a reader,
+    """The row as a record, or None (skipped, with a log line) when its config is not a JSON object; figures that
+    do not fit their schema read as none. Rows of older versions or hand edits never crash a reader,
     and `integrity_check` names them."""
-    if not is_plain_config(row.config):
-        log.warning("skipping autotune_trials row %s: its config is not a flat object of scalars", row.id)
+    if not is_config_object(row.config):
+        log.warning("skipping autotune_trials row %s: its config is not a JSON object", row.id)
         return None
     return TrialRecord(id=row.id, key=key, run_id=row.run_id, number=row.number, config=row.config,
                        status=row.status, error_class=row.error_class, error_message=row.error_message,

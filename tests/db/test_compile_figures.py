@@ -123,21 +123,22 @@ def test_bad_rows_stored_before_are_read_as_no_figures_or_skipped(tmp_path: Path
     path = tmp_path / "old.db"
     key = make_key(platform="gpu-compile")
     with Store(path) as store:
-        ids = [store.add_trial(key, config=CONFIG, status="compiled", figures=compiled_figures()) for _ in range(4)]
+        ids = [store.add_trial(key, config=CONFIG, status="compiled", figures=compiled_figures()) for _ in range(5)]
     connection = sqlite3.connect(path)  # what an older version or a hand edit may have left
     for trial_id, column, value in ((ids[0], "figures", {"kernels": "x"}), (ids[1], "figures", {"kernels": 5}),
-                                    (ids[2], "config", {"block_q": [1, 2]})):
+                                    (ids[2], "config", {"block_q": [1, 2]}), (ids[3], "config", [1, 2])):
         connection.execute(f"UPDATE autotune_trials SET {column} = ? WHERE id = ?", (json.dumps(value), trial_id))
     connection.commit()
     connection.close()
     with Store(path) as store:
         trials = store.trials(key)
-        assert [t.id for t in trials] == [ids[0], ids[1], ids[3]]  # the config no reader can use is skipped
-        assert [t.figures for t in trials] == [None, None, compiled_figures()]
+        assert [t.id for t in trials] == [ids[0], ids[1], ids[2], ids[4]]  # a config that is no object: skipped
+        assert [t.figures for t in trials] == [None, None, compiled_figures(), compiled_figures()]
         problems = store.integrity_check()
         assert len(problems) == 3 and all("autotune_trials row" in p for p in problems)
-        doc = export_document(store)  # what is exported imports again
-    assert len(parse(copy.deepcopy(doc))) == 3
+        doc = export_document(store)
+    with pytest.raises(ImportValidationError, match="compile trial 2, field 'config'"):
+        parse(copy.deepcopy(doc))  # what the compile path never writes is not carried on either
 
 
 def test_the_nesting_check_reads_strings_without_a_cost_per_character() -> None:
