@@ -31,6 +31,18 @@ def check_any_kernel(key: TuningKey, config: Mapping[str, Any]) -> None:
         _check(kernel, key, config)
 
 
+def check_fields_any_kernel(key: TuningKey, config: Mapping[str, Any]) -> None:
+    """A ConfigCheck of a config's fields only (names and types, by the built-in kernel's `Config.from_dict`),
+    not whether it can run the key's problem: for configs recorded as failing, such as a compile-only trial the
+    compiler rejected."""
+    kernel = _builtin_kernels().get(key.kernel)
+    if kernel is not None:
+        try:
+            kernel.Config.from_dict(dict(config))
+        except (TypeError, KeyError) as exc:
+            raise ValueError(f"not a {kernel.NAME} config: {exc}") from None
+
+
 @functools.lru_cache(maxsize=1)
 def _builtin_kernels() -> dict[str, ModuleType]:
     kernels = (load_kernel(name) for name in BUILTIN)

@@ -104,6 +104,17 @@ def load_kernel(name: str) -> KernelModule:
     return check_kernel(module, path)
 
 
+def refusals(kernel: KernelModule, problem: Problem, *, device_kind: str | None) -> list[str]:
+    """Why `kernel` cannot run `problem` at all: its default config (where a search starts, what the runtime falls
+    back to) is invalid for it (e.g. head_dim 2048 needs more shared memory than any block size leaves). Empty when
+    it can. Such a problem is never recorded as a miss, and `search --misses` skips it: tuning cannot help."""
+    try:
+        config = kernel.Config.default(problem, device_kind=device_kind)
+        return list(kernel.invalid_reasons(config, problem, device_kind=device_kind))
+    except (ValueError, TypeError) as exc:
+        return [str(exc)]
+
+
 def kernel_for_platform(platform: str) -> str:
     """The built-in kernel that serves a platform: the Mosaic kernel on TPU, the Triton one elsewhere."""
     return "tpu" if platform == "tpu" else "gpu"

@@ -1,4 +1,4 @@
-"""The settings of workers sharing one results database, read from the environment in this one place.
+"""The `AUTOTUNE_*` environment variables, read in this one place; a malformed one is a ValueError naming it.
 
 Workers find each other only through the database: an Optuna study per tuning key (trials carry heartbeats, so a
 worker that dies in the middle of a trial has that trial failed by whoever looks next), and a claim per problem of a
@@ -10,17 +10,31 @@ through the environment, mostly so that tests need not wait for the production v
   AUTOTUNE_HEARTBEAT_GRACE     seconds without a heartbeat after which a running trial is failed (default 4
                                heartbeat intervals: 20)
   AUTOTUNE_CLAIM_TTL           seconds without a heartbeat after which a problem's claim is taken over (default 60)
+
+The runtime's defaults (`autotune.configure` overrides them):
+
+  AUTOTUNE_ON_MISS             what a lookup does on a miss: heuristic, nearest, error or tune (default heuristic)
+  AUTOTUNE_TUNE_TRIALS         trials of the short search `tune` runs on a miss (default 8)
+
+`AUTOTUNE_DB` (the default database) is read by db/urls.py, since db/ never imports autotune/; its errors name it
+too. The README's table lists them all.
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 
 BUSY_TIMEOUT = "AUTOTUNE_DB_BUSY_TIMEOUT"
 HEARTBEAT_INTERVAL = "AUTOTUNE_HEARTBEAT_INTERVAL"
 HEARTBEAT_GRACE = "AUTOTUNE_HEARTBEAT_GRACE"
 CLAIM_TTL = "AUTOTUNE_CLAIM_TTL"
+ON_MISS = "AUTOTUNE_ON_MISS"
+TUNE_TRIALS = "AUTOTUNE_TUNE_TRIALS"
+MISS_POLICIES = ("heuristic", "nearest", "error", "tune")
+DEFAULT_TUNE_TRIALS = 8
+MAX_TRIALS = 1_000_000  # per study: far beyond any search space, and within every counter's range
 DEFAULT_BUSY_TIMEOUT_S = 60.0
 RUNTIME_BUSY_TIMEOUT_S = 1.0
 MAX_SECONDS = 1e6  # about 11.6 days: no wait, lease or heartbeat is longer (and inf or NaN would never end)
@@ -69,3 +83,21 @@ def busy_timeout_s(default: float = DEFAULT_BUSY_TIMEOUT_S) -> float:
     place it is read: the search and the commands wait 60 s by default, the runtime 1 s (`RUNTIME_BUSY_TIMEOUT_S`:
     inference is better served by the heuristic config than by a stalled model)."""
     return _number(BUSY_TIMEOUT, default, integer=False)
+
+
+def miss_policy() -> str | None:
+    """$AUTOTUNE_ON_MISS, or None when it is not set (the default policy then applies)."""
+    text = os.environ.get(ON_MISS, "").strip()
+    if text and text not in MISS_POLICIES:
+        raise ValueError(f"${ON_MISS} must be one of {', '.join(MISS_POLICIES)}, got {text!r}")
+    return text or None
+
+
+def tune_trials() -> int:
+    """$AUTOTUNE_TUNE_TRIALS: the trials of the short search the `tune` policy runs on a miss (default 8)."""
+    text = os.environ.get(TUNE_TRIALS, "").strip()
+    if not text:
+        return DEFAULT_TUNE_TRIALS
+    if not re.fullmatch(r"[0-9]{1,7}", text) or not 1 <= int(text) <= MAX_TRIALS:
+        raise ValueError(f"${TUNE_TRIALS} must be a whole number of trials from 1 to {MAX_TRIALS}, got {text!r}")
+    return int(text)

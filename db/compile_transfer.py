@@ -1,8 +1,8 @@
 """Compile-only trials in an export document, so a sweep made on one machine seeds the device search on another.
 
 A document of format version 2 may carry `compile_trials`: the trials of compile-only keys (platform "gpu-compile"
-or "tpu-compile"), each with its key, config, outcome and compiler figures. They are checked as strictly as bests
-before anything is written, and merged into the trials table only where the key does not already hold a trial of
+or "tpu-compile"), each with its key, config, outcome and compiler figures. They are checked as strictly as bests,
+against the schema the compile path writes (db/figures.py), before anything is written, and merged into the trials table only where the key does not already hold a trial of
 the same config with the same outcome, so importing a document twice adds nothing. (Optuna's study of the key is
 not rebuilt on import: the device search reads our table; a compile-only search there records what it adds.)
 """
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from db.errors import ImportValidationError
-from db.records import COMPILE_PLATFORMS, TuningKey
+from db.figures import check_figures, check_flat_config
+from db.records import COMPILE_PLATFORMS, ConfigCheck, TuningKey
 from db.store import Store
-from db.validation import check_choice, check_json_object, check_text, check_time
+from db.validation import check_choice, check_text, check_time
 
 COMPILE_STATUSES = ("compiled", "resource_exhausted", "compile_error")
 _FIELDS = ("key", "config", "status", "error_class", "error_message", "compile_s", "figures")
@@ -51,15 +52,19 @@ def compile_records(store: Store, *, device_kind: str | None = None, kernel: str
     return records
 
 
-def parse_compile_trials(document: Mapping[str, Any], *, check=None) -> list[CompileTrial]:
-    """The document's compile-only trials, every field checked (ImportValidationError naming the record)."""
+def parse_compile_trials(document: Mapping[str, Any], *, check: ConfigCheck | None = None,
+                         fields_check: ConfigCheck | None = None) -> list[CompileTrial]:
+    """The document's compile-only trials, every field checked against what the compile path writes
+    (ImportValidationError naming the record): a flat config of integers (`check` judges a compiled one by the
+    kernels' rules; `fields_check` any one by its kernel's fields only, since a failure's config may be one the
+    rules now refuse), and figures of db.figures' schema."""
     records = document.get("compile_trials", [])
     if not isinstance(records, list):
         raise ImportValidationError(f"the document's compile_trials must be a list, got {type(records).__name__}")
-    return [_parse(index, record, check) for index, record in enumerate(records)]
+    return [_parse(index, record, check, fields_check) for index, record in enumerate(records)]
 
 
-def _parse(index: int, record: Any, check) -> CompileTrial:
+def _parse(index: int, record: Any, check: ConfigCheck | None, fields_check: ConfigCheck | None) -> CompileTrial:
     where = f"compile trial {index}"
     if not isinstance(record, Mapping):
         raise ImportValidationError(f"{where} must be an object, got {type(record).__name__}")
@@ -69,13 +74,13 @@ def _parse(index: int, record: Any, check) -> CompileTrial:
         raise ImportValidationError(f"{where} has unknown field(s) {unknown} or lacks {missing}")
     checks = {
         "key": TuningKey.from_dict,
-        "config": lambda v: check_json_object("config", v),
+        "config": check_flat_config,
         "status": lambda v: check_choice("status", v, COMPILE_STATUSES),
         "error_class": lambda v: check_text("error_class", v, optional=True, allow_empty=True),
         "error_message": lambda v: None if v is None else check_text("error_message", v, allow_empty=True)[
             :MAX_MESSAGE],
         "compile_s": lambda v: check_time("compile_s", v, optional=True),
-        "figures": lambda v: None if v is None else check_json_object("figures", v),
+        "figures": lambda v: None if v is None else check_figures(v),
     }
     values: dict[str, Any] = {}
     for name, field_check in checks.items():
@@ -86,9 +91,10 @@ def _parse(index: int, record: Any, check) -> CompileTrial:
     if values["key"].platform not in COMPILE_PLATFORMS:
         raise ImportValidationError(f"{where}, field 'key': platform must be one of {list(COMPILE_PLATFORMS)} "
                                     f"(compile-only), got {values['key'].platform!r}")
-    if check is not None and values["status"] == "compiled":  # a failure's config may be one the checks refuse
+    config_check = check if values["status"] == "compiled" else fields_check
+    if config_check is not None:
         try:
-            check(values["key"], values["config"])
+            config_check(values["key"], values["config"])
         except (ValueError, TypeError) as exc:
             raise ImportValidationError(f"{where}, field 'config': {exc}") from None
     return CompileTrial(**values)

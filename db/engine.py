@@ -90,14 +90,17 @@ def _guard_against_fork(engine: Engine) -> None:
             raise exc.DisconnectionError("connection was opened in another process; reconnecting")
 
 
-def make_reading_engine(url: str, *, busy_timeout_s: float, sqlite_path: Path | None) -> Engine:
+def make_reading_engine(url: str, *, busy_timeout_s: float, sqlite_path: Path | None,
+                        views: tuple[str, ...] = ()) -> Engine:
     """An engine that can only read (list, show, export, report; the runtime on read-only storage).
 
     SQLite: `query_only` on every connection, opened `mode=rw` where the file and its folder can be written (so the
     last reader removes its -wal/-shm files like any connection and leaves the folder as it was), `mode=ro` where
     they cannot but a -wal file shows a writer at work, and `immutable=1` otherwise: in a folder nobody can write,
     no writer can exist (it would need a -wal file there), and immutable needs no file of its own. Never switches
-    the journal mode, never creates the file. PostgreSQL: every transaction is READ ONLY.
+    the journal mode, never creates the file. `views`: statements run on each new SQLite connection before it turns
+    query-only (an older database read as the current schema: db.migrations.legacy_views). PostgreSQL: every
+    transaction is READ ONLY.
     """
     if sqlite_path is None:
         engine = create_engine(url, json_serializer=_strict_json, pool_pre_ping=True)
@@ -126,6 +129,8 @@ def make_reading_engine(url: str, *, busy_timeout_s: float, sqlite_path: Path | 
             cursor = dbapi_connection.cursor()
             try:
                 cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+                for statement in views:
+                    cursor.execute(statement)
                 cursor.execute("PRAGMA query_only = ON")
             finally:
                 cursor.close()

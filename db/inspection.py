@@ -7,6 +7,7 @@ in use in WAL mode, so the main file alone may be stale) is it opened read-only 
 """
 from __future__ import annotations
 
+import re
 import sqlite3
 import urllib.parse
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ def engine_inventory(engine: Engine, where: str) -> Inventory | None:
         if META_TABLE in tables:
             raw = connection.execute(
                 text(f"SELECT value FROM {META_TABLE} WHERE name = 'schema_version'")).scalar_one_or_none()
-            version = _parse_version(raw, where)
+            version = parse_version(raw, where)
         connection.rollback()
     return Inventory(tables, version) if tables else None
 
@@ -109,16 +110,18 @@ def _read_version(connection: sqlite3.Connection, tables: frozenset[str], where:
     if META_TABLE not in tables:
         return None
     row = connection.execute(f"SELECT value FROM {META_TABLE} WHERE name = 'schema_version'").fetchone()
-    return _parse_version(None if row is None else row[0], where)
+    return parse_version(None if row is None else row[0], where)
 
 
-def _parse_version(raw: object, where: str) -> int:
-    try:
-        return int(str(raw))
-    except ValueError:
+def parse_version(raw: object, where: str) -> int:
+    """A stored schema version: a whole number from 1 up, as this program writes it (newer ones are refused
+    later, by `check_inventory`); anything else (empty, '-1', '0', '4.5', text) is the same clear error."""
+    text = str(raw).strip()
+    if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) < 1:  # no sign, point, spaces inside or huge number
         raise DatabaseError(
             f"{where} has an {META_TABLE} table but no readable schema version (found {raw!r}); "
-            "it is damaged or was not written by pallas-autotune") from None
+            "it is damaged or was not written by pallas-autotune")
+    return int(text)
 
 
 def check_inventory(inventory: Inventory | None, where: str) -> None:

@@ -2,13 +2,15 @@
 
 SQLite gets its own page-level check and foreign-key check; every backend gets the checks only we can do: rows
 pointing at missing keys or runs, key rows whose digest does not match their fields (hand-edited or written by a
-buggy version, so lookups would miss them), and bests with impossible times.
+buggy version, so lookups would miss them), bests with impossible times, and trials whose config or compiler
+figures do not fit what the program writes.
 """
 from __future__ import annotations
 
 from sqlalchemy import Connection, select, text
 from sqlalchemy.orm import Session
 
+from db.figures import check_figures, is_config_object
 from db.records import TuningKey
 from db.schema import SCHEMA_VERSION, BestRow, KeyRow, MetaRow, MissRow, RunRow, TrialRow
 from db.validation import is_physical_time
@@ -33,6 +35,7 @@ def find_problems(session: Session) -> list[str]:
                                   .limit(_LIMIT)).all()
         problems += [f"{table.__tablename__} row with run_id {run_id} points at no run" for run_id in orphans]
     problems += _key_checks(session)
+    problems += _trial_checks(session)
     for best_id, time_s, default in session.execute(select(BestRow.id, BestRow.time_s, BestRow.default_time_s)):
         for name, value in (("time_s", time_s), ("default_time_s", default)):
             if value is not None and not is_physical_time(value):
@@ -59,6 +62,23 @@ def _key_checks(session: Session) -> list[str]:
         if key.digest() != row.digest:
             problems.append(f"autotune_keys row {row.id} has digest {row.digest} but its fields hash to "
                             f"{key.digest()}")
+        if len(problems) >= _LIMIT:
+            break
+    return problems
+
+
+def _trial_checks(session: Session) -> list[str]:
+    """Trial rows a reader skips (a config that is not a JSON object) or reads without figures (figures that do not
+    fit db.figures' schema)."""
+    problems: list[str] = []
+    for trial_id, config, figures in session.execute(select(TrialRow.id, TrialRow.config, TrialRow.figures)):
+        if not is_config_object(config):
+            problems.append(f"autotune_trials row {trial_id} has a config that is not a JSON object")
+        elif figures is not None:
+            try:
+                check_figures(figures)
+            except (ValueError, TypeError) as exc:
+                problems.append(f"autotune_trials row {trial_id} has figures that do not fit their schema: {exc}")
         if len(problems) >= _LIMIT:
             break
     return problems

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from sqlalchemy import Boolean, Column, Connection, Engine, MetaData, String, Table, false, inspect, text
 
 from db.errors import SchemaTooNewError
+from db.inspection import parse_version
 from db.schema import META_TABLE, SCHEMA_VERSION, Base, MetaRow, UTCDateTime
 
 _ADVISORY_LOCK_ID = 0x6175746F74756E65  # "autotune" in ASCII
@@ -57,8 +58,47 @@ def _v3_to_v4(connection: Connection) -> None:
                             "window_left, window_right, softcap, lengths)"))
 
 
+def _v4_to_v5(connection: Connection) -> None:
+    """Version 5 counts a key's calls that ran XLA because the kernels could not run them (a bias, a mask) apart
+    from its tunable misses, so one such call no longer hides them. Older rows: no such calls counted. A column
+    already there is left as it is."""
+    if "fallbacks" not in {column["name"] for column in inspect(connection).get_columns("autotune_misses")}:
+        connection.execute(text("ALTER TABLE autotune_misses ADD COLUMN fallbacks INTEGER NOT NULL DEFAULT 0"))
+
+
 # STEPS[n] upgrades a version-n database to version n + 1.
-STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
+STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
+
+# The steps that only add columns, each with what an older row reads as (an SQL value): a database that needs only
+# these can be read as it is, without upgrading it, where it cannot be written (db.legacy). A test checks that
+# this matches what the steps really add.
+COLUMNS_ADDED: dict[int, dict[str, dict[str, str]]] = {
+    2: {"autotune_trials": {"figures": "NULL"}},
+    3: {"autotune_keys": {"window_left": "NULL", "window_right": "NULL", "softcap": "NULL", "lengths": "0"},
+        "autotune_misses": {"reason": "NULL"}},
+    4: {"autotune_misses": {"fallbacks": "0"}},
+}
+
+
+def columns_missing(version: int) -> dict[str, dict[str, str]] | None:
+    """What a version-`version` database lacks of the current schema, when the steps up from it only add columns
+    ({table: {column: what older rows read as}}, empty when current); None when a step does more (a new table)."""
+    missing: dict[str, dict[str, str]] = {}
+    for step in range(version, SCHEMA_VERSION):
+        if step not in COLUMNS_ADDED:
+            return None
+        for table, columns in COLUMNS_ADDED[step].items():
+            missing.setdefault(table, {}).update(columns)
+    return missing
+
+
+def legacy_views(missing: dict[str, dict[str, str]]) -> list[str]:
+    """SQLite statements that make an older database read as the current schema on one connection, changing
+    nothing in it: a TEMP view per table that lacks columns, named like the table (SQLite looks in `temp` before
+    `main`), adding each missing column with the value older rows read as."""
+    return [f"CREATE TEMP VIEW {table} AS SELECT *, "
+            + ", ".join(f"{value} AS {column}" for column, value in columns.items()) + f" FROM main.{table}"
+            for table, columns in missing.items()]
 
 
 def prepare_schema(engine: Engine, where: str) -> None:
@@ -89,7 +129,8 @@ def _version(connection: Connection) -> int | None:
     """Our schema version, or None when the database has no autotune_meta yet."""
     if META_TABLE not in inspect(connection).get_table_names():
         return None
-    return int(connection.execute(text(f"SELECT value FROM {META_TABLE} WHERE name = 'schema_version'")).scalar_one())
+    raw = connection.execute(text(f"SELECT value FROM {META_TABLE} WHERE name = 'schema_version'")).scalar_one_or_none()
+    return parse_version(raw, "the results database")
 
 
 def _lock(connection: Connection) -> None:

@@ -159,13 +159,15 @@ class BestRecord:
 
 @dataclass(frozen=True)
 class MissRecord:
-    """A key the runtime asked for without using a tuned config: how often, when last, and the latest reason given
-    (None: it had no best; else why the tuned kernels could not run it, e.g. an additive bias)."""
+    """A key the runtime asked for without using a tuned config: how often it had no best (`count`: tuning helps),
+    apart from how often the tuned kernels could not run the call at all (`fallbacks`: it ran XLA, tuning cannot
+    help), with the latest such `reason` (e.g. an additive bias); and when last."""
 
     key: TuningKey
     count: int
     last_seen: datetime
     reason: str | None
+    fallbacks: int = 0
 
 
 @dataclass(frozen=True)

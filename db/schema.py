@@ -1,24 +1,25 @@
-"""The tables (schema version 4), as typed SQLAlchemy ORM models.
+"""The tables (schema version 5), as typed SQLAlchemy ORM models.
 
 Every table is prefixed `autotune_` because Optuna keeps its own tables (`studies`, `trials`, `alembic_version`, ...)
 in the same database. A key row is written once per distinct `TuningKey` and found by its unique digest; trials,
 bests and misses point at it, so the hot lookup is one indexed join. Version 1 lacked the trial timing spread and
 count and the claims table, version 2 the compile figures of compile-only trials, version 3 the keys' sliding
-window, soft-cap and padding-lengths fields and the misses' reason; `db.migrations` adds them.
+window, soft-cap and padding-lengths fields and the misses' reason, version 4 the misses' count of calls the
+kernels could not run (kept apart from the tunable misses); `db.migrations` adds them.
 """
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, false
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, false, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from db.validation import as_utc
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 PREFIX = "autotune_"
 META_TABLE = "autotune_meta"
 
@@ -149,14 +150,17 @@ class BestRow(Base):
 
 
 class MissRow(Base):
-    """How often the runtime asked for a key that had no best: the search's to-do list."""
+    """How often the runtime asked for a key that had no best (`count`: the search's to-do list), and, apart from
+    those, how often a call of that key ran XLA because the kernels could not run it (`fallbacks`, with the latest
+    `reason`, e.g. an additive bias): tuning cannot help those, and they must not hide the tunable misses."""
 
     __tablename__ = "autotune_misses"
 
     key_id: Mapped[int] = mapped_column(ForeignKey("autotune_keys.id"), primary_key=True)
     count: Mapped[int]
     last_seen: Mapped[datetime]
-    reason: Mapped[str | None] = mapped_column(Text)  # added in version 4: why the latest miss that said so missed
+    reason: Mapped[str | None] = mapped_column(Text)  # added in version 4: why the latest fallback ran XLA
+    fallbacks: Mapped[int] = mapped_column(Integer, server_default=text("0"))  # added in version 5
 
 
 class ClaimRow(Base):

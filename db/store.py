@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from db import claims, runs
 from db.bests import best_record, key_row_id, offer_best, require_run
 from db.errors import DatabaseError
+from db.figures import check_figures, is_config_object, readable_figures
 from db.integrity import find_problems
 from db.opening import open_engine
 from db.pruning import prune_keys
@@ -68,8 +69,10 @@ class Store:
         self.url: str = default_url() if url is None else resolve_url(url)
         self._where = display_url(self.url)
         self.engine: Engine
-        self.engine, self.read_only = open_engine(self.url, self._where, busy_timeout_s=busy_timeout_s,
-                                                  create=create and not read_only, read_only=read_only)
+        self.notice: str | None  # to show once: e.g. an older database read as it is (read-only storage)
+        self.engine, self.read_only, self.notice = open_engine(
+            self.url, self._where, busy_timeout_s=busy_timeout_s, create=create and not read_only,
+            read_only=read_only)
 
     @property
     def where(self) -> str:
@@ -152,7 +155,7 @@ class Store:
                   time_count: int | None = None, max_error: float | None = None,
                   figures: dict[str, Any] | None = None) -> int:
         """Record one trial; returns its id. Times must be finite and >= 0; a NaN `max_error` is stored as +inf.
-        `figures`: what the compiler said of a compile-only trial (a JSON object)."""
+        `figures`: what the compiler said of a compile-only trial (db.figures' schema)."""
         values = dict(
             config=check_json_object("config", config), status=check_choice("status", status, TRIAL_STATUSES),
             run_id=check_int("run_id", run_id, optional=True), number=check_int("number", number, optional=True),
@@ -163,7 +166,7 @@ class Store:
             time_spread_s=check_time("time_spread_s", time_spread_s, optional=True),
             time_count=check_int("time_count", time_count, optional=True, minimum=0),
             max_error=check_error_size("max_error", max_error),
-            figures=None if figures is None else check_json_object("figures", figures))
+            figures=None if figures is None else check_figures(figures))
 
         def work(session: Session) -> int:
             require_run(session, values["run_id"])
@@ -180,8 +183,8 @@ class Store:
         if key is not None:
             query = query.where(KeyRow.digest == key.digest())
         with self._reading() as session:
-            return [_trial_record(trial, key) for trial, key_row in session.execute(query)
-                    if (key := _key(key_row)) is not None]
+            return [record for trial, key_row in session.execute(query)
+                    if (key := _key(key_row)) is not None and (record := _trial_record(trial, key)) is not None]
 
     def keys(self, *, platform: str | None = None, kernel: str | None = None, kernel_version: str | None = None,
              device_kind: str | None = None) -> list[TuningKey]:
@@ -256,34 +259,40 @@ class Store:
     # -- misses ---------------------------------------------------------------------------------------------------
 
     def record_miss(self, key: TuningKey, reason: str | None = None) -> None:
-        """Count one lookup of a key that ran without a tuned config. `reason` says why when it was not only a
-        missing best (e.g. an argument the kernels do not take); it replaces the stored reason, and a miss without
-        one leaves the stored reason as it is. It is stored cleaned: one line, at most MAX_REASON characters."""
+        """Count one call of a key that ran without a tuned config. Without `reason` it had no best (a tunable
+        miss: `count`); with one, the kernels could not run it at all (e.g. an argument they do not take) and it ran
+        XLA: counted apart (`fallbacks`, the reason replacing the stored one), so it never hides the key's tunable
+        misses. The reason is stored cleaned: one line, at most MAX_REASON characters."""
         reason = clean_text("reason", reason, limit=MAX_REASON)
+        counts = {"count": int(reason is None), "fallbacks": int(reason is not None)}
         kept = {} if reason is None else {"reason": reason}
 
         def work(session: Session) -> None:
             key_id = key_row_id(session, key)
             now = utc_now()
             counted = session.execute(update(MissRow).where(MissRow.key_id == key_id)
-                                      .values(count=MissRow.count + 1, last_seen=now, **kept)
+                                      .values(count=MissRow.count + counts["count"],
+                                              fallbacks=MissRow.fallbacks + counts["fallbacks"], last_seen=now,
+                                              **kept)
                                       .execution_options(**_NO_SYNC))
             if not counted.rowcount:
-                session.add(MissRow(key_id=key_id, count=1, last_seen=now, reason=reason))
+                session.add(MissRow(key_id=key_id, last_seen=now, reason=reason, **counts))
                 session.flush()
 
         self._write(work)
 
     def misses(self) -> list[tuple[TuningKey, int]]:
-        """Missed keys with their counts, most frequent first."""
-        return [(record.key, record.count) for record in self.miss_records()]
+        """Keys with tunable misses (no best) and their counts, most frequent first: what `search --misses` tunes."""
+        return [(record.key, record.count) for record in self.miss_records() if record.count]
 
     def miss_records(self) -> list[MissRecord]:
-        """Missed keys with their counts, last times and reasons, most frequent first (the order of `misses`)."""
+        """Missed keys with their counts, fallbacks, last times and reasons, most frequent first (tunable misses,
+        then fallbacks)."""
         query = (select(KeyRow, MissRow).join(MissRow, MissRow.key_id == KeyRow.id)
-                 .order_by(MissRow.count.desc(), MissRow.last_seen.desc(), KeyRow.id))
+                 .order_by(MissRow.count.desc(), MissRow.fallbacks.desc(), MissRow.last_seen.desc(), KeyRow.id))
         with self._reading() as session:
-            return [MissRecord(key=key, count=miss.count, last_seen=miss.last_seen, reason=miss.reason)
+            return [MissRecord(key=key, count=miss.count, last_seen=miss.last_seen, reason=miss.reason,
+                               fallbacks=miss.fallbacks)
                     for row, miss in session.execute(query) if (key := _key(row)) is not None]
 
     def clear_miss(self, key: TuningKey) -> None:
@@ -368,10 +377,16 @@ def _key(row: KeyRow) -> TuningKey | None:
         return None
 
 
-def _trial_record(row: TrialRow, key: TuningKey) -> TrialRecord:
+def _trial_record(row: TrialRow, key: TuningKey) -> TrialRecord | None:
+    """The row as a record, or None (skipped, with a log line) when its config is not a JSON object; figures that
+    do not fit their schema read as none. Rows of older versions or hand edits never crash a reader,
+    and `integrity_check` names them."""
+    if not is_config_object(row.config):
+        log.warning("skipping autotune_trials row %s: its config is not a JSON object", row.id)
+        return None
     return TrialRecord(id=row.id, key=key, run_id=row.run_id, number=row.number, config=row.config,
                        status=row.status, error_class=row.error_class, error_message=row.error_message,
                        compile_s=row.compile_s, time_s=row.time_s, time_spread_s=row.time_spread_s,
                        time_count=row.time_count, max_error=row.max_error, created_at=row.created_at,
-                       figures=row.figures)
+                       figures=readable_figures(row.figures, row.id))
 

@@ -22,7 +22,10 @@ def default_url() -> str:
     """$AUTOTUNE_DB (a URL or a path) if set, else <cache>/pallas-autotune/results.db in the user's cache dir."""
     configured = os.environ.get(ENV_VAR, "").strip()
     if configured:
-        return resolve_url(configured)
+        try:
+            return resolve_url(configured)
+        except ValueError as exc:
+            raise ValueError(f"${ENV_VAR}: {exc}") from None
     return resolve_url(_cache_dir() / "pallas-autotune" / "results.db")
 
 
@@ -86,32 +89,75 @@ def in_memory(url: str) -> bool:
 
 
 def display_url(url: str) -> str:
-    """The URL for messages: the password hidden, an SQLite file shown as its path. Never raises."""
+    """The URL for messages: every secret hidden (the password, and secret query parameters such as
+    `?password=` or `sslpassword=`), an SQLite file shown as its path. Never raises."""
     try:
         path = sqlite_file(url)
-        return str(path) if path is not None else make_url(url).render_as_string(hide_password=True)
+        return str(path) if path is not None else mask_password(make_url(url).render_as_string(hide_password=True))
     except Exception:  # noqa: BLE001 - an unparseable URL is still shown, masked, rather than failing a message
         return mask_password(str(url))
 
 
+# Query parameters that carry a secret: libpq's `password` and `sslpassword` (its only two), and what other
+# drivers call theirs (`passwd`, `pwd`, an access token or secret). `passfile` and `sslkey` name files: not secret.
+_SECRET_PARAMETER = re.compile(r"password|passwd|secret|token|^pwd$|^pass$", re.IGNORECASE)
+PASSWORD_HINT = ("the password is left out: libpq reads it from $PGPASSWORD or a ~/.pgpass line "
+                 "(host:port:database:user:password) when the URL has none")
 _USERINFO = re.compile(r"(://[^/@:\s]*:)[^/\s]*@")
+_QUERY_PAIR = re.compile(r"([?&;])([^=&;?#\s'\"]+)=([^&;#\s'\"]*)")
+
+
+def is_secret_parameter(name: str) -> bool:
+    """Whether a URL query parameter carries a secret (its name, as given or percent-encoded)."""
+    return bool(_SECRET_PARAMETER.search(urllib.parse.unquote_plus(name)))
 
 
 def mask_password(text: str) -> str:
-    """`text` with the password of every URL in it replaced by ***, for messages about URLs that may not parse."""
-    return _USERINFO.sub(r"\1***@", text)
+    """`text` with every URL secret in it replaced by ***: the password of `user:password@`, and the value of each
+    secret query parameter (`?password=`, `&sslpassword=`); for messages about URLs that may not parse."""
+    text = _USERINFO.sub(r"\1***@", text)
+    return _QUERY_PAIR.sub(lambda m: f"{m[1]}{m[2]}=***" if is_secret_parameter(m[2]) and m[3] else m[0], text)
+
+
+def secrets_of(url: str) -> list[str]:
+    """The secrets a URL carries (its password, the values of its secret query parameters); [] if it has none or
+    does not parse."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001
+        return []
+    found = [str(parsed.password)] if parsed.password else []
+    for name, value in parsed.query.items():
+        if is_secret_parameter(name):
+            found += [v for v in ((value,) if isinstance(value, str) else value) if v]
+    return found
 
 
 def scrub(message: str, url: str) -> str:
-    """A driver's message with the URL's password hidden, wherever the driver may have copied it."""
-    try:
-        password = make_url(url).password
-    except Exception:  # noqa: BLE001
-        password = None
-    if password:
-        message = message.replace(str(password), "***")
-        message = message.replace(urllib.parse.quote(str(password), safe=""), "***")
+    """A driver's message with the URL's secrets hidden, wherever the driver may have copied them."""
+    for secret in sorted(secrets_of(url), key=len, reverse=True):
+        for form in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret)}:
+            message = message.replace(form, "***")
     return mask_password(message)
+
+
+def shareable_url(url: str) -> tuple[str, bool]:
+    """The URL as a command or snippet to paste can show it: an SQLite file as its path, else the URL without its
+    secrets (a `***` in their place could not be pasted), and whether any secret was left out (then say how to
+    give it: PASSWORD_HINT)."""
+    try:
+        path = sqlite_file(url)
+        if path is not None:
+            return str(path), False
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - not a URL we can take apart: shown masked
+        return mask_password(str(url)), True
+    secret_names = [name for name in parsed.query if is_secret_parameter(name)]
+    if not parsed.password and not secret_names:
+        return parsed.render_as_string(hide_password=False), False
+    cleared = URL.create(parsed.drivername, username=parsed.username, host=parsed.host, port=parsed.port,
+                         database=parsed.database, query=parsed.difference_update_query(secret_names).query)
+    return cleared.render_as_string(hide_password=False), True
 
 
 def _absolute(path: Path) -> Path:

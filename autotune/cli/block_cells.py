@@ -18,8 +18,9 @@ def block_cells(trials: list) -> tuple[dict[tuple, list], list, list]:
     """({(block_q, block_k): trials}, sorted block_q values, sorted block_k values); empty when no config has both."""
     cells: dict[tuple, list] = defaultdict(list)
     for t in trials:
-        if "block_q" in t.config and "block_k" in t.config:
-            cells[(t.config["block_q"], t.config["block_k"])].append(t)
+        cell = (t.config.get("block_q"), t.config.get("block_k"))
+        if all(isinstance(value, (bool, int, float, str)) for value in cell):  # a list (a hand edit) has no cell
+            cells[cell].append(t)
     rows = sorted({q for q, _ in cells}, key=value_order)
     cols = sorted({k for _, k in cells}, key=value_order)
     return dict(cells), rows, cols

@@ -110,8 +110,15 @@ def open_store(db: str | None, *, create: bool = True, read_only: bool = False):
     from autotune.cli.database_messages import explain_open_failure
     from db import DatabaseError, Store
 
+    try:  # a malformed --db or $AUTOTUNE_DB is bad input (exit 2), not a database that failed
+        resolve_url(db) if db else default_url()
+    except ValueError as exc:
+        raise (click.BadParameter(str(exc), param_hint="--db") if db else click.UsageError(str(exc))) from None
     try:
-        return Store(db, busy_timeout_s=worker_settings().busy_timeout_s, create=create, read_only=read_only)
+        store = Store(db, busy_timeout_s=worker_settings().busy_timeout_s, create=create, read_only=read_only)
+        if store.notice:
+            click.echo(f"Note: {printable(store.notice)}", err=True)
+        return store
     except DatabaseError as exc:
         message = str(exc)
     except Exception as exc:  # noqa: BLE001 - driver errors: locked, read-only, unreachable server
@@ -140,7 +147,7 @@ def database_errors(store) -> Iterator[None]:
     except (SQLAlchemyError, StorageInternalError, DatabaseError, OSError) as exc:
         if caused_by_ctrl_c(exc):  # Ctrl-C inside a commit: the driver's next words hide the interrupt
             raise KeyboardInterrupt from exc
-        raise click.ClickException(describe_database_error(exc, display_url(store.url))) from None
+        raise click.ClickException(scrub(describe_database_error(exc, display_url(store.url)), store.url)) from None
 
 
 def caused_by_ctrl_c(exc: BaseException) -> bool:

@@ -78,12 +78,21 @@ def list_misses(store, filters: dict[str, Any], as_json: bool) -> None:
         raise click.ClickException(f"no missed keys{describe_filters(filters)} in {where(store)}")
     if as_json:
         echo_json([{"digest": r.key.digest(), "key": r.key.to_dict(), "problem": describe_problem(r.key),
-                    "count": r.count, "last_seen": r.last_seen.isoformat(), "reason": r.reason} for r in records])
+                    "count": r.count, "fallbacks": r.fallbacks, "last_seen": r.last_seen.isoformat(),
+                    "reason": r.reason} for r in records])
         return
     rows = [[r.key.device_kind, f"{r.key.kernel}@{r.key.kernel_version}", describe_problem(r.key), str(r.count),
-             when(r.last_seen), printable(first_line(r.reason) if r.reason else "no tuned config: autotune search "
-                                          "--misses tunes it")] for r in records]
-    print_table(["device", "kernel", "problem", "misses", "last (UTC)", "why"], rows)
+             str(r.fallbacks), when(r.last_seen), printable(miss_why(r))] for r in records]
+    print_table(["device", "kernel", "problem", "misses", "ran XLA", "last (UTC)", "why"], rows)
+
+
+def miss_why(record) -> str:
+    """What a missed key's row says: the tunable misses (search --misses tunes them) and, apart, why calls of it
+    ran XLA."""
+    parts = ["no tuned config: autotune search --misses tunes it"] if record.count else []
+    if record.fallbacks and record.reason:
+        parts.append(f"ran XLA: {first_line(record.reason)}")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- show

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shlex
 import signal
 import socket
 import sys
 import threading
 import uuid
+from typing import Callable
 
 import click
 
@@ -21,10 +23,10 @@ from autotune.cli.common import (Seconds, database_errors, db_option, describe_p
                                       kernel_option_module, open_store, print_table, problem_options,
                                       specs_from_flags, table_config, where, worker_settings)
 from autotune.options import SAMPLERS
-from autotune.shapes import ProblemSpec
-from db.urls import display_url, resolve_url
+from autotune.settings import MAX_TRIALS
+from autotune.shapes import ProblemSpec, spec_from_fields
+from db.urls import PASSWORD_HINT, resolve_url, shareable_url
 
-MAX_TRIALS = 1_000_000  # per study: far beyond any search space, and within every counter's range
 _CTRL_C_SEEN = threading.Event()  # once set, a failure on the way out is the interrupt's doing, not the database's
 
 
@@ -86,6 +88,7 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
     from autotune.heartbeat import Heartbeat
     from autotune.search.loop import AllCandidatesFailed, Search
     from autotune.search.scheduler import ClaimTimings, TurnKind, claim_name, claimed_problems
+    from autotune.kernel_protocol import device_kind_of, refusals
 
     config = worker_settings()
     if isolate:  # parent and children share the accelerator: no process may grab most of its memory up front
@@ -94,9 +97,16 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
     kernel = kernel or kernel_for_platform(device.platform)
     kernel_module = kernel_option_module(kernel, device)  # the only load: the search and the claims use it
     specs = None if tune_misses else specs_from_flags(flags, shapes)  # bad input stops here, before any write
+    for index, spec in enumerate(specs or []):
+        refused = refusals(kernel_module, spec.problem, device_kind=device_kind_of(device))
+        if refused:
+            entry = f"problem {index + 1}: " if shapes else ""
+            raise click.UsageError(f"{entry}the {kernel_module.NAME} kernel cannot run {describe_problem(spec.problem)}"
+                                   f": its default config, where every search starts, is invalid "
+                                   f"({'; '.join(refused)})")
     store = open_store(db)
     if tune_misses:
-        specs = missed_specs(store, kernel_module, device)
+        specs = missed_specs(store, kernel_module, device, on_skip=lambda line: click.echo(line, err=True))
         if not specs:
             click.echo("No missed keys for this kernel and device: nothing to tune.")
             return
@@ -159,18 +169,42 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
         raise click.ClickException("no valid config found:\n  " + "\n  ".join(failures))
 
 
-def missed_specs(store, kernel_module, device) -> list[ProblemSpec]:
-    """The missed keys of this kernel version on this device, most frequent first, as problems to tune; keys
-    missed with a reason (the kernels could not run the call: a bias, a mask) are left out, tuning cannot help."""
+def missed_specs(store, kernel_module, device, on_skip: Callable[[str], None] | None = None) -> list[ProblemSpec]:
+    """The missed keys of this kernel version on this device, most frequent first, as problems to tune; calls the
+    kernels could not run at all (a bias, a mask: counted apart, as fallbacks) are left out, tuning cannot help. A
+    key the flags or a shapes file could not name (past their limits), or that the kernel cannot run at all (its
+    default config is invalid), is skipped with one line to `on_skip`: the other keys are still tuned."""
+    from autotune.kernel_protocol import device_kind_of, refusals
     from autotune.keys import problem_of
 
     specs = []
     for record in store.miss_records():
         key = record.key
-        if record.reason is None and (key.kernel, key.kernel_version, key.platform, key.device_kind) == (
+        if not record.count or (key.kernel, key.kernel_version, key.platform, key.device_kind) != (
                 kernel_module.NAME, kernel_module.VERSION, device.platform, device.device_kind):
-            specs.append(ProblemSpec(problem_of(key), 3 if key.segments else 0))
+            continue
+        try:  # the limits of the flags and shapes files
+            spec = spec_from_fields(_user_fields(key), f"missed key {key.digest()[:8]}")
+            refused = refusals(kernel_module, spec.problem, device_kind=device_kind_of(device))
+            if refused:
+                raise ValueError(f"missed key {key.digest()[:8]}: the {kernel_module.NAME} kernel cannot run it: "
+                                 f"its default config, where every search starts, is invalid ({'; '.join(refused)})")
+        except ValueError as exc:
+            if on_skip is not None:
+                on_skip(f"Skipping {describe_problem(problem_of(key))}: {exc}")
+            continue
+        specs.append(spec)
     return specs
+
+
+def _user_fields(key) -> dict:
+    """A key's problem as the fields of a shapes file (what the flags and shapes checks take)."""
+    window = None if key.window_left is None and key.window_right is None else [
+        -1 if side is None else side for side in (key.window_left, key.window_right)]
+    return {"batch": key.batch, "seq_len": key.q_len, "kv_seq_len": key.kv_len, "heads": key.heads,
+            "kv_heads": key.kv_heads, "head_dim": key.head_dim, "dtype": key.dtype, "causal": key.causal,
+            "segments": 3 if key.segments else 0, "backward": key.backward, "window": window,
+            "softcap": key.softcap, "lengths": key.lengths}
 
 
 def print_summary(results, db: str | None) -> None:
@@ -205,8 +239,9 @@ def print_summary(results, db: str | None) -> None:
         else:
             click.echo(f"{label}: the database already held a faster result (another worker's, or an earlier "
                        "run's); it was kept.")
-    shown = None if db is None else display_url(resolve_url(db))  # a password in a URL is never printed
-    db_flag = "" if shown is None else f" --db {shown}"
+    # A secret in the URL is never printed: the hints show the URL without it, and say how to give it instead.
+    shown, secret_left_out = (None, False) if db is None else shareable_url(resolve_url(db))
+    db_flag = "" if shown is None else f" --db {shlex.quote(shown)}"
     ids = [str(r.best_id) for r in results if r.best_id is not None]
     if ids:
         click.echo(f"Next: autotune show --id {ids[0]}{db_flag}   (all results: autotune list{db_flag})")
@@ -216,3 +251,5 @@ def print_summary(results, db: str | None) -> None:
         db_arg = "" if shown is None else f"autotune.configure(db={shown!r}); "
         click.echo(f"In Python: {db_arg}autotune.lookup(({p.batch}, {p.q_len}, {p.heads}, {p.head_dim}), "
                    f"({p.batch}, {p.kv_len}, {p.kv_heads}, {p.head_dim}), '{p.dtype}'{flags})")
+        if secret_left_out:
+            click.echo(f"(In both, {PASSWORD_HINT}.)")

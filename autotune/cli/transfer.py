@@ -60,7 +60,7 @@ def import_command(file, device_kind, kernel_filter, dtype_filter, causal_filter
 
     Per key the faster result wins; the whole document is checked before anything is written. FILE '-' is stdin.
     """
-    from autotune.config_check import check_any_kernel
+    from autotune.config_check import check_any_kernel, check_fields_any_kernel
     from db import DatabaseError
     from db.compile_transfer import merge_compile_trials, parse_compile_trials
     from db.transfer import MAX_DOCUMENT_BYTES, merge_offers, parse_document, read_document
@@ -73,7 +73,7 @@ def import_command(file, device_kind, kernel_filter, dtype_filter, causal_filter
                 text = handle.read(MAX_DOCUMENT_BYTES + 1)
         document = read_document(text)
         offers = parse_document(document, check=check_any_kernel)
-        compiled = parse_compile_trials(document, check=check_any_kernel)
+        compiled = parse_compile_trials(document, check=check_any_kernel, fields_check=check_fields_any_kernel)
     except OSError as exc:
         raise click.ClickException(f"cannot read {file}: {exc.strerror or exc}") from None
     except DatabaseError as exc:

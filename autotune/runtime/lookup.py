@@ -25,14 +25,14 @@ from typing import Any, Iterator
 from autotune.measure.kernel_call import feature_kwargs
 from autotune.device import DeviceInfo, current_device, device_of
 from autotune.keys import make_key, shape_distance
-from autotune.kernel_protocol import device_kind_of, kernel_for_platform, load_kernel
-from autotune.settings import RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
+from autotune.kernel_protocol import device_kind_of, kernel_for_platform, load_kernel, refusals
+from autotune import settings as environment
+from autotune.settings import MISS_POLICIES, RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
 from db import Store, TuningKey, default_url, resolve_url
-from db.urls import display_url, scrub, sqlite_file
+from db.urls import PASSWORD_HINT, display_url, scrub, shareable_url, sqlite_file
 from kernels import Problem, canonical_dtype, check_inputs
 from kernels.problem import check_window, window_fields
 
-MISS_POLICIES = ("heuristic", "nearest", "error", "tune")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -48,17 +48,23 @@ class Settings:
     on_miss: str | None = None
 
     @functools.cached_property
-    def _resolved(self) -> tuple[str, str]:
-        policy = self.on_miss or os.environ.get("AUTOTUNE_ON_MISS") or "heuristic"
-        if policy not in MISS_POLICIES:
-            raise ValueError(f"on_miss must be one of {MISS_POLICIES}, got {policy!r}")
-        return (resolve_url(self.db) if self.db is not None else default_url()), policy
+    def _resolved(self) -> tuple[str, str, int]:
+        """Everything read at once, so a malformed setting fails here (naming it), before a miss is recorded."""
+        if self.on_miss and self.on_miss not in MISS_POLICIES:
+            raise ValueError(f"on_miss must be one of {MISS_POLICIES}, got {self.on_miss!r}")
+        policy = self.on_miss or environment.miss_policy() or "heuristic"
+        trials = environment.tune_trials() if policy == "tune" else environment.DEFAULT_TUNE_TRIALS
+        return (resolve_url(self.db) if self.db is not None else default_url()), policy, trials
 
     def url(self) -> str:
         return self._resolved[0]
 
     def policy(self) -> str:
         return self._resolved[1]
+
+    def tune_trials(self) -> int:
+        """The trials of the short search the `tune` policy runs ($AUTOTUNE_TUNE_TRIALS)."""
+        return self._resolved[2]
 
 
 @dataclass(frozen=True)
@@ -134,8 +140,8 @@ def _warn_once(tag: Any, message: str) -> None:
 
 
 def _store(url: str) -> tuple[Store | None, str]:
-    """The open store for a URL, or None and why not (missing, or cannot be opened). Never creates a database;
-    never warns: the caller folds the reason into the one warning of the call."""
+    """The open store for a URL, or None and why not (missing, or cannot be opened). Never creates a database; the
+    caller folds the reason into the one warning of the call (only a store's notice is warned here, once)."""
     with _lock:
         if url in _stores:
             return _stores[url]
@@ -150,6 +156,8 @@ def _store(url: str) -> tuple[Store | None, str]:
                               create=False, read_only=None)  # never creates; read-only where it cannot write
             except Exception as exc:  # noqa: BLE001 - inference must never break on the database
                 why = f"the results database {display_url(url)} cannot be opened ({scrub(str(exc), url)})"
+            if store is not None and store.notice:  # said once: the store is opened once per URL
+                _warn_once(("notice", url), store.notice)
         _stores[url] = (store, why)
         return store, why
 
@@ -188,9 +196,12 @@ def _tune_command(key: TuningKey, url: str) -> str:
     if key.softcap is not None:
         flags.append(f"--softcap {key.softcap:g}")
     flags += ["--lengths"] * key.lengths
+    note = ""
     if url != default_url():
-        flags.append(f"--db {shlex.quote(display_url(url))}")
-    return "autotune search " + " ".join(flags)
+        shown, secret_left_out = shareable_url(url)
+        flags.append(f"--db {shlex.quote(shown)}")
+        note = f" ({PASSWORD_HINT})" if secret_left_out else ""
+    return "autotune search " + " ".join(flags) + note
 
 
 def _stored_config(kernel: ModuleType, problem: Problem, config_dict: dict, device: DeviceInfo):
@@ -220,6 +231,10 @@ def _resolve(kernel: ModuleType, kernel_name: str, problem: Problem, device: Dev
             if config is not None:
                 return Lookup(config, "tuned", key)
             why = f"ignoring the stored config {best.config}: {invalid}"
+    refused = refusals(kernel, problem, device_kind=device_kind_of(device))
+    if refused:  # no config can run it: not a miss (tuning cannot help); the kernel's call says why
+        return Lookup(kernel.Config.default(problem, device_kind=device_kind_of(device)), "heuristic", key,
+                      "; ".join(refused))
     if store is not None:
         with contextlib.suppress(Exception):  # a read-only database cannot count misses: not worth failing for
             store.record_miss(key)
@@ -231,7 +246,7 @@ def _resolve(kernel: ModuleType, kernel_name: str, problem: Problem, device: Dev
         from autotune.search.loop import search_problem
 
         result = search_problem(problem, kernel_name=kernel_name, store=store, device=device,
-                                options=SearchOptions(trials=int(os.environ.get("AUTOTUNE_TUNE_TRIALS", "8")),
+                                options=SearchOptions(trials=settings.tune_trials(),
                                                       compare_xla=False, retime_top=2), progress=False)
         return Lookup(kernel.Config.from_dict(result.best_config), "tuned", key, "tuned on miss")
     if policy == "nearest" and store is not None:

@@ -283,8 +283,9 @@ def test_a_version_2_database_gains_the_figures_column_in_place(tmp_path):
     with Store(path) as store:
         [old] = store.trials(key)
         assert old.time_s == 1e-3 and old.figures is None
-        store.add_trial(key, config={"block_q": 32}, status="compiled", figures={"kernels": [{"memory_bytes": 1}]})
-        assert store.trials(key)[-1].figures == {"kernels": [{"memory_bytes": 1}]}
+        figures = {"target": "h100", "kernels": [{"role": "forward", "name": "fwd", "memory_bytes": 1}]}
+        store.add_trial(key, config={"block_q": 32}, status="compiled", figures=figures)
+        assert store.trials(key)[-1].figures["kernels"][0]["memory_bytes"] == 1
         assert store.integrity_check() == []
     check = sqlite3.connect(path)
     assert check.execute("SELECT value FROM autotune_meta").fetchall() == [(str(SCHEMA_VERSION),)]

@@ -149,7 +149,8 @@ def test_featured_keys_survive_export_and_import(tmp_path: Path) -> None:
     compile_key = make_key(platform="gpu-compile", **WINDOWED, softcap=30.0, lengths=True)
     with Store(tmp_path / "a.db") as source, Store(tmp_path / "b.db") as target:
         keys = put_featured(source)
-        source.add_trial(compile_key, config={"block_q": 32}, status="compiled", figures={"kernels": []})
+        source.add_trial(compile_key, config={"block_q": 32}, status="compiled",
+                          figures={"target": "h100", "kernels": []})
         document = json.loads(json.dumps(export_document(source)))
         assert import_document(target, document) == {"imported": len(keys), "kept_existing": 0}
         check_featured(target, keys)
@@ -178,21 +179,34 @@ def test_an_export_from_before_the_features_imports_as_plain_keys(store: Store) 
 def test_miss_reasons_are_stored_and_updated(store: Store) -> None:
     plain, windowed = make_key(), make_key(**WINDOWED)
     store.record_miss(plain, reason="bias is given (the kernels take no additive bias)")
-    store.record_miss(plain)  # a miss without a reason keeps the stored one
+    store.record_miss(plain)  # a miss without a reason keeps the stored one, and is counted apart
     store.record_miss(windowed)
-    assert store.misses() == [(plain, 2), (windowed, 1)]
+    assert store.misses() == [(plain, 1), (windowed, 1)]
     records = store.miss_records()
-    assert [(r.key, r.count, r.reason) for r in records] == [
-        (plain, 2, "bias is given (the kernels take no additive bias)"), (windowed, 1, None)]
+    assert [(r.key, r.count, r.fallbacks, r.reason) for r in records] == [
+        (plain, 1, 1, "bias is given (the kernels take no additive bias)"), (windowed, 1, 0, None)]
     assert all(isinstance(r, MissRecord) and r.last_seen.tzinfo == timezone.utc for r in records)
     store.record_miss(windowed, reason="an arbitrary mask is given")
     store.record_miss(plain, reason="a new reason")
-    assert {r.key: (r.count, r.reason) for r in store.miss_records()} == {
-        plain: (3, "a new reason"), windowed: (2, "an arbitrary mask is given")}
+    assert {r.key: (r.count, r.fallbacks, r.reason) for r in store.miss_records()} == {
+        plain: (1, 2, "a new reason"), windowed: (1, 1, "an arbitrary mask is given")}
     with pytest.raises(dataclasses.FrozenInstanceError):
         records[0].count = 5  # type: ignore[misc]
     store.clear_miss(plain)
     assert [r.key for r in store.miss_records()] == [windowed]
+
+
+def test_calls_the_kernels_cannot_run_never_hide_a_keys_tunable_misses(store: Store) -> None:
+    """Issue 24, item 8: one bias call made every later plain miss of the key count as 'bias is given'."""
+    key, bias_only = make_key(), make_key(q_len=4096, kv_len=4096)
+    store.record_miss(key, reason="bias is given (the kernels take no additive bias)")
+    for _ in range(3):
+        store.record_miss(key)
+    store.record_miss(bias_only, reason="bias is given (the kernels take no additive bias)")
+    assert store.misses() == [(key, 3)]  # search --misses tunes `key`, and only it
+    [first, second] = store.miss_records()
+    assert (first.key, first.count, first.fallbacks) == (key, 3, 1)
+    assert (second.key, second.count, second.fallbacks) == (bias_only, 0, 1)
 
 
 def test_miss_reasons_are_cleaned_and_bounded(store: Store) -> None:
@@ -206,7 +220,8 @@ def test_miss_reasons_are_cleaned_and_bounded(store: Store) -> None:
     assert store.miss_records()[0].reason == reason
     with pytest.raises(ValueError, match="reason must be a string or None"):
         store.record_miss(make_key(), reason=42)  # type: ignore[arg-type]
-    assert store.misses() == [(key, 3)]  # nothing was written for the refused call
+    [record] = store.miss_records()  # two fallbacks; a reason that cleans to nothing is a plain miss
+    assert (record.count, record.fallbacks) == (1, 2)  # and nothing was written for the refused call
 
 
 # -- upgrading a version 3 database ------------------------------------------------------------------------------------
@@ -312,14 +327,15 @@ def test_a_version_3_database_upgrades_keeping_everything(tmp_path: Path) -> Non
         check_upgraded(store)
     check = sqlite3.connect(path)
     try:
-        assert check.execute("SELECT value FROM autotune_meta").fetchall() == [(str(SCHEMA_VERSION),)] == [("4",)]
+        assert check.execute("SELECT value FROM autotune_meta").fetchall() == [(str(SCHEMA_VERSION),)] == [("5",)]
         indexed = [row[2] for row in check.execute("PRAGMA index_info(ix_autotune_keys_family)")]
         assert indexed[-4:] == list(FEATURES)
         assert check.execute("SELECT lengths FROM autotune_keys WHERE id = 1").fetchone() == (0,)
     finally:
         check.close()
     with Store(path, read_only=True) as reader:  # opening it again changes nothing
-        assert len(reader.bests()) == 3 and reader.misses()[0] == (V3_KEYS[0], 5)
+        assert len(reader.bests()) == 3 and reader.misses()[0] == (V3_KEYS[0], 4)
+        assert reader.miss_records()[0].fallbacks == 1
 
 
 def test_a_fresh_database_has_the_version_4_columns(store: Store) -> None:

@@ -144,7 +144,7 @@ def test_arguments_the_kernels_lack_run_jax_nn_with_one_warning_per_shape_and_a_
         assert all(w.filename == __file__ for w in record if "runs XLA" in str(w.message))
     store = Store(empty_db)
     try:
-        reasons = {(r.key.q_len, r.key.window_left, r.key.window_right): (r.reason, r.count)
+        reasons = {(r.key.q_len, r.key.window_left, r.key.window_right): (r.reason, r.fallbacks)
                    for r in store.miss_records() if r.reason}
     finally:
         store.close()
