@@ -10,6 +10,11 @@ through the environment, mostly so that tests need not wait for the production v
   AUTOTUNE_HEARTBEAT_GRACE     seconds without a heartbeat after which a running trial is failed (default 4
                                heartbeat intervals: 20)
   AUTOTUNE_CLAIM_TTL           seconds without a heartbeat after which a problem's claim is taken over (default 60)
+
+and one switch of the runtime:
+
+  AUTOTUNE_VERBOSE             1 prints, when a function is traced, which config each kernel call runs and where
+                               it came from (default 0; `autotune.configure(verbose=...)` overrides it)
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ BUSY_TIMEOUT = "AUTOTUNE_DB_BUSY_TIMEOUT"
 HEARTBEAT_INTERVAL = "AUTOTUNE_HEARTBEAT_INTERVAL"
 HEARTBEAT_GRACE = "AUTOTUNE_HEARTBEAT_GRACE"
 CLAIM_TTL = "AUTOTUNE_CLAIM_TTL"
+VERBOSE = "AUTOTUNE_VERBOSE"
 DEFAULT_BUSY_TIMEOUT_S = 60.0
 RUNTIME_BUSY_TIMEOUT_S = 1.0
 MAX_SECONDS = 1e6  # about 11.6 days: no wait, lease or heartbeat is longer (and inf or NaN would never end)
@@ -69,3 +75,14 @@ def busy_timeout_s(default: float = DEFAULT_BUSY_TIMEOUT_S) -> float:
     place it is read: the search and the commands wait 60 s by default, the runtime 1 s (`RUNTIME_BUSY_TIMEOUT_S`:
     inference is better served by the heuristic config than by a stalled model)."""
     return _number(BUSY_TIMEOUT, default, integer=False)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def verbose() -> bool:
+    """$AUTOTUNE_VERBOSE as a switch (1/true/yes/on or 0/false/no/off; unset: off); ValueError naming it otherwise."""
+    text = os.environ.get(VERBOSE, "").strip().lower()
+    if text not in _TRUE + _FALSE:
+        raise ValueError(f"${VERBOSE} must be 1 or 0 (true/false, yes/no, on/off), got {os.environ[VERBOSE]!r}")
+    return text in _TRUE

@@ -20,6 +20,7 @@ from autotune.cli.common import (Seconds, database_errors, db_option, describe_p
                                       kernel_option_module, open_store, print_table, problem_options,
                                       specs_from_flags, table_config, where, worker_settings)
 from autotune.options import SAMPLERS
+from autotune.problem_fields import DEFAULT_DOCUMENTS, lookup_arguments
 from autotune.shapes import ProblemSpec
 from db.urls import display_url, resolve_url
 
@@ -42,7 +43,9 @@ def _beat(store, run_id: int) -> None:
 
 @click.command("search")
 @problem_options
-@click.option("--shapes", type=click.Path(exists=True, dir_okay=False), help="TOML or JSON file of problems.")
+@click.option("--shapes", type=click.Path(exists=True, dir_okay=False),
+              help="TOML or JSON file of problems. Problem flags given beside it apply to each of its problems that "
+                   "does not set the field itself (--backward tunes the backward of every one).")
 @click.option("--misses", "tune_misses", is_flag=True, help="Tune the keys the runtime missed, most frequent first.")
 @click.option("--kernel", default=None, help="gpu | tpu | a module path (default: the platform's kernel).")
 @click.option("--trials", type=click.IntRange(min=1, max=MAX_TRIALS), default=None,
@@ -91,6 +94,7 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
     if isolate:  # parent and children share the accelerator: no process may grab most of its memory up front
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     device = current_device()
+    kernel_text = kernel  # as the user gave it, for the summary's lookup hint
     kernel = kernel or kernel_for_platform(device.platform)
     kernel_module = kernel_option_module(kernel, device)
     specs = None if tune_misses else specs_from_flags(flags, shapes)  # bad input stops here, before any write
@@ -119,7 +123,7 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
 
     def options_for(spec: ProblemSpec, remaining: float | None) -> SearchOptions:
         return SearchOptions(trials=trials, timeout_s=remaining, patience=patience, sampler=sampler, seed=seed,
-                             documents=spec.documents or 3, isolate=isolate, trial_timeout_s=trial_timeout,
+                             documents=spec.documents or DEFAULT_DOCUMENTS, isolate=isolate, trial_timeout_s=trial_timeout,
                              timing=timing, compare_xla=not no_xla, allow_spills=allow_spills)
 
     def tune(spec: ProblemSpec, options: SearchOptions):
@@ -155,7 +159,7 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
         with contextlib.suppress(Exception):
             store.finish_run(run_id, status, "; ".join(failures))
         store.close()
-    print_summary(report.results, db)
+    print_summary(report.results, db, kernel_text)
     if failures:
         raise click.ClickException("no valid config found:\n  " + "\n  ".join(failures))
 
@@ -170,13 +174,14 @@ def missed_specs(store, kernel_module, device) -> list[ProblemSpec]:
         key = record.key
         if record.reason is None and (key.kernel, key.kernel_version, key.platform, key.device_kind) == (
                 kernel_module.NAME, kernel_module.VERSION, device.platform, device.device_kind):
-            specs.append(ProblemSpec(problem_of(key), 3 if key.segments else 0))
+            specs.append(ProblemSpec(problem_of(key), DEFAULT_DOCUMENTS if key.segments else 0))
     return specs
 
 
-def print_summary(results, db: str | None) -> None:
+def print_summary(results, db: str | None, kernel: str | None = None) -> None:
     """What was stored per problem, and why it can differ from the progress bar's best trial; then what to run
-    next."""
+    next: `show`, and the `autotune.lookup` call that finds the stored key (every field of it, and the --kernel
+    given)."""
     if not results:
         return
     rows = []
@@ -212,8 +217,6 @@ def print_summary(results, db: str | None) -> None:
     if ids:
         click.echo(f"Next: autotune show --id {ids[0]}{db_flag}   (all results: autotune list{db_flag})")
         r = next(r for r in results if r.best_id is not None)
-        p = r.problem
-        flags = "".join(f", {name}=True" for name in ("causal", "segments", "backward") if getattr(p, name))
         db_arg = "" if shown is None else f"autotune.configure(db={shown!r}); "
-        click.echo(f"In Python: {db_arg}autotune.lookup(({p.batch}, {p.q_len}, {p.heads}, {p.head_dim}), "
-                   f"({p.batch}, {p.kv_len}, {p.kv_heads}, {p.head_dim}), '{p.dtype}'{flags})")
+        kernel_arg = "" if kernel is None else f", kernel={kernel!r}"
+        click.echo(f"In Python: {db_arg}autotune.lookup({lookup_arguments(r.key)}{kernel_arg})")
