@@ -124,9 +124,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _bounded_int(field: ProblemField, value: Any, what: str = "") -> int:
+def _bounded_int(field: ProblemField, value: Any) -> int:
     if not _is_int(value):
-        raise ValueError(f"must be {what or 'an integer'} from {_bound(field.minimum)} to {_bound(field.maximum)}, got {value!r}")
+        raise ValueError(f"must be an integer from {_bound(field.minimum)} to {_bound(field.maximum)}, "
+                         f"got {value!r}")
     if value < field.minimum:
         raise ValueError(f"must be at least {_bound(field.minimum)}, got {value}")
     if value > field.maximum:
@@ -150,8 +151,8 @@ def _window_side(field: ProblemField, value: Any):
     if value < 0:
         raise ValueError(f"each side must be from 0 to {_bound(field.maximum)} (-1 or none: no bound), got {value}")
     if value > field.maximum:
-        raise ValueError(f"each side must be at most {_bound(field.maximum)} (a longer window is no bound: -1 or none), "
-                         f"got {value}")
+        raise ValueError(f"each side must be at most {_bound(field.maximum)} (a longer window is no bound: -1 or "
+                         f"none), got {value}")
     return value
 
 

@@ -123,8 +123,9 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
 
     def options_for(spec: ProblemSpec, remaining: float | None) -> SearchOptions:
         return SearchOptions(trials=trials, timeout_s=remaining, patience=patience, sampler=sampler, seed=seed,
-                             documents=spec.documents or DEFAULT_DOCUMENTS, isolate=isolate, trial_timeout_s=trial_timeout,
-                             timing=timing, compare_xla=not no_xla, allow_spills=allow_spills)
+                             documents=spec.documents or DEFAULT_DOCUMENTS, isolate=isolate,
+                             trial_timeout_s=trial_timeout, timing=timing, compare_xla=not no_xla,
+                             allow_spills=allow_spills)
 
     def tune(spec: ProblemSpec, options: SearchOptions):
         return search_problem(spec.problem, kernel_name=kernel, store=store, device=device, options=options,

@@ -238,7 +238,7 @@ def _cache_key(settings: Settings, kernel_name: str, device: DeviceInfo, problem
     return settings.url(), settings.policy(), kernel_name, device, problem
 
 
-def _lookup_problem(problem: Problem, kernel_name: str | None, device: DeviceInfo) -> Lookup:
+def find(problem: Problem, kernel_name: str | None, device: DeviceInfo) -> Lookup:
     """What a call of this problem finds, remembered per key: no miss recorded, no warning (see `_use`)."""
     settings = _override.get() or _settings
     kernel_name = kernel_name or kernel_for_platform(device.platform)
@@ -257,7 +257,7 @@ def _lookup_problem(problem: Problem, kernel_name: str | None, device: DeviceInf
 def use(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup:
     """What a kernel call runs with: the lookup, and on a miss (once per key and process) the miss recorded and the
     policy applied: a warning naming the command that tunes it, an error, or a short search now."""
-    found = _lookup_problem(problem, kernel_name, device)
+    found = find(problem, kernel_name, device)
     if found.source == "tuned":
         return found
     settings = current_settings()
@@ -304,7 +304,7 @@ def lookup(q_shape, k_shape, dtype, *, causal: bool = False, segments: bool = Fa
                           kv_heads=k_shape[2], head_dim=q_shape[3], dtype=canonical_dtype(dtype), causal=causal,
                           segments=segments, backward=backward, **window_fields(window), softcap=softcap,
                           lengths=lengths)
-        found = _lookup_problem(problem, kernel, current_device())
+        found = find(problem, kernel, current_device())
         _fast[fast_key] = found
     settings = _override.get() or _settings
     if found.source != "tuned" and settings.policy() == "error":

@@ -20,7 +20,7 @@ from autotune.kernel_protocol import kernel_for_platform, load_kernel
 from autotune.measure.kernel_call import feature_kwargs
 from autotune.problem_fields import describe
 from autotune.runtime import notices
-from autotune.runtime.lookup import count_miss, current_settings, peek_tuned, tune_command, use
+from autotune.runtime.lookup import Lookup, count_miss, current_settings, find, peek_tuned, tune_command, use
 from db import TuningKey
 from kernels import check_inputs
 
@@ -49,16 +49,18 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale
     device = device or device_of(q)
     kernel_name = kernel or kernel_for_platform(device.platform)
     kernel = load_kernel(kernel_name)
-    forward = use(problem, kernel_name, device)
-    config = forward.config
     backward = peek_tuned(problem.replace(backward=True), kernel_name, device)
-    if backward is not None:
-        if forward.source == "tuned":  # forward fields tuned for the forward, backward fields for the backward
+    forward = find(problem, kernel_name, device)
+    if backward is not None and forward.source != "tuned":  # the --backward key's config runs both: not a miss
+        forward = Lookup(backward.config, "tuned", forward.key, "the forward fields of the key tuned with --backward")
+        config = backward.config
+    else:
+        forward = use(problem, kernel_name, device)
+        config = forward.config
+        if backward is not None:  # both tuned: forward fields from the forward's key, backward fields from its own
             fields = _backward_fields(kernel)
             config = kernel.Config.from_dict(
                 {**config.to_dict(), **{name: getattr(backward.config, name) for name in fields}})
-        else:
-            config = backward.config
     settings = current_settings()
     if settings.logs():
         _log(kernel, "forward", forward.key, config, forward.source, forward.detail)
