@@ -6,6 +6,7 @@ JSON shapes file with a duplicate key are refused (exit 2, one line) before anyt
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
@@ -179,3 +180,11 @@ def test_a_shapes_search_with_flags_stores_the_key_its_printed_lookup_finds(tmp_
         autotune.configure()
         autotune.reload()
     assert namespace["found"].source == "tuned" and namespace["found"].key == key
+
+
+def test_lookup_takes_each_field_the_hint_passes_as_a_keyword():
+    """`autotune.lookup`'s signature is written out for its readers; the hint passes every field that is not a
+    shape or the dtype as a keyword, so the two must agree."""
+    parameters = inspect.signature(autotune.lookup).parameters.values()
+    keywords = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name != "kernel"]
+    assert keywords == [field.name for field in FIELDS if not field.size and field.name != "dtype"]
