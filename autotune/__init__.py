@@ -8,9 +8,8 @@ The package joins `kernels/` (pure JAX) and `db/` (the results database), one fo
 search, runtime, cli), each importing only the shared nouns at the top and the stages before it.
 """
 import kernels.environment  # noqa: F401  (first: environment defaults before jax is imported)
-from autotune.runtime.lookup import (
-    MISS_POLICIES, Lookup, TuningMissError, configure, flash_attention, lookup, reload, using,
-)
+from autotune.runtime.lookup import MISS_POLICIES, Lookup, TuningMissError, configure, lookup, reload, using
+from autotune.runtime.tuned_call import flash_attention
 from autotune.runtime.attention import dot_product_attention  # noqa: E402  (jax.nn's signature on the tuned kernels)
 
 __all__ = ["MISS_POLICIES", "Lookup", "TuningMissError", "configure", "dot_product_attention", "flash_attention",

@@ -1,18 +1,17 @@
 """Tuning keys: the kernel, the hardware and the problem, as the database stores them."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from types import ModuleType
 
 from autotune.device import DeviceInfo
 from db import TuningKey
+from autotune.problem_fields import FIELDS, PROBLEM_FIELDS
 from kernels import Problem
 
-# The problem's fields are Problem's (kernels/problem.py); a TuningKey carries each under the same name (db/ cannot
-# import kernels/, so tests/test_imports.py checks that the two agree).
-PROBLEM_FIELDS = tuple(field.name for field in dataclasses.fields(Problem))
-SIZE_FIELDS = tuple(field.name for field in dataclasses.fields(Problem) if field.type in (int, "int"))
+# A TuningKey carries each of Problem's fields under the same name (db/ cannot import kernels/, so
+# tests/test_imports.py checks that the two agree).
+SIZE_FIELDS = tuple(name for field in FIELDS if field.size for name in field.problem)
 
 
 def make_key(kernel: ModuleType, problem: Problem, device: DeviceInfo) -> TuningKey:

@@ -17,7 +17,10 @@ The runtime's defaults (`autotune.configure` overrides them):
   AUTOTUNE_TUNE_TRIALS         trials of the short search `tune` runs on a miss (default 8)
 
 `AUTOTUNE_DB` (the default database) is read by db/urls.py, since db/ never imports autotune/; its errors name it
-too. The README's table lists them all.
+too. The README's table lists them all. And one switch of the runtime:
+
+  AUTOTUNE_VERBOSE             1 prints, when a function is traced, which config each kernel call runs and where
+                               it came from (default 0; `autotune.configure(verbose=...)` overrides it)
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ TUNE_TRIALS = "AUTOTUNE_TUNE_TRIALS"
 MISS_POLICIES = ("heuristic", "nearest", "error", "tune")
 DEFAULT_TUNE_TRIALS = 8
 MAX_TRIALS = 1_000_000  # per study: far beyond any search space, and within every counter's range
+VERBOSE = "AUTOTUNE_VERBOSE"
 DEFAULT_BUSY_TIMEOUT_S = 60.0
 RUNTIME_BUSY_TIMEOUT_S = 1.0
 MAX_SECONDS = 1e6  # about 11.6 days: no wait, lease or heartbeat is longer (and inf or NaN would never end)
@@ -101,3 +105,12 @@ def tune_trials() -> int:
     if not re.fullmatch(r"[0-9]{1,7}", text) or not 1 <= int(text) <= MAX_TRIALS:
         raise ValueError(f"${TUNE_TRIALS} must be a whole number of trials from 1 to {MAX_TRIALS}, got {text!r}")
     return int(text)
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def verbose() -> bool:
+    """$AUTOTUNE_VERBOSE as a switch (1/true/yes/on or 0/false/no/off; unset: off); ValueError naming it otherwise."""
+    text = os.environ.get(VERBOSE, "").strip().lower()
+    if text not in _TRUE + _FALSE:
+        raise ValueError(f"${VERBOSE} must be 1 or 0 (true/false, yes/no, on/off), got {os.environ[VERBOSE]!r}")
+    return text in _TRUE

@@ -1,57 +1,25 @@
 """Problems as users write them: command-line flags or entries of a shapes file (TOML or JSON).
 
-Every entry is validated before anything is compiled; errors name the entry and the field.
+Every entry is checked against the field table (autotune/problem_fields.py) before anything is compiled; errors
+name the entry and the field. Problem flags given beside a shapes file apply to every entry that does not set the
+field itself (`--backward` with a file tunes the backward of each of its problems).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernels import DTYPES, Problem
-from kernels.problem import check_softcap, check_window, window_fields
+from autotune.problem_fields import BY_NAME, REQUIRED, parse_value, problem_kwargs, with_defaults
+from kernels import Problem
 
 try:
     import tomllib
 except ImportError:  # pragma: no cover - Python < 3.11
     import tomli as tomllib
 
-# The fields of a shapes file and of the problem flags: Problem's fields, in Problem's order, with the lengths
-# named as users name them, `segments` a number of packed documents (0: no segment ids) instead of a flag, and the
-# window's two sides one field `window` (an int, or [left, right] with -1 for no bound; as a flag "128" or
-# "128,0").
-USER_NAMES = {"q_len": "seq_len", "kv_len": "kv_seq_len", "window_left": "window", "window_right": "window"}
-_TYPES = {"int": int, "str": str, "bool": bool, "float | None": float, "int | None": tuple}
-FIELDS = {USER_NAMES.get(f.name, f.name): int if f.name == "segments" else _TYPES[str(f.type)]
-          for f in dataclasses.fields(Problem)}
-REQUIRED = ("batch", "seq_len", "heads", "head_dim")
-# The largest sizes a search is asked to tune: beyond them a problem is a typo or an attack, and would fail only
-# after a run and a study were written (out of memory, or no valid config).
-LIMITS = {"batch": 1 << 16, "seq_len": 1 << 20, "kv_seq_len": 1 << 20, "heads": 1 << 10, "kv_heads": 1 << 10,
-          "head_dim": 1 << 10}
 MAX_ELEMENTS = 1 << 34  # of q, k or v: 32 GiB in bfloat16, more than one device holds three times over
-INT_FIELDS = tuple(name for name, kind in FIELDS.items() if kind is int)
-
-
-def parse_window(value: Any, where: str = "window") -> tuple[int | None, int | None] | None:
-    """A window as written by a user: an int, a pair [left, right] (-1 or None: no bound on that side), or the
-    flag's text "128" / "128,0" / "none,0"; ValueError naming `where` otherwise."""
-    if isinstance(value, str):
-        parts = [p.strip().lower() for p in value.split(",")]
-        try:
-            value = [None if p in ("none", "-1", "") else int(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"{where} must be an int or 'left,right' (none or -1: no bound), got {value!r}") from None
-        value = value[0] if len(value) == 1 else value
-    if isinstance(value, (list, tuple)):
-        value = [None if (isinstance(x, int) and not isinstance(x, bool) and x == -1) else x for x in value]
-    try:
-        return check_window(value, where)
-    except ValueError:
-        raise ValueError(f"{where} must be a non-negative int or a pair [left, right] of non-negative ints "
-                         f"(-1: no bound), got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -62,74 +30,67 @@ class ProblemSpec:
     documents: int = 0
 
 
-def spec_from_fields(fields: dict[str, Any], where: str = "problem") -> ProblemSpec:
-    """Build a ProblemSpec from flag-style fields; ValueError naming `where` and the field on bad content."""
+def check_fields(fields: Any, where: str) -> dict[str, Any]:
+    """The given fields (a shapes entry, or flags named as in a shapes file) parsed and bounded one by one; None
+    values are left out. ValueError naming `where` and the field."""
     if not isinstance(fields, dict):
         raise ValueError(f"{where}: expected a table of fields, got {type(fields).__name__}")
-    unknown = sorted(set(fields) - set(FIELDS))
+    unknown = sorted(str(name) for name in fields if name not in BY_NAME)
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(FIELDS)}")
-    for name in REQUIRED:
-        if fields.get(name) is None:
-            raise ValueError(f"{where}: missing field '{name}'")
+        raise ValueError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(BY_NAME)}")
+    checked = {}
     for name, value in fields.items():
-        kind = FIELDS[name]
         if value is None:
             continue
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"{where}: field '{name}' must be an integer, got {value!r}")
-        if kind is bool and not isinstance(value, bool):
-            raise ValueError(f"{where}: field '{name}' must be true or false, got {value!r}")
-        if kind is str and not isinstance(value, str):
-            raise ValueError(f"{where}: field '{name}' must be a string, got {value!r}")
-        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError(f"{where}: field '{name}' must be a number, got {value!r}")
-    for name in INT_FIELDS:
-        if name != "segments" and fields.get(name) is not None and fields[name] <= 0:
-            raise ValueError(f"{where}: field '{name}' must be positive, got {fields[name]}")
-    for name, limit in LIMITS.items():
-        if fields.get(name) is not None and fields[name] > limit:
-            raise ValueError(f"{where}: field '{name}' must be at most {limit}, got {fields[name]}")
-    longest = max(fields["seq_len"], fields.get("kv_seq_len") or 0)
-    elements = fields["batch"] * longest * fields["heads"] * fields["head_dim"]
+        try:
+            checked[name] = parse_value(BY_NAME[name], value)
+        except ValueError as exc:
+            raise ValueError(f"{where}: field '{name}': {exc}") from None
+    return checked
+
+
+def spec_from_fields(fields: dict[str, Any], where: str = "problem", defaults: dict[str, Any] | None = None
+                     ) -> ProblemSpec:
+    """A ProblemSpec from flag-style fields; `defaults` (checked values, e.g. the flags given beside a shapes file)
+    fill the fields the entry leaves out. ValueError naming `where` and the field on bad content."""
+    given = {**(defaults or {}), **check_fields(fields, where)}
+    missing = [name for name in REQUIRED if name not in given]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(repr(n) for n in missing)}")
+    values = with_defaults(given)
+    longest = max(values["seq_len"], values["kv_seq_len"])
+    elements = values["batch"] * longest * values["heads"] * values["head_dim"]
     if elements > MAX_ELEMENTS:
         raise ValueError(f"{where}: q, k and v would hold {elements} elements each; at most {MAX_ELEMENTS} are "
                          "tuned (lower 'batch', 'seq_len', 'heads' or 'head_dim')")
-    documents = fields.get("segments") or 0
-    if documents > min(fields["seq_len"], fields.get("kv_seq_len") or fields["seq_len"]):
-        raise ValueError(f"{where}: field 'segments' ({documents}) must be at most the sequence length")
-    if documents < 0:
-        raise ValueError(f"{where}: field 'segments' must be 0 (no segment ids) or a number of documents, got {documents}")
-    heads = fields["heads"]
-    kv_heads = fields.get("kv_heads") or heads
-    if heads % kv_heads:
-        raise ValueError(f"{where}: field 'kv_heads' ({kv_heads}) must divide 'heads' ({heads})")
-    dtype = fields.get("dtype") or "float32"
-    if dtype not in DTYPES:
-        raise ValueError(f"{where}: field 'dtype' must be one of {list(DTYPES)}, got {dtype!r}")
-    window = parse_window(fields.get("window"), f"{where}: field 'window'")
+    if values["segments"] > min(values["seq_len"], values["kv_seq_len"]):
+        raise ValueError(f"{where}: field 'segments' ({values['segments']}) must be at most the sequence length")
     try:
-        softcap = check_softcap(fields.get("softcap"))
-    except ValueError:
-        raise ValueError(f"{where}: field 'softcap' must be a positive finite number, got {fields['softcap']!r}") \
-            from None
-    problem = Problem(
-        batch=fields["batch"], q_len=fields["seq_len"], kv_len=fields.get("kv_seq_len") or fields["seq_len"],
-        heads=heads, kv_heads=kv_heads, head_dim=fields["head_dim"], dtype=dtype,
-        causal=bool(fields.get("causal") or False), segments=documents > 0, backward=bool(fields.get("backward")),
-        **window_fields(window), softcap=softcap, lengths=bool(fields.get("lengths")),
-    )
-    return ProblemSpec(problem, documents)
+        problem = Problem(**problem_kwargs(values))  # the rules between fields (kv_heads divides heads) are its own
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return ProblemSpec(problem, values["segments"])
 
 
-def load_shapes(path: str | Path) -> list[ProblemSpec]:
-    """Read a shapes file: TOML with [[problem]] tables, or JSON as a list or {"problems": [...]}."""
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (json keeps the last silently)."""
+    seen: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in seen:
+            raise ValueError(f"duplicate key {name!r}")
+        seen[name] = value
+    return seen
+
+
+def read_entries(path: str | Path) -> list[Any]:
+    """The problem entries of a shapes file: TOML with [[problem]] tables, or JSON as a list or {"problems": [...]}."""
     path = Path(path)
     text = path.read_text()
+    toml = path.suffix.lower() == ".toml"
     try:
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'}: {exc}") from None
+        data = tomllib.loads(text) if toml else json.loads(text, object_pairs_hook=_unique_keys)
+    except (tomllib.TOMLDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError, as is a duplicate
+        raise ValueError(f"{path}: not valid {'TOML' if toml else 'JSON'}: {exc}") from None
     entries = data
     if isinstance(data, dict):
         extra = sorted(set(data) - {"problem", "problems"})
@@ -138,4 +99,12 @@ def load_shapes(path: str | Path) -> list[ProblemSpec]:
         entries = data.get("problem", data.get("problems"))
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: expected a non-empty list of problems")
-    return [spec_from_fields(entry, f"{path.name}: problem {i + 1}") for i, entry in enumerate(entries)]
+    return entries
+
+
+def load_shapes(path: str | Path, defaults: dict[str, Any] | None = None) -> list[ProblemSpec]:
+    """The problems of a shapes file; `defaults` (checked values) fill the fields an entry leaves out."""
+    name = Path(path).name
+    return [spec_from_fields(entry, f"{name}: problem {i + 1}", defaults)
+            for i, entry in enumerate(read_entries(path))]
+

@@ -159,24 +159,16 @@ def test_package_boundaries(package, forbidden):
     assert not wrong, f"{package}/ must not import {sorted(forbidden)}: {wrong}"
 
 
-def test_tuning_keys_carry_every_problem_field():
-    """db/ cannot import kernels/, so TuningKey lists the problem's fields itself: they must be Problem's."""
-    from autotune.keys import PROBLEM_FIELDS
+def test_the_database_keeps_every_problem_field():
+    """db/ imports nothing of ours, so TuningKey and the key table list the problem's fields themselves: they must be
+    the fields the field table sets (autotune/problem_fields.py), in its order."""
+    from autotune.problem_fields import FIELDS
     from db import TuningKey
-    from kernels import Problem
+    from db.schema import KeyRow
 
+    problem_fields = [name for field in FIELDS for name in field.problem]
     key_fields = [field.name for field in dataclasses.fields(TuningKey)]
-    assert PROBLEM_FIELDS == tuple(field.name for field in dataclasses.fields(Problem))
-    assert [name for name in key_fields if name in PROBLEM_FIELDS] == list(PROBLEM_FIELDS)
-
-
-@pytest.mark.parametrize("command", ["search", "show", "bench"])
-def test_the_problem_flags_are_the_fields_of_a_shapes_file(command):
-    """The problem's field list has one source (kernels.Problem); the flags and a shapes file follow it."""
-    from autotune.cli.app import main
-    from autotune.shapes import FIELDS, USER_NAMES
-    from kernels import Problem
-
-    flags = [p.name for p in main.commands[command].params if p.name in FIELDS]
-    assert flags == list(FIELDS)
-    assert list(FIELDS) == list(dict.fromkeys(USER_NAMES.get(f.name, f.name) for f in dataclasses.fields(Problem)))
+    assert [name for name in key_fields if name in problem_fields] == problem_fields
+    assert set(key_fields) - set(problem_fields) == {"kernel", "kernel_version", "platform", "device_kind",
+                                                     "jax_version"}
+    assert set(key_fields) <= set(KeyRow.__table__.columns.keys())

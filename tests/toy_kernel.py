@@ -52,7 +52,8 @@ def invalid_reasons(config, problem, *, device_kind=None):
     return reasons + [f"marked invalid by the test ({name})" for name in _matches(config, "AUTOTUNE_TOY_INVALID")]
 
 
-def flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, config=None, interpret=False):
+def flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, config=None, interpret=False,
+                    **features):
     log = os.environ.get("AUTOTUNE_TOY_LOG")
     if log:
         with open(log, "a") as f:
@@ -69,7 +70,7 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None, c
     if "resource_exhausted" in faults:
         raise RuntimeError("RESOURCE_EXHAUSTED: injected shared memory overflow")
     out = gpu.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale, config=config,
-                              interpret=interpret)
+                              interpret=interpret, **features)  # window, softcap, lengths, return_lse
     return out * 1.5 if "mismatch" in faults else out
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import click
 
+from autotune.problem_fields import DEFAULT_DOCUMENTS
 from autotune.cli.common import (database_errors, db_option, describe_problem, echo_json, first_line,
                                       format_ms, kernel_option_module, missing_database, open_store, print_table,
                                       problem_options, specs_from_flags)
@@ -163,7 +164,9 @@ def entry_json(entry: Entry, flops: float, peak: Peak, default_time: float | Non
 
 @click.command("bench")
 @problem_options(backward_help="Time forward plus backward.")
-@click.option("--shapes", type=click.Path(exists=True, dir_okay=False), help="TOML or JSON file of problems.")
+@click.option("--shapes", type=click.Path(exists=True, dir_okay=False),
+              help="TOML or JSON file of problems. Problem flags given beside it apply to each of its problems that "
+                   "does not set the field itself (--backward tunes the backward of every one).")
 @click.option("--kernel", default=None, help="gpu | tpu | a module path (default: the platform's kernel).")
 @click.option("--samples", type=click.IntRange(min=3), default=None, help="Timing samples per implementation.")
 @click.option("--peak-size", type=click.IntRange(min=64), default=None,
@@ -211,7 +214,7 @@ def bench_command(shapes, kernel, samples, peak_size, seed, as_json, db, **flags
             with database_errors(store):
                 best = store.get_best(key)
         entries = contenders(problem, kernel_module, device, best)
-        options = SearchOptions(documents=spec.documents or 3, timing=policy)
+        options = SearchOptions(documents=spec.documents or DEFAULT_DOCUMENTS, timing=policy)
         time_entries(entries, timing_inputs(problem, options, seed), policy)
         flops = problem_flops(problem)
         default_time = next(e.time_s for e in entries if e.name == "default")

@@ -15,12 +15,12 @@ from typing import Any, Iterator
 
 import click
 
-from autotune.shapes import FIELDS, INT_FIELDS, REQUIRED, ProblemSpec, load_shapes, spec_from_fields
+from autotune.problem_fields import BY_NAME, FIELDS, REQUIRED, describe, flag_text
+from autotune.shapes import ProblemSpec, load_shapes, spec_from_fields
 from db.urls import default_url, display_url, mask_password, resolve_url, scrub, sqlite_file
 
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-FLAG_FIELDS = tuple(FIELDS)  # the problem flags, named as in a shapes file
-SHAPE_FLAGS = tuple(name for name in INT_FIELDS if name != "segments")
+DTYPE_CHOICES = BY_NAME["dtype"].choices
+SHAPE_FLAGS = tuple(field.name for field in FIELDS if field.size)  # the flags that name a problem's shape
 
 
 def _db_help() -> str:
@@ -37,49 +37,75 @@ def db_option(func):
     return click.option("--db", default=None, help=_db_help())(func)
 
 
-def problem_options(func=None, *, backward_help: str = "Tune forward plus backward."):
-    """The flags that describe one problem, shared by search, show and bench (the names of a shapes file)."""
+class FieldValue(click.ParamType):
+    """A problem flag's value, parsed and bounded by its entry in the field table (autotune/problem_fields.py)."""
+
+    def __init__(self, field) -> None:
+        self.field = field
+        self.name = field.kind
+
+    def convert(self, value, param, ctx):
+        from autotune.problem_fields import parse_value
+
+        try:
+            return parse_value(self.field, value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _field_option(field, backward_help: str | None):
+    """One problem flag, made from its table entry. Every flag defaults to None (not given), so a given flag can be
+    told apart and applied to the problems of a shapes file; the table's default is named in the help."""
+    text = backward_help if field.name == "backward" and backward_help else field.help
+    if field.kind == "flag":
+        return click.option(field.flag, field.name, is_flag=True, default=None, help=text)
+    if field.kind in ("size", "count"):
+        text += f" [{field.minimum:g}<=x<={field.maximum:.0f}]"
+    elif field.kind == "window":
+        text += f" [each side 0<=x<={field.maximum:.0f}]"
+    elif field.kind == "number":
+        text += f" [0<x<={field.maximum:g}]"
+    if field.default is not None:
+        text += f" [default: {field.default}]"
+    if field.kind == "choice":
+        return click.option(field.flag, field.name, type=click.Choice(field.choices), default=None, help=text)
+    metavar = {"window": "N|LEFT,RIGHT", "number": "FLOAT", "size": "INTEGER", "count": "INTEGER"}[field.kind]
+    return click.option(field.flag, field.name, type=FieldValue(field), default=None, metavar=metavar, help=text)
+
+
+def problem_options(func=None, *, backward_help: str | None = None):
+    """The flags that describe one problem, shared by search, show and bench: one per entry of the field table, named
+    as in a shapes file."""
 
     def decorate(func):
-        options = [
-            click.option("--batch", type=int, help="Batch size."),
-            click.option("--seq-len", type=int, help="Query sequence length."),
-            click.option("--kv-seq-len", type=int, help="Key/value sequence length (default: --seq-len)."),
-            click.option("--heads", type=int, help="Query heads."),
-            click.option("--kv-heads", type=int, help="Key/value heads (default: --heads; fewer for GQA/MQA)."),
-            click.option("--head-dim", type=int, help="Head dimension."),
-            click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="float32", show_default=True,
-                         help="Dtype of q, k and v."),
-            click.option("--causal", is_flag=True, help="Causal (top-left aligned) masking."),
-            click.option("--segments", type=int, default=0, show_default=True,
-                         help="N packed documents of random lengths (0: no segment ids)."),
-            click.option("--backward", is_flag=True, help=backward_help),
-            click.option("--window", default=None, metavar="N|LEFT,RIGHT",
-                         help="Sliding window: a query sees keys from N before to N after it (LEFT,RIGHT: each "
-                              "side apart; none for no bound), as jax.nn's local_window_size."),
-            click.option("--softcap", type=float, default=None,
-                         help="Logits soft cap: scores become CAP*tanh(scores/CAP) (Gemma 2)."),
-            click.option("--lengths", is_flag=True, help="Per-row padding lengths (query and key/value)."),
-        ]
-        for option in reversed(options):
-            func = option(func)
+        for field in reversed(FIELDS):
+            func = _field_option(field, backward_help)(func)
         return func
 
     return decorate(func) if func is not None else decorate
 
 
+def given_fields(params: dict) -> dict:
+    """The problem flags given on the command line (a bool flag counts when set), as checked field values."""
+    return {field.name: params[field.name] for field in FIELDS if params.get(field.name) not in (None, False)}
+
+
 def specs_from_flags(params: dict, shapes: str | None) -> list[ProblemSpec]:
-    """The problems named by --shapes, or by the problem flags; UsageError naming what is wrong."""
-    given = {name: params.get(name) for name in FLAG_FIELDS}
+    """The problems named by --shapes, or by the problem flags; UsageError naming what is wrong. Flags given beside
+    --shapes apply to every problem of the file that does not set the field itself (said on stderr)."""
+    given = given_fields(params)
     try:
         if shapes:
-            if any(given[n] is not None for n in REQUIRED):
-                raise ValueError("give either --shapes or the problem flags, not both")
-            return load_shapes(shapes)
-        missing = [f"--{n.replace('_', '-')}" for n in REQUIRED if given[n] is None]
+            specs = load_shapes(shapes, defaults=given)
+            if given:
+                flags = " ".join(flag_text(BY_NAME[name], value) for name, value in given.items())
+                click.echo(f"Applying {flags} to every problem of {click.format_filename(shapes)} (a problem's own "
+                           "field wins).", err=True)
+            return specs
+        missing = [BY_NAME[n].flag for n in REQUIRED if n not in given]
         if missing:
             raise ValueError(f"missing {', '.join(missing)} (or give --shapes FILE)")
-        return [spec_from_fields({k: v for k, v in given.items() if v is not None}, "flags")]
+        return [spec_from_fields({}, "the problem flags", defaults=given)]
     except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -286,14 +312,8 @@ def clean_rows(rows: list[list]) -> list[list[str]]:
 
 
 def describe_problem(p) -> str:
-    text = f"b{p.batch} q{p.q_len} kv{p.kv_len} h{p.heads}/{p.kv_heads} d{p.head_dim} {p.dtype}"
-    text += " causal" * p.causal + " seg" * p.segments + " +bwd" * p.backward
-    if p.window_left is not None or p.window_right is not None:
-        left, right = ("-" if side is None else side for side in (p.window_left, p.window_right))
-        text += f" win({left},{right})"
-    if p.softcap is not None:
-        text += f" cap{p.softcap:g}"
-    return text + " len" * p.lengths
+    """A problem or a key on one line (autotune/problem_fields.py)."""
+    return describe(p)
 
 
 def ordered_config(config: dict) -> dict:

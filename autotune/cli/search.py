@@ -26,6 +26,7 @@ from autotune.options import SAMPLERS
 from autotune.settings import MAX_TRIALS
 from autotune.shapes import ProblemSpec, spec_from_fields
 from db.urls import PASSWORD_HINT, resolve_url, shareable_url
+from autotune.problem_fields import DEFAULT_DOCUMENTS, lookup_arguments
 
 _CTRL_C_SEEN = threading.Event()  # once set, a failure on the way out is the interrupt's doing, not the database's
 
@@ -45,7 +46,9 @@ def _beat(store, run_id: int) -> None:
 
 @click.command("search")
 @problem_options
-@click.option("--shapes", type=click.Path(exists=True, dir_okay=False), help="TOML or JSON file of problems.")
+@click.option("--shapes", type=click.Path(exists=True, dir_okay=False),
+              help="TOML or JSON file of problems. Problem flags given beside it apply to each of its problems that "
+                   "does not set the field itself (--backward tunes the backward of every one).")
 @click.option("--misses", "tune_misses", is_flag=True, help="Tune the keys the runtime missed, most frequent first.")
 @click.option("--kernel", default=None, help="gpu | tpu | a module path (default: the platform's kernel).")
 @click.option("--trials", type=click.IntRange(min=1, max=MAX_TRIALS), default=None,
@@ -94,6 +97,7 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
     if isolate:  # parent and children share the accelerator: no process may grab most of its memory up front
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     device = current_device()
+    kernel_text = kernel  # as the user gave it, for the summary's lookup hint
     kernel = kernel or kernel_for_platform(device.platform)
     kernel_module = kernel_option_module(kernel, device)  # the only load: the search and the claims use it
     specs = None if tune_misses else specs_from_flags(flags, shapes)  # bad input stops here, before any write
@@ -144,7 +148,7 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
                     click.echo("Time is up: the remaining problems are left for a later run.", err=True)
                 else:
                     one = dataclasses.replace(options, timeout_s=turn.remaining_s,
-                                              documents=turn.spec.documents or 3)
+                                              documents=turn.spec.documents or DEFAULT_DOCUMENTS)
                     try:
                         results.append(Search(turn.spec.problem, kernel_module, kernel, store, device, one,
                                               run_id=run_id, progress=not quiet).run())
@@ -164,7 +168,7 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
         with contextlib.suppress(Exception):
             store.finish_run(run_id, status, "; ".join(failures))
         store.close()
-    print_summary(results, db)
+    print_summary(results, db, kernel_text)
     if failures:
         raise click.ClickException("no valid config found:\n  " + "\n  ".join(failures))
 
@@ -207,9 +211,10 @@ def _user_fields(key) -> dict:
             "softcap": key.softcap, "lengths": key.lengths}
 
 
-def print_summary(results, db: str | None) -> None:
+def print_summary(results, db: str | None, kernel: str | None = None) -> None:
     """What was stored per problem, and why it can differ from the progress bar's best trial; then what to run
-    next."""
+    next: `show`, and the `autotune.lookup` call that finds the stored key (every field of it, and the --kernel
+    given)."""
     if not results:
         return
     rows = []
@@ -246,10 +251,8 @@ def print_summary(results, db: str | None) -> None:
     if ids:
         click.echo(f"Next: autotune show --id {ids[0]}{db_flag}   (all results: autotune list{db_flag})")
         r = next(r for r in results if r.best_id is not None)
-        p = r.problem
-        flags = "".join(f", {name}=True" for name in ("causal", "segments", "backward") if getattr(p, name))
         db_arg = "" if shown is None else f"autotune.configure(db={shown!r}); "
-        click.echo(f"In Python: {db_arg}autotune.lookup(({p.batch}, {p.q_len}, {p.heads}, {p.head_dim}), "
-                   f"({p.batch}, {p.kv_len}, {p.kv_heads}, {p.head_dim}), '{p.dtype}'{flags})")
+        kernel_arg = "" if kernel is None else f", kernel={kernel!r}"
+        click.echo(f"In Python: {db_arg}autotune.lookup({lookup_arguments(r.key)}{kernel_arg})")
         if secret_left_out:
             click.echo(f"(In both, {PASSWORD_HINT}.)")

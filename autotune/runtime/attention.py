@@ -10,16 +10,14 @@ warning per shape and reason and a miss recorded with that reason.
 from __future__ import annotations
 
 import numbers
-import os
-import sys
-import threading
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from autotune.runtime import lookup as runtime, sharding
+from autotune.runtime.notices import warn_once
+from autotune.runtime.tuned_call import flash_attention as tuned_flash_attention
 from kernels.xla_attention import xla_attention
 from autotune.device import current_device
 from kernels import DTYPES, Problem
@@ -27,9 +25,6 @@ from kernels.problem import check_lengths
 
 KERNEL_IMPLEMENTATIONS = ("pallas", "gpu", "tpu")
 IMPLEMENTATIONS = (None, "xla", "cudnn") + KERNEL_IMPLEMENTATIONS
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_warned: set = set()
-_lock = threading.Lock()
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
@@ -177,22 +172,6 @@ def _kernel_name(implementation) -> str | None:
     return implementation
 
 
-def _user_stacklevel() -> int:
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def warn_once(tag, message: str) -> None:
-    """One RuntimeWarning per tag per process, pointing at the first frame outside this package."""
-    with _lock:
-        if tag in _warned:
-            return
-        _warned.add(tag)
-    warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
-
-
 def _record_fallback(query, key, *, is_causal, window, cap, lengths, why) -> None:
     """The miss (with its reason) of a call that ran XLA, under the key the kernel would have had."""
     if jnp.dtype(query.dtype).name not in DTYPES:
@@ -226,7 +205,7 @@ def _tuned(query, key, value, *, scale, is_causal, q_lens, kv_lens, window, cap,
 
 
 def _kernel_call(q, k, v, *, scale, is_causal, q_lens, kv_lens, window, cap, return_residual, kernel, device):
-    out = runtime.flash_attention(q, k, v, causal=is_causal, sm_scale=scale, window=window, softcap=cap,
+    out = tuned_flash_attention(q, k, v, causal=is_causal, sm_scale=scale, window=window, softcap=cap,
                                   q_lengths=q_lens, kv_lengths=kv_lens, return_lse=return_residual, kernel=kernel,
                                   device=device)
     out, lse = out if return_residual else (out, None)

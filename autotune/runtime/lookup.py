@@ -5,7 +5,9 @@ call costs what the kernel with a fixed config costs. On a miss the policy decid
 config, one warning naming the command that would tune it), `nearest` (the best of the nearest tuned problem, if
 valid here), `error`, or `tune` (a short search now). A missing, read-only or locked database never breaks
 inference: the lookup falls back to the heuristic with one warning. Warnings point at the user's call (the
-first frame outside this package), since that is the line the user can change.
+first frame outside jax, flax and this project: autotune/runtime/notices.py). `lookup()` only inspects: it records
+no miss, warns nothing and tunes nothing; the kernel calls do. With the verbose switch each kernel call traced
+prints its key, config and source, and its backward does the same when `jax.grad` traces it.
 """
 from __future__ import annotations
 
@@ -14,26 +16,24 @@ import contextvars
 import functools
 import os
 import shlex
-import sys
 import threading
-import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Iterator
 
 
-from autotune.measure.kernel_call import feature_kwargs
-from autotune.device import DeviceInfo, current_device, device_of
+from autotune import settings as environment
+from autotune.device import DeviceInfo, current_device
 from autotune.keys import make_key, shape_distance
 from autotune.kernel_protocol import device_kind_of, kernel_for_platform, load_kernel, refusals
-from autotune import settings as environment
+from autotune.problem_fields import command_flags
+from autotune.runtime import notices
 from autotune.settings import MISS_POLICIES, RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
 from db import Store, TuningKey, default_url, resolve_url
 from db.urls import PASSWORD_HINT, display_url, scrub, shareable_url, sqlite_file
 from kernels import Problem, canonical_dtype, check_inputs
 from kernels.problem import check_window, window_fields
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class TuningMissError(LookupError):
@@ -42,10 +42,12 @@ class TuningMissError(LookupError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Where to look and what to do on a miss; URL and policy are resolved once per settings object."""
+    """Where to look, what to do on a miss and whether to log each call's config; URL and policy are resolved once
+    per settings object."""
 
     db: str | None = None
     on_miss: str | None = None
+    verbose: bool | None = None  # None: $AUTOTUNE_VERBOSE
 
     @functools.cached_property
     def _resolved(self) -> tuple[str, str, int]:
@@ -66,6 +68,10 @@ class Settings:
         """The trials of the short search the `tune` policy runs ($AUTOTUNE_TUNE_TRIALS)."""
         return self._resolved[2]
 
+    def logs(self) -> bool:
+        """Whether each kernel call traced prints its key, config and source."""
+        return environment.verbose() if self.verbose is None else bool(self.verbose)
+
 
 @dataclass(frozen=True)
 class Lookup:
@@ -75,6 +81,7 @@ class Lookup:
     source: str
     key: TuningKey
     detail: str = ""
+    refused: bool = False  # the kernel cannot run the problem with any config: not a miss, tuning cannot help
 
 
 _settings = Settings()
@@ -84,23 +91,28 @@ _cache: dict[tuple, Lookup] = {}
 _fast: dict[tuple, Lookup] = {}  # lookup() by its raw arguments, to skip building the problem on a hit
 _stores: dict[str, tuple[Store | None, str]] = {}  # url -> (store, why not)
 _fallbacks: set[tuple] = set()  # (url, kernel, device, problem, reason) counted by record_fallback
-_warned: set = set()
+_acted: set[tuple] = set()  # (url, key) whose miss a kernel call has recorded
 
 
-def configure(db: str | os.PathLike | None = None, on_miss: str | None = None) -> None:
-    """Set the database and miss policy for this process (None keeps the environment's defaults)."""
+def configure(db: str | os.PathLike | None = None, on_miss: str | None = None, verbose: bool | None = None) -> None:
+    """Set the database, miss policy and log switch for this process (None keeps the environment's defaults:
+    $AUTOTUNE_DB, $AUTOTUNE_ON_MISS, $AUTOTUNE_VERBOSE)."""
     global _settings
-    settings = Settings(None if db is None else str(db), on_miss)
+    settings = Settings(None if db is None else str(db), on_miss, verbose)
     settings.policy()
+    settings.logs()
     _settings = settings
 
 
 @contextlib.contextmanager
-def using(db: str | os.PathLike | None = None, on_miss: str | None = None) -> Iterator[None]:
-    """Use another database or miss policy inside a block (affects functions traced inside it)."""
+def using(db: str | os.PathLike | None = None, on_miss: str | None = None,
+          verbose: bool | None = None) -> Iterator[None]:
+    """Use another database, miss policy or log switch inside a block (affects functions traced inside it)."""
     current = _override.get() or _settings
-    settings = Settings(current.db if db is None else str(db), on_miss or current.on_miss)
+    settings = Settings(current.db if db is None else str(db), on_miss or current.on_miss,
+                        current.verbose if verbose is None else verbose)
     settings.policy()
+    settings.logs()
     token = _override.set(settings)
     try:
         yield
@@ -112,31 +124,16 @@ def reload() -> None:
     """Forget what was looked up, so a database changed meanwhile is read again."""
     global _settings
     with _lock:
-        _settings = Settings(_settings.db, _settings.on_miss)  # re-read the environment's defaults
+        _settings = Settings(_settings.db, _settings.on_miss, _settings.verbose)  # re-read the environment's
         _cache.clear()
         _fast.clear()
         for store, _why in _stores.values():
             if store is not None:
                 store.close()
         _stores.clear()
-        _warned.clear()
+        _acted.clear()
         _fallbacks.clear()
-
-
-def _user_stacklevel() -> int:
-    """The stacklevel, counted from the caller of this function, of the first frame outside this package."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _warn_once(tag: Any, message: str) -> None:
-    with _lock:
-        if tag in _warned:
-            return
-        _warned.add(tag)
-    warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
+        notices.clear()
 
 
 def _store(url: str) -> tuple[Store | None, str]:
@@ -181,21 +178,9 @@ def record_fallback(problem: Problem, reason: str, *, kernel: str | None = None,
         store.record_miss(make_key(load_kernel(kernel_name), problem, device), reason=reason)
 
 
-def _tune_command(key: TuningKey, url: str) -> str:
+def tune_command(key: TuningKey, url: str) -> str:
     """The `autotune search` command that tunes this key into the database the runtime reads."""
-    flags = [f"--batch {key.batch}", f"--seq-len {key.q_len}", f"--heads {key.heads}", f"--head-dim {key.head_dim}",
-             f"--dtype {key.dtype}"]
-    if key.kv_len != key.q_len:
-        flags.append(f"--kv-seq-len {key.kv_len}")
-    if key.kv_heads != key.heads:
-        flags.append(f"--kv-heads {key.kv_heads}")
-    flags += ["--causal"] * key.causal + ["--segments 3"] * key.segments + ["--backward"] * key.backward
-    if key.window_left is not None or key.window_right is not None:
-        sides = ["none" if side is None else str(side) for side in (key.window_left, key.window_right)]
-        flags.append(f"--window {sides[0] if key.window_left == key.window_right else ','.join(sides)}")
-    if key.softcap is not None:
-        flags.append(f"--softcap {key.softcap:g}")
-    flags += ["--lengths"] * key.lengths
+    flags = command_flags(key)
     note = ""
     if url != default_url():
         shown, secret_left_out = shareable_url(url)
@@ -216,10 +201,11 @@ def _stored_config(kernel: ModuleType, problem: Problem, config_dict: dict, devi
     return config, ""
 
 
-def _resolve(kernel: ModuleType, kernel_name: str, problem: Problem, device: DeviceInfo, settings: Settings) -> Lookup:
-    """The uncached lookup: one indexed query, then the miss policy. At most one warning, saying why it missed."""
+def _resolve(kernel: ModuleType, problem: Problem, device: DeviceInfo, settings: Settings) -> Lookup:
+    """The uncached lookup, without side effects: one indexed query, then, on a miss, the nearest tuned problem
+    (policy `nearest`) or the heuristic default; `detail` says why it missed."""
     key = make_key(kernel, problem, device)
-    policy, url = settings.policy(), settings.url()
+    url = settings.url()
     store, why = _store(url)
     if store is not None:
         try:
@@ -234,113 +220,115 @@ def _resolve(kernel: ModuleType, kernel_name: str, problem: Problem, device: Dev
     refused = refusals(kernel, problem, device_kind=device_kind_of(device))
     if refused:  # no config can run it: not a miss (tuning cannot help); the kernel's call says why
         return Lookup(kernel.Config.default(problem, device_kind=device_kind_of(device)), "heuristic", key,
-                      "; ".join(refused))
-    if store is not None:
-        with contextlib.suppress(Exception):  # a read-only database cannot count misses: not worth failing for
-            store.record_miss(key)
+                      "; ".join(refused), refused=True)
     why = why or f"no tuned config for this problem on {device.device_kind}"
-    if policy == "error":
-        raise TuningMissError(f"{why} (key {key.to_dict()}); tune it with: {_tune_command(key, url)}")
-    if policy == "tune" and store is not None:
-        from autotune.options import SearchOptions
-        from autotune.search.loop import search_problem
-
-        result = search_problem(problem, kernel_name=kernel_name, store=store, device=device,
-                                options=SearchOptions(trials=settings.tune_trials(),
-                                                      compare_xla=False, retime_top=2), progress=False)
-        return Lookup(kernel.Config.from_dict(result.best_config), "tuned", key, "tuned on miss")
-    if policy == "nearest" and store is not None:
+    if settings.policy() == "nearest" and store is not None:
         with contextlib.suppress(Exception):
             for best in sorted(store.neighbours(key), key=lambda b: shape_distance(b.key, key)):
                 config, _invalid = _stored_config(kernel, problem, best.config, device)
                 if config is not None:
                     return Lookup(config, "nearest", key, f"from {best.key.to_dict()}")
         why += "; no config of a nearby tuned problem can run it either"
-    _warn_once(("miss", url, key), f"{why}: using the heuristic default config. "
-                                   f"Tune it with: {_tune_command(key, url)}")
-    return Lookup(kernel.Config.default(problem, device_kind=device_kind_of(device)), "heuristic", key)
+    return Lookup(kernel.Config.default(problem, device_kind=device_kind_of(device)), "heuristic", key, why)
 
 
-def _lookup_problem(problem: Problem, kernel_name: str | None, device: DeviceInfo) -> Lookup:
+def current_settings() -> Settings:
+    """The settings in force here: a `using` block's, else the process's (`configure`)."""
+    return _override.get() or _settings
+
+
+def count_miss(url: str, key: TuningKey) -> bool:
+    """Record a miss of `key` in the database at `url`, once per process; whether this was the first."""
+    with _lock:
+        first = (url, key) not in _acted
+        _acted.add((url, key))
+    store, _why = _store(url)
+    if first and store is not None:
+        with contextlib.suppress(Exception):  # a read-only database cannot count misses: not worth failing for
+            store.record_miss(key)
+    return first
+
+
+def _cache_key(settings: Settings, kernel_name: str, device: DeviceInfo, problem: Problem) -> tuple:
+    return settings.url(), settings.policy(), kernel_name, device, problem
+
+
+def find(problem: Problem, kernel_name: str | None, device: DeviceInfo) -> Lookup:
+    """What a call of this problem finds, remembered per key: no miss recorded, no warning (see `_use`)."""
     settings = _override.get() or _settings
     kernel_name = kernel_name or kernel_for_platform(device.platform)
-    cache_key = (settings.url(), settings.policy(), kernel_name, device, problem)
+    cache_key = _cache_key(settings, kernel_name, device, problem)
     found = _cache.get(cache_key)
     if found is not None:
         return found
     with _lock:
         found = _cache.get(cache_key)
         if found is None:
-            found = _resolve(load_kernel(kernel_name), kernel_name, problem, device, settings)
+            found = _resolve(load_kernel(kernel_name), problem, device, settings)
             _cache[cache_key] = found
+    return found
+
+
+def use(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup:
+    """What a kernel call runs with: the lookup, and on a miss (once per key and process) the miss recorded and the
+    policy applied: a warning naming the command that tunes it, an error, or a short search now."""
+    found = find(problem, kernel_name, device)
+    if found.source == "tuned" or found.refused:
+        return found
+    settings = current_settings()
+    url, policy, key = settings.url(), settings.policy(), found.key
+    first = count_miss(url, key)
+    store, _why = _store(url)
+    if policy == "error":
+        raise TuningMissError(f"{found.detail} (key {key.to_dict()}); tune it with: {tune_command(key, url)}")
+    if policy == "tune" and store is not None and first:
+        from autotune.options import SearchOptions
+        from autotune.search.loop import search_problem
+
+        result = search_problem(problem, kernel_name=kernel_name, store=store, device=device,
+                                options=SearchOptions(trials=settings.tune_trials(),
+                                                      compare_xla=False, retime_top=2), progress=False)
+        found = Lookup(load_kernel(kernel_name).Config.from_dict(result.best_config), "tuned", key, "tuned on miss")
+        with _lock:
+            _cache[_cache_key(settings, kernel_name, device, problem)] = found
+            _fast.clear()
+        return found
+    if found.source == "heuristic":
+        notices.warn_once(("miss", url, key), f"{found.detail}: using the heuristic default config. "
+                                              f"Tune it with: {tune_command(key, url)}")
     return found
 
 
 def lookup(q_shape, k_shape, dtype, *, causal: bool = False, segments: bool = False, backward: bool = False,
            window=None, softcap: float | None = None, lengths: bool = False, kernel: str | None = None) -> Lookup:
-    """The config `flash_attention` would use for inputs of these shapes on the current device."""
+    """The config `flash_attention` would use for inputs of these shapes on the current device, and where it comes
+    from ('tuned', 'nearest' or 'heuristic', with `detail` saying why it missed). Only inspects: no miss is
+    recorded, nothing is warned or tuned (under on_miss='error' a miss raises TuningMissError, as the call would).
+    The keywords are the problem's fields (autotune/problem_fields.py) other than the shapes and dtype."""
     q_shape, k_shape = tuple(q_shape), tuple(k_shape)
     window = check_window(window)
     fast_key = (_override.get() or _settings, q_shape, k_shape, dtype, causal, segments, backward, window, softcap,
                 lengths, kernel)
     found = _fast.get(fast_key)
-    if found is not None:
-        return found
-    if len(q_shape) != 4 or len(k_shape) != 4:
-        raise ValueError(f"q_shape and k_shape must be [batch, seq, heads, head_dim], got {q_shape} and {k_shape}")
-    problem = Problem(batch=q_shape[0], q_len=q_shape[1], kv_len=k_shape[1], heads=q_shape[2],
-                      kv_heads=k_shape[2], head_dim=q_shape[3], dtype=canonical_dtype(dtype), causal=causal,
-                      segments=segments, backward=backward, **window_fields(window), softcap=softcap,
-                      lengths=lengths)
-    if k_shape[0] != q_shape[0] or k_shape[3] != q_shape[3]:
-        raise ValueError(f"k_shape must share batch and head_dim with q_shape, got {k_shape} and {q_shape}")
-    found = _lookup_problem(problem, kernel, current_device())
-    _fast[fast_key] = found
+    if found is None:
+        if len(q_shape) != 4 or len(k_shape) != 4:
+            raise ValueError(f"q_shape and k_shape must be [batch, seq, heads, head_dim], got {q_shape} and {k_shape}")
+        if k_shape[0] != q_shape[0] or k_shape[3] != q_shape[3]:
+            raise ValueError(f"k_shape must share batch and head_dim with q_shape, got {k_shape} and {q_shape}")
+        problem = Problem(batch=q_shape[0], q_len=q_shape[1], kv_len=k_shape[1], heads=q_shape[2],
+                          kv_heads=k_shape[2], head_dim=q_shape[3], dtype=canonical_dtype(dtype), causal=causal,
+                          segments=segments, backward=backward, **window_fields(window), softcap=softcap,
+                          lengths=lengths)
+        found = find(problem, kernel, current_device())
+        _fast[fast_key] = found
+    settings = _override.get() or _settings
+    if found.source != "tuned" and settings.policy() == "error":
+        raise TuningMissError(f"{found.detail} (key {found.key.to_dict()}); tune it with: "
+                              f"{tune_command(found.key, settings.url())}")
     return found
 
 
-def _backward_fields(kernel: ModuleType) -> tuple[str, ...]:
-    return tuple(name for name in kernel.Config.__dataclass_fields__ if name.startswith("bwd_"))
-
-
-def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None,
-                    window=None, softcap: float | None = None, q_lengths=None, kv_lengths=None,
-                    return_lse: bool = False, kernel: str | None = None, device: DeviceInfo | None = None):
-    """Flash attention with the tuned config for these shapes on this device (see `kernels` for the semantics).
-
-    Layout q [batch, q_len, heads, head_dim], k and v [batch, kv_len, kv_heads, head_dim]. The forward uses the
-    config tuned for the forward; the backward kernels (under `jax.grad`) use the backward config of the key
-    tuned with `--backward` when there is one. `kernel` picks one ('gpu', 'tpu' or a module path; default: the
-    platform's); `device` is the device compiled for when q does not say it (a mesh's devices inside `shard_map`,
-    a deviceless compile target): its kind then also goes to the kernel. `window` ((left, right) or one int),
-    `softcap`, `q_lengths`/`kv_lengths` ([batch] ints) and `return_lse` are the kernels' own (see `kernels`); each
-    is part of the tuning key (the lengths as "given or not").
-    """
-    problem, _, _ = check_inputs(q, k, v, segment_ids, causal=causal, window=window, softcap=softcap,
-                                 lengths=q_lengths is not None or kv_lengths is not None)
-    target = device
-    device = device or device_of(q)
-    kernel_name = kernel or kernel_for_platform(device.platform)
-    kernel = load_kernel(kernel_name)
-    forward = _lookup_problem(problem, kernel_name, device)
-    config = forward.config
-    backward = _peek_tuned(problem.replace(backward=True), kernel_name, device)
-    if backward is not None:
-        if forward.source == "tuned":  # forward fields tuned for the forward, backward fields for the backward
-            fields = _backward_fields(kernel)
-            config = kernel.Config.from_dict(
-                {**config.to_dict(), **{name: getattr(backward.config, name) for name in fields}})
-        else:
-            config = backward.config
-    extra = {"device_kind": device.device_kind} if target is not None and not device.interpret else {}
-    extra.update(feature_kwargs(problem, q_lengths, kv_lengths))
-    if return_lse:
-        extra["return_lse"] = True
-    return kernel.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
-                                  config=config, interpret=device.interpret, **extra)
-
-
-def _peek_tuned(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup | None:
+def peek_tuned(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup | None:
     """The tuned lookup for a problem if there is one, without applying the miss policy or counting a miss."""
     settings = _override.get() or _settings
     cache_key = (settings.url(), "peek", kernel_name, device, problem)
@@ -358,7 +346,7 @@ def _peek_tuned(problem: Problem, kernel_name: str, device: DeviceInfo) -> Looku
                         if config is not None:
                             found = Lookup(config, "tuned", key)
                         else:
-                            _warn_once(("invalid", settings.url(), key),
-                                       f"ignoring the stored backward config {best.config}: {invalid}")
+                            notices.warn_once(("invalid", settings.url(), key),
+                                              f"ignoring the stored backward config {best.config}: {invalid}")
             _cache[cache_key] = found  # type: ignore[assignment]
         return _cache[cache_key]

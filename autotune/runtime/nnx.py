@@ -11,7 +11,8 @@ import math
 
 import jax.numpy as jnp
 
-from autotune.runtime.attention import dot_product_attention, warn_once
+from autotune.runtime.attention import dot_product_attention
+from autotune.runtime.notices import warn_once
 
 try:
     from flax import nnx as _nnx

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
+from autotune.problem_fields import describe
 from kernels import Problem
 
 
@@ -15,6 +16,4 @@ def trial_postfix(best: float | None, default: float | None) -> str:
 
 
 def progress_bar(total: int, problem: Problem, *, enabled: bool) -> tqdm:
-    label = (f"b{problem.batch} q{problem.q_len} kv{problem.kv_len} h{problem.heads}/{problem.kv_heads} "
-             f"d{problem.head_dim}")
-    return tqdm(total=total, desc=label, unit="trial", disable=not enabled, leave=True, dynamic_ncols=True)
+    return tqdm(total=total, desc=describe(problem), unit="trial", disable=not enabled, leave=True, dynamic_ncols=True)

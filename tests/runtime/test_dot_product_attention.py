@@ -33,8 +33,7 @@ def empty_db(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def runtime_on(empty_db):
-    autotune.reload()
-    attention_api._warned.clear()  # each test sees its own first warnings
+    autotune.reload()  # each test sees its own first warnings
     with autotune.using(db=str(empty_db), on_miss="heuristic"):
         yield
     autotune.reload()
@@ -210,7 +209,7 @@ def test_bad_input_is_a_value_error_naming_the_argument_before_anything_compiles
     def must_not_run(*args, **kwargs):
         raise AssertionError("reached a kernel or XLA with bad input")
 
-    monkeypatch.setattr(attention_api.runtime, "flash_attention", must_not_run)
+    monkeypatch.setattr(attention_api, "tuned_flash_attention", must_not_run)
     monkeypatch.setattr(attention_api.jax.nn, "dot_product_attention", must_not_run)
     q, k, v = normal(8, (2, 8, 2, 16), (2, 8, 2, 16), (2, 8, 2, 16))
     with pytest.raises(ValueError, match=message):

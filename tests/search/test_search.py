@@ -145,9 +145,9 @@ def test_cli_exits_nonzero_when_everything_fails(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--batch", "1", "--seq-len", "32", "--heads", "3", "--kv-heads", "2", "--head-dim", "16"],
-     "Error: flags: field 'kv_heads' (2) must divide 'heads' (3)"),
+     "Error: the problem flags: kv_heads must divide heads, got heads=3 and kv_heads=2"),
     (["--batch", "0", "--seq-len", "32", "--heads", "2", "--head-dim", "16"],
-     "Error: flags: field 'batch' must be positive, got 0"),
+     "Error: Invalid value for '--batch': must be at least 1, got 0"),
     (["--seq-len", "32", "--heads", "2", "--head-dim", "16"], "Error: missing --batch (or give --shapes FILE)"),
     (["--batch", "1", "--seq-len", "32", "--heads", "2", "--head-dim", "16", "--kernel", "nope"],
      "Error: Invalid value for --kernel: kernel must be 'gpu', 'tpu' or an importable module path, got 'nope'"),

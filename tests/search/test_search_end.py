@@ -81,7 +81,7 @@ def test_the_summary_says_what_was_stored_and_what_to_run_next(tmp_path):
     assert f"results in {db}" in first.output and "sqlite://" not in first.output
     assert "final re-timing" in first.output and "progress bar" in first.output
     assert f"Next: autotune show --id 1 --db {db}" in first.output
-    assert "autotune.lookup((1, 32, 1, 16), (1, 32, 1, 16), 'float32')" in first.output
+    assert f"autotune.lookup((1, 32, 1, 16), (1, 32, 1, 16), 'float32', kernel={TOY!r})" in first.output
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
     assert "already has its 2 trials; nothing searched" in again.output

@@ -13,7 +13,6 @@ import pytest
 from click.testing import CliRunner
 
 import autotune
-from autotune.runtime import lookup as runtime
 from autotune.cli.app import main
 from autotune.device import current_device
 from autotune.keys import make_key
@@ -54,11 +53,13 @@ def test_a_search_with_a_window_stores_a_best_the_runtime_finds(tmp_path):
                                     lengths=True, kernel="gpu")
             with warnings.catch_warnings(record=True) as record:
                 warnings.simplefilter("always")
-                out = runtime.flash_attention(q, k, v, causal=True, window=(24, 0), softcap=20.0, q_lengths=lengths,
-                                              kv_lengths=lengths, kernel="gpu")
+                out = autotune.flash_attention(q, k, v, causal=True, window=(24, 0), softcap=20.0, q_lengths=lengths,
+                                             kv_lengths=lengths, kernel="gpu")
+            other = autotune.lookup(q.shape, k.shape, "float32", causal=True, window=(25, 0), softcap=20.0,
+                                    lengths=True, kernel="gpu")
             with pytest.warns(RuntimeWarning, match="--window 25,0 --softcap 20 --lengths"):  # the tune command
-                other = autotune.lookup(q.shape, k.shape, "float32", causal=True, window=(25, 0), softcap=20.0,
-                                        lengths=True, kernel="gpu")
+                autotune.flash_attention(q, k, v, causal=True, window=(25, 0), softcap=20.0, q_lengths=lengths,
+                                         kv_lengths=lengths, kernel="gpu")
     finally:
         autotune.reload()
     assert found.source == "tuned" and found.config.to_dict() == best.config
