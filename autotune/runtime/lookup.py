@@ -29,7 +29,8 @@ from autotune.kernel_protocol import device_kind_of, kernel_for_platform, load_k
 from autotune.settings import RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
 from db import Store, TuningKey, default_url, resolve_url
 from db.urls import display_url, scrub, sqlite_file
-from kernels import Problem, canonical_dtype, check_inputs
+from kernels import Problem, canonical_dtype
+from kernels.entry import prepare
 from kernels.problem import check_window, window_fields
 
 MISS_POLICIES = ("heuristic", "nearest", "error", "tune")
@@ -301,8 +302,8 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale
     `softcap`, `q_lengths`/`kv_lengths` ([batch] ints) and `return_lse` are the kernels' own (see `kernels`); each
     is part of the tuning key (the lengths as "given or not").
     """
-    problem, _, _ = check_inputs(q, k, v, segment_ids, causal=causal, window=window, softcap=softcap,
-                                 lengths=q_lengths is not None or kv_lengths is not None)
+    problem = prepare(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale, window=window,
+                      softcap=softcap, q_lengths=q_lengths, kv_lengths=kv_lengths, return_lse=return_lse).problem
     target = device
     device = device or device_of(q)
     kernel_name = kernel or kernel_for_platform(device.platform)
