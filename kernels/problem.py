@@ -19,9 +19,9 @@ import numpy as np
 from kernels.masking import Band
 
 DTYPES = ("float32", "bfloat16", "float16")
-# The largest soft cap: the kernels multiply scores by 1 / softcap, which must be a normal float32 (TPUs and fast
-# GPU paths flush smaller numbers to zero, and softcap * log2(e) must stay finite). 2**126 is about 8.5e37.
-MAX_SOFTCAP = 2.0 ** 126
+# The largest soft cap: scores are divided by it in float32, and past 2**100 (about 1.3e30) a score below 1e-8
+# would fall under float32's normal range (flushed to zero by TPUs and fast GPU paths) instead of passing unchanged.
+MAX_SOFTCAP = 2.0 ** 100
 # The largest |sm_scale|: past it float32 scores are so coarse (their rounding steps reach whole units of the
 # exponent) that the kernels' online softmax and the reference no longer agree; no model scales that much.
 MAX_SCALE = 1e4
@@ -113,8 +113,8 @@ def check_softcap(softcap, name: str = "softcap") -> float | None:
             or not np.isfinite(softcap) or softcap <= 0:
         raise ValueError(f"{name} must be a positive finite number or None, got {softcap!r}")
     if softcap > MAX_SOFTCAP:
-        raise ValueError(f"{name} must be at most 2**126 (about {MAX_SOFTCAP:.3g}: its reciprocal must be a normal "
-                         f"float32), got {softcap!r}")
+        raise ValueError(f"{name} must be at most 2**100 (about {MAX_SOFTCAP:.3g}; scores divided by more fall "
+                         f"out of float32's normal range), got {softcap!r}")
     return float(softcap)
 
 
@@ -130,7 +130,7 @@ def check_window(window, name: str = "window") -> tuple[int | None, int | None] 
     if isinstance(window, (tuple, list)) and len(window) == 2 and all(side(x) for x in window):
         left, right = (None if x is None else int(x) for x in window)
         return None if left is None and right is None else (left, right)
-    parts = window if isinstance(window, (tuple, list)) else (window,)
+    parts = window if isinstance(window, (tuple, list)) and len(window) == 2 else (window,)
     if all(x is None or isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in parts):
         raise ValueError(f"{name} must not be negative (an int or a pair (left, right) of non-negative ints or "
                          f"None), got {window!r}")
