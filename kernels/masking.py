@@ -77,7 +77,6 @@ class Band:
         stop = None if self.left is None else floordiv(key_end - 1 + self.left, block_q) + 1
         return first, stop
 
-
     def tile_conditions(self, row_start, rows: int, key_start, keys: int) -> list:
         """The conditions (all must hold) for a tile of `rows` queries from `row_start` and `keys` keys from
         `key_start` to meet the band; empty when the band bounds nothing."""
