@@ -1,8 +1,9 @@
-"""How the kernels' work falls with a sliding window: blocks visited per kernel, counted exactly in interpret mode.
+"""How the kernels' work falls with a sliding window: blocks visited per kernel, counted exactly from the block ranges.
 
 A causal problem of SEQ tokens with windows from none down to 128 tokens, one fixed config (64 x 64 blocks in every
-kernel) so that only the window changes. For the GPU kernel each program counts the key (or query) blocks its loops
-visit (`count=True`, interpret mode); the sum over programs is the work. The least any blocked kernel must visit is
+kernel) so that only the window changes. For the GPU kernel the key (or query) blocks each program's loops visit
+come from the kernels' own block ranges (`kv_ranges`, `q_ranges`: pure functions of the band, the ones the kernels
+run); the sum over programs is the work. The least any blocked kernel must visit is
 the number of 64 x 64 tiles of the mask that hold a visible pair (from the reference mask); the table shows both and
 the share of the full causal work. For the TPU kernel the figure is the size of each kernel's grid (its steps; a
 window bounded on both sides shrinks the reduction axis to the blocks it reaches), read from the traced program.
@@ -23,10 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.gpu.backward import backward
-from kernels.gpu.common import Masking
-from kernels.gpu.config import Config
-from kernels.gpu.forward import forward
+from kernels.gpu.common import Masking, kv_ranges, q_ranges
+from kernels.masking import Band
 from kernels.reference import attention_mask
 from kernels.tpu import Config as TpuConfig
 from kernels.tpu import flash_attention as tpu_attention
@@ -44,17 +43,16 @@ def needed_tiles(n: int, window: int | None) -> int:
 
 def gpu_blocks(n: int, window: int | None) -> dict[str, int]:
     """Blocks the GPU kernels visit (summed over programs) for one causal problem, batch 1, one head."""
-    config = Config(block_q=BLOCK, block_k=BLOCK, num_warps=4, num_stages=2, bwd_block_q=BLOCK, bwd_block_k=BLOCK,
-                    bwd_num_warps=4, bwd_num_stages=2)
-    masking = Masking.of(causal=True, window=None if window is None else (window, 0))
-    keys = jax.random.split(jax.random.key(0), 2)
-    q = jax.random.normal(keys[0], (1, n, 1, 16), jnp.float32)
-    k = jax.random.normal(keys[1], (1, n, 1, 16), jnp.float32)
-    out, lse, fwd = forward(q, k, k, None, None, scale=0.25, masking=masking, config=config, interpret=True,
-                            count=True)
-    *_, dq, dkv = backward(q, k, k, None, None, None, None, out, lse, q, scale=0.25, masking=masking, config=config,
-                           interpret=True, count=True)
-    return {name: int(np.asarray(c).sum()) for name, c in (("forward", fwd), ("dq", dq), ("dkv", dkv))}
+    masking = Masking(band=Band.of(causal=True, window=None if window is None else (window, 0)))
+
+    def visited(ranges) -> int:
+        return sum(max(int(stop) - int(start), 0) for start, stop, _masked in ranges)
+
+    blocks = n // BLOCK
+    forward = sum(visited(kv_ranges(i, block_q=BLOCK, block_k=BLOCK, kv_len=n, masking=masking, one_loop=True))
+                  for i in range(blocks))
+    dkv = sum(visited(q_ranges(j, block_q=BLOCK, block_k=BLOCK, q_len=n, masking=masking)) for j in range(blocks))
+    return {"forward": forward, "dq": forward, "dkv": dkv}  # dq walks the forward's ranges
 
 
 def tpu_grid_steps(n: int, window: int | None) -> dict[str, int]:

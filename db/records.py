@@ -30,6 +30,9 @@ _FLAG_FIELDS = ("causal", "segments", "backward")
 # Fields added in schema version 4, with their defaults: while a key holds the default, its canonical JSON leaves
 # the field out, so every key stored before they existed keeps its digest (and its results are still found).
 FEATURE_DEFAULTS: dict[str, Any] = {"window_left": None, "window_right": None, "softcap": None, "lengths": False}
+# The largest soft cap the kernels run (kernels.problem.MAX_SOFTCAP; a test keeps them equal). A key with a larger
+# cap names a problem no kernel accepts, so neither the store nor import takes it.
+MAX_SOFTCAP = 2.0 ** 100
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ class TuningKey:
         for name in ("window_left", "window_right"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=0, optional=True))
         object.__setattr__(self, "softcap", check_positive_number("softcap", self.softcap, optional=True))
+        if self.softcap is not None and self.softcap > MAX_SOFTCAP:
+            raise ValueError(f"softcap must be at most 2**100 (about {MAX_SOFTCAP:.3g}, the largest cap the kernels "
+                             f"run), got {self.softcap!r}")
         check_bool("lengths", self.lengths)
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,11 +10,21 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.masking import Band
+
 DTYPES = ("float32", "bfloat16", "float16")
+# The largest soft cap: scores are divided by it in float32, and past 2**100 (about 1.3e30) a score below 1e-8
+# would fall under float32's normal range (flushed to zero by TPUs and fast GPU paths) instead of passing unchanged.
+MAX_SOFTCAP = 2.0 ** 100
+# The largest |sm_scale|: past it float32 scores are so coarse (their rounding steps reach whole units of the
+# exponent) that the kernels' online softmax and the reference no longer agree; no model scales that much.
+MAX_SCALE = 1e4
 
 
 @dataclass(frozen=True)
@@ -67,14 +77,18 @@ class Problem:
         return self.window_left, self.window_right
 
     @property
+    def band(self) -> Band:
+        """The (query, key) pairs the causal flag and the window let through (see kernels.masking)."""
+        return Band.of(causal=self.causal, window=self.window)
+
+    @property
     def groups(self) -> int:
         """Query heads per kv head (1 for plain multi-head attention)."""
         return self.heads // self.kv_heads
 
     def flops(self) -> float:
         """Forward FLOPs of the visible (query, key) pairs, 4*d each (2 matmuls); backward is 2.5x this."""
-        return 4.0 * self.batch * self.heads * self.head_dim * visible_pairs(
-            self.q_len, self.kv_len, causal=self.causal, window=self.window)
+        return 4.0 * self.batch * self.heads * self.head_dim * self.band.pairs(self.q_len, self.kv_len)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,24 +105,16 @@ class Problem:
         return dataclasses.replace(self, **changes)
 
 
-def visible_pairs(q_len: int, kv_len: int, *, causal: bool, window=None) -> int:
-    """How many (query, key) pairs the mask lets through (every row: keys max(0, i-left)..min(kv_len-1, i+right))."""
-    left, right = window if window is not None else (None, None)
-    if causal:
-        right = 0 if right is None else min(right, 0)
-    rows = np.arange(q_len, dtype=np.int64)
-    first = np.zeros_like(rows) if left is None else np.maximum(rows - left, 0)
-    last = np.full_like(rows, kv_len - 1) if right is None else np.minimum(rows + right, kv_len - 1)
-    return int(np.maximum(last - first + 1, 0).sum())
-
-
 def check_softcap(softcap, name: str = "softcap") -> float | None:
-    """A soft cap must be a positive finite number (or None: no capping)."""
+    """A soft cap must be a positive finite number up to MAX_SOFTCAP (or None: no capping)."""
     if softcap is None:
         return None
     if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, (int, float, np.integer, np.floating)) \
             or not np.isfinite(softcap) or softcap <= 0:
         raise ValueError(f"{name} must be a positive finite number or None, got {softcap!r}")
+    if softcap > MAX_SOFTCAP:
+        raise ValueError(f"{name} must be at most 2**100 (about {MAX_SOFTCAP:.3g}; scores divided by more fall "
+                         f"out of float32's normal range), got {softcap!r}")
     return float(softcap)
 
 
@@ -124,8 +130,11 @@ def check_window(window, name: str = "window") -> tuple[int | None, int | None] 
     if isinstance(window, (tuple, list)) and len(window) == 2 and all(side(x) for x in window):
         left, right = (None if x is None else int(x) for x in window)
         return None if left is None and right is None else (left, right)
-    raise ValueError(f"{name} must be a non-negative int or a pair (left, right) of non-negative ints or None, "
-                     f"got {window!r}")
+    parts = window if isinstance(window, (tuple, list)) and len(window) == 2 else (window,)
+    if all(x is None or isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in parts):
+        raise ValueError(f"{name} must not be negative (an int or a pair (left, right) of non-negative ints or "
+                         f"None), got {window!r}")
+    raise ValueError(f"{name} must be an int or a pair (left, right) of non-negative ints or None, got {window!r}")
 
 
 def check_lengths(lengths, name: str, batch: int, seq: int, *, longer_means_all: bool = False):
@@ -298,10 +307,18 @@ def _ranks(q_row, kv_row):
     return jnp.where(found, position, -1).astype(jnp.int32), kv_rank.astype(jnp.int32)
 
 
-def resolve_scale(sm_scale: float | None, head_dim: int) -> float:
-    """The softmax scale: 1/sqrt(head_dim) unless given."""
+def resolve_scale(sm_scale, head_dim: int, name: str = "sm_scale") -> float:
+    """The softmax scale: 1/sqrt(head_dim) unless given; a concrete finite number (a 0-d array counts) of
+    magnitude at most MAX_SCALE, since the kernels compile it in."""
     if sm_scale is None:
         return float(1.0 / np.sqrt(head_dim))
-    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float, np.floating)) or not np.isfinite(sm_scale):
-        raise ValueError(f"sm_scale must be a finite number or None, got {sm_scale!r}")
+    if isinstance(sm_scale, jax.core.Tracer):
+        raise ValueError(f"{name} must be a concrete number (the kernels compile it in), got a traced value")
+    if hasattr(sm_scale, "shape") and np.shape(sm_scale) == ():
+        sm_scale = np.asarray(sm_scale).item()
+    if isinstance(sm_scale, (bool, np.bool_)) or not isinstance(sm_scale, numbers.Real) or not np.isfinite(sm_scale):
+        raise ValueError(f"{name} must be a finite number or None, got {sm_scale!r}")
+    if abs(sm_scale) > MAX_SCALE:
+        raise ValueError(f"{name} must be at most {MAX_SCALE:g} in magnitude (float32 scores scaled further are too "
+                         f"coarse for the kernels' softmax), got {sm_scale!r}")
     return float(sm_scale)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.masking import Band, visible
 from kernels.problem import check_inputs, check_lengths, resolve_scale
 
 
@@ -18,20 +19,13 @@ def attention_mask(q_len: int, kv_len: int, *, causal: bool, q_ids=None, kv_ids=
     mask = jnp.ones((1, 1, q_len, kv_len), dtype=bool)
     rows = q_offset + jnp.arange(q_len)[:, None]
     cols = jnp.arange(kv_len)[None, :]
-    if causal:
-        mask = mask & (cols <= rows)[None, None]
-    if window is not None:
-        left, right = window
-        if left is not None:
-            mask = mask & (cols >= rows - left)[None, None]
-        if right is not None:
-            mask = mask & (cols <= rows + right)[None, None]
+    per_row = (lambda lengths: None if lengths is None else lengths[:, None, None, None])  # noqa: E731
+    rule = visible(rows, cols, Band.of(causal=causal, window=window), q_len=per_row(q_lengths),
+                   kv_len=per_row(kv_lengths))
+    if rule is not None:
+        mask = mask & rule
     if q_ids is not None:
         mask = mask & (q_ids[:, None, :, None] == kv_ids[:, None, None, :])
-    if q_lengths is not None:
-        mask = mask & (rows[None, None] < q_lengths[:, None, None, None])
-    if kv_lengths is not None:
-        mask = mask & (cols[None, None] < kv_lengths[:, None, None, None])
     return mask
 
 

@@ -9,9 +9,6 @@ warning per shape and reason and a miss recorded with that reason.
 """
 from __future__ import annotations
 
-import numbers
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,7 +18,8 @@ from autotune.runtime.tuned_call import flash_attention as tuned_flash_attention
 from kernels.xla_attention import xla_attention
 from autotune.device import current_device
 from kernels import DTYPES, Problem
-from kernels.problem import check_lengths
+from kernels.masking import Band
+from kernels.problem import check_lengths, check_softcap, check_window, resolve_scale
 
 KERNEL_IMPLEMENTATIONS = ("pallas", "gpu", "tpu")
 IMPLEMENTATIONS = (None, "xla", "cudnn") + KERNEL_IMPLEMENTATIONS
@@ -41,7 +39,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     in the dtype of key, without gradient (as jax.nn).
     """
     query, key, value, batched = _arrays(query, key, value)
-    scale = _check_scale(scale, query.shape[-1])
+    scale = resolve_scale(scale, query.shape[-1], "scale")
     if not isinstance(is_causal, (bool, np.bool_)):
         raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
     if not isinstance(return_residual, (bool, np.bool_)):
@@ -50,8 +48,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                            longer_means_all=True)  # jax.nn reads a length past the sequence as "all of it"
     kv_lens = check_lengths(key_value_seq_lengths, "key_value_seq_lengths", query.shape[0], key.shape[1],
                             longer_means_all=True)
-    window = _check_window(local_window_size)
-    cap = _check_cap(logits_soft_cap)
+    window = check_window(local_window_size, "local_window_size")
+    cap = check_softcap(logits_soft_cap, "logits_soft_cap")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     mask_dtype = None if mask is None else (mask.dtype if hasattr(mask, "dtype") else np.asarray(mask).dtype)
@@ -110,43 +108,6 @@ def _arrays(query, key, value):
         raise ValueError(f"the heads of query ({query.shape[2]}) must be a multiple of the kv heads of key "
                          f"({key.shape[2]})")
     return query, key, value, batched
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
-
-
-def _check_scale(scale, head_dim: int) -> float:
-    if scale is None:
-        return float(1.0 / np.sqrt(head_dim))
-    if isinstance(scale, jax.core.Tracer):
-        raise ValueError("scale must be a concrete number (the kernels compile it in), got a traced value")
-    if hasattr(scale, "shape") and np.shape(scale) == ():
-        scale = np.asarray(scale).item()
-    if not _is_number(scale) or not np.isfinite(scale):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    return float(scale)
-
-
-def _check_window(window):
-    """jax.nn's `local_window_size`: one int (symmetric) or (left, right), each a non-negative int."""
-    if window is None:
-        return None
-    parts = (window, window) if isinstance(window, numbers.Integral) else window
-    if (isinstance(window, (bool, np.bool_)) or not isinstance(parts, (tuple, list)) or len(parts) != 2
-            or not all(isinstance(p, numbers.Integral) and not isinstance(p, (bool, np.bool_)) for p in parts)):
-        raise ValueError(f"local_window_size must be an int or a pair (left, right) of ints, got {window!r}")
-    if min(parts) < 0:
-        raise ValueError(f"local_window_size must not be negative, got {window!r}")
-    return int(parts[0]), int(parts[1])
-
-
-def _check_cap(cap):
-    if cap is None:
-        return None
-    if not _is_number(cap) or not np.isfinite(cap) or cap <= 0:
-        raise ValueError(f"logits_soft_cap must be a positive finite number or None, got {cap!r}")
-    return float(cap)
 
 
 def _not_covered(query, bias, mask) -> str:
@@ -228,13 +189,9 @@ def _rows_without_keys(batch: int, q_len: int, kv_len: int, *, is_causal, window
     row can be so (without a window or kv lengths every valid row sees key 0 at least)."""
     if window is None and kv_lens is None:
         return None
-    left, right = window if window is not None else (None, None)
-    if is_causal:
-        right = 0 if right is None else min(right, 0)
     rows = jnp.arange(q_len)[None, :]
     ends = jnp.full((batch, 1), kv_len) if kv_lens is None else kv_lens[:, None]
-    first = jnp.zeros_like(rows) if left is None else jnp.maximum(rows - left, 0)
-    last = ends - 1 if right is None else jnp.minimum(rows + right, ends - 1)
+    first, last = Band.of(causal=is_causal, window=window).key_range(rows, ends)
     no_key = last < first
     if q_lens is not None:
         no_key = no_key & (rows < q_lens[:, None])

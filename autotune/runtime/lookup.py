@@ -31,7 +31,7 @@ from autotune.runtime import notices
 from autotune.settings import MISS_POLICIES, RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
 from db import Store, TuningKey, default_url, resolve_url
 from db.urls import PASSWORD_HINT, display_url, scrub, shareable_url, sqlite_file
-from kernels import Problem, canonical_dtype, check_inputs
+from kernels import Problem, canonical_dtype
 from kernels.problem import check_window, window_fields
 
 
@@ -154,7 +154,7 @@ def _store(url: str) -> tuple[Store | None, str]:
             except Exception as exc:  # noqa: BLE001 - inference must never break on the database
                 why = f"the results database {display_url(url)} cannot be opened ({scrub(str(exc), url)})"
             if store is not None and store.notice:  # said once: the store is opened once per URL
-                _warn_once(("notice", url), store.notice)
+                notices.warn_once(("notice", url), store.notice)
         _stores[url] = (store, why)
         return store, why
 

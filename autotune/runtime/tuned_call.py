@@ -22,7 +22,7 @@ from autotune.problem_fields import describe
 from autotune.runtime import notices
 from autotune.runtime.lookup import Lookup, count_miss, current_settings, find, peek_tuned, tune_command, use
 from db import TuningKey
-from kernels import check_inputs
+from kernels.entry import prepare
 
 
 def _backward_fields(kernel: ModuleType) -> tuple[str, ...]:
@@ -43,8 +43,8 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale
     `softcap`, `q_lengths`/`kv_lengths` ([batch] ints) and `return_lse` are the kernels' own (see `kernels`); each
     is part of the tuning key (the lengths as "given or not").
     """
-    problem, _, _ = check_inputs(q, k, v, segment_ids, causal=causal, window=window, softcap=softcap,
-                                 lengths=q_lengths is not None or kv_lengths is not None)
+    problem = prepare(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale, window=window,
+                      softcap=softcap, q_lengths=q_lengths, kv_lengths=kv_lengths, return_lse=return_lse).problem
     target = device
     device = device or device_of(q)
     kernel_name = kernel or kernel_for_platform(device.platform)

@@ -11,13 +11,12 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from kernels.entry import checked_config, prepare
 from kernels.gpu.backward import backward
 from kernels.gpu.common import LOG2E, LSE_EMPTY, Masking, wgmma_device
 from kernels.gpu.config import Config, invalid_reasons
 from kernels.gpu.forward import forward
-from kernels.problem import check_inputs, check_lengths, full_lengths, resolve_scale
 
 
 @dataclass(frozen=True)
@@ -69,18 +68,6 @@ def _attention_jit(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths, static: _Stati
     return out, jax.lax.stop_gradient(lse)
 
 
-def _device_kind(device_kind: str | None, interpret: bool) -> str | None:
-    """The GPU the kernel is compiled for: the caller's (a compile target or the real device), else the default
-    device when compiling, None in interpret mode (validated as Hopper)."""
-    if device_kind is not None:
-        if not isinstance(device_kind, str):
-            raise TypeError(f"device_kind must be a str or None, got {type(device_kind).__name__}")
-        return device_kind
-    if interpret:
-        return None
-    return jax.devices()[0].device_kind
-
-
 def flash_attention(
     q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None, window=None,
     softcap: float | None = None, q_lengths=None, kv_lengths=None, return_lse: bool = False,
@@ -100,25 +87,13 @@ def flash_attention(
     `device_kind` (e.g. 'NVIDIA H100 80GB HBM3') is the GPU the default config and the shared-memory checks are
     for; give it when compiling for a target that is not `jax.devices()[0]` (deviceless compiles).
     """
-    has_lengths = q_lengths is not None or kv_lengths is not None
-    problem, q_ids, kv_ids = check_inputs(q, k, v, segment_ids, causal=causal, window=window, softcap=softcap,
-                                          lengths=has_lengths)
-    q_lengths = check_lengths(q_lengths, "q_lengths", problem.batch, problem.q_len)
-    kv_lengths = check_lengths(kv_lengths, "kv_lengths", problem.batch, problem.kv_len)
-    if has_lengths:
-        q_lengths, kv_lengths = full_lengths(q_lengths, kv_lengths, problem)
-    if not isinstance(return_lse, (bool, np.bool_)):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} {return_lse!r}")
-    scale = resolve_scale(sm_scale, problem.head_dim)
-    kind = _device_kind(device_kind, interpret)
-    if config is None:
-        config = Config.default(problem, device_kind=kind)
-    elif not isinstance(config, Config):
-        raise TypeError(f"config must be a kernels.gpu.Config or None, got {type(config).__name__}")
-    reasons = invalid_reasons(config, problem, device_kind=kind)
-    if reasons:
-        raise ValueError(f"config {config.to_dict()} cannot run {problem}: " + "; ".join(reasons))
-    masking = Masking.of(causal=problem.causal, window=problem.window, softcap=problem.softcap, lengths=has_lengths)
-    static = _Static(scale=scale, masking=masking, config=config, interpret=bool(interpret),
+    call = prepare(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale, window=window,
+                   softcap=softcap, q_lengths=q_lengths, kv_lengths=kv_lengths, return_lse=return_lse,
+                   interpret=interpret, device_kind=device_kind, platform="gpu")
+    problem, kind = call.problem, call.device_kind
+    config = checked_config(config, Config, invalid_reasons, problem, kind, "kernels.gpu.Config")
+    masking = Masking(band=call.band, softcap=problem.softcap, lengths=problem.lengths)
+    static = _Static(scale=call.scale, masking=masking, config=config, interpret=call.interpret,
                      one_loop=wgmma_device(kind))
-    return _attention_jit(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths, static, bool(return_lse))
+    return _attention_jit(call.q, call.k, call.v, call.q_ids, call.kv_ids, call.q_lengths, call.kv_lengths, static,
+                          call.return_lse)

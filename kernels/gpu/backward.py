@@ -45,7 +45,7 @@ def _grad_scores(p, dp, delta, t):
 def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     scale: float, masking: Masking, segments: bool, q_len: int, kv_len: int, head_dim: int, block_q: int,
-    block_k: int, one_loop: bool, count: bool,
+    block_k: int, one_loop: bool,
 ):
     q_ids_ref, kv_ids_ref, q_len_ref, kv_len_ref, outs = _split_refs(refs, segments, masking.lengths)
     dq_ref = outs[0]
@@ -65,8 +65,7 @@ def _dq_kernel(
     q_ids = load(q_ids_ref.at[q_rows], row_mask) if segments else None
     padded_kv = kv_len % block_k != 0
 
-    def step(j, carry, *, masked: bool):
-        dq, visits = carry
+    def step(j, dq, *, masked: bool):
         k_start = j * block_k
         k_rows = rows_at(k_start, block_k)
         tail = masked and padded_kv
@@ -78,27 +77,24 @@ def _dq_kernel(
         if kv_ids_ref is not None:
             kv_ids = load(kv_ids_ref.at[k_rows], tile_mask(k_start, block_k, kv_len if tail else None), other=-1)
         limit = (kv_len_b if kv_len_b is not None else kv_len if tail else None) if masked else None
-        mask = visible(q_start, k_start, block_q, block_k, masking if masked else None, kv_len=limit,
+        mask = visible(q_start, k_start, block_q, block_k, masking.band if masked else None, kv_len=limit,
                        q_ids=q_ids, kv_ids=kv_ids)
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
         p = jnp.exp2(s - lse[:, None])
         ds = _grad_scores(p, dot_nt(do, v), delta, t)
-        return dq + dot_nn(ds.astype(k.dtype), k), None if visits is None else visits + 1
+        return dq + dot_nn(ds.astype(k.dtype), k)
 
     ranges = kv_ranges(i, block_q=block_q, block_k=block_k, kv_len=kv_len, masking=masking, one_loop=one_loop,
                        q_len_b=q_len_b, kv_len_b=kv_len_b)
-    dq, visits = run_ranges(ranges, step, (jnp.zeros((block_q, width), jnp.float32),
-                                           jnp.int32(0) if count else None))
+    dq = run_ranges(ranges, step, jnp.zeros((block_q, width), jnp.float32))
     store(dq_ref.at[q_rows, cols], (dq * scale).astype(dq_ref.dtype), q_mask)
-    if count:
-        outs[1][...] = visits
 
 
 def _dkv_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     scale: float, masking: Masking, segments: bool, q_len: int, kv_len: int, head_dim: int, groups: int,
-    block_q: int, block_k: int, count: bool,
+    block_q: int, block_k: int,
 ):
     # q/do refs are [q_len, groups, head_dim] and lse/delta [groups, q_len]: the query heads of this kv head.
     # Keys past kv_len need no mask: their dk/dv rows are never stored and they touch no other key's rows; keys
@@ -122,7 +118,7 @@ def _dkv_kernel(
     ragged_q = q_len % block_q != 0
 
     def step(i, carry, *, g, masked: bool):
-        dk, dv, visits = carry
+        dk, dv = carry
         q_start = i * block_q
         rows = rows_at(q_start, block_q)
         q_mask = tile_mask(q_start, block_q, q_len if ragged_q else None, width, head_dim)
@@ -133,7 +129,7 @@ def _dkv_kernel(
         delta = load(delta_ref.at[g, rows], row_mask)
         s, t = scores(q, k, scale, masking.softcap)
         q_ids = None if q_ids_ref is None else load(q_ids_ref.at[rows], row_mask)
-        mask = visible(q_start, k_start, block_q, block_k, masking if masked else None, q_ids=q_ids,
+        mask = visible(q_start, k_start, block_q, block_k, masking.band if masked else None, q_ids=q_ids,
                        kv_ids=kv_ids)
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
@@ -141,7 +137,7 @@ def _dkv_kernel(
         dv = dv + dot_tn(p.astype(do.dtype), do)
         ds = _grad_scores(p, dot_nt(do, v), delta, t)
         dk = dk + dot_tn(ds.astype(q.dtype), q)
-        return dk, dv, None if visits is None else visits + 1
+        return dk, dv
 
     ranges = q_ranges(j, block_q=block_q, block_k=block_k, q_len=q_len, masking=masking, q_len_b=q_len_b,
                       kv_len_b=kv_len_b)
@@ -150,28 +146,24 @@ def _dkv_kernel(
         return run_ranges(ranges, functools.partial(step, g=g), carry)
 
     zeros = jnp.zeros((block_k, width), jnp.float32)
-    carry = (zeros, zeros, jnp.int32(0) if count else None)
     if groups == 1:
-        dk, dv, visits = head(np.int32(0), carry)
+        dk, dv = head(np.int32(0), (zeros, zeros))
     else:
-        dk, dv, visits = lax.fori_loop(np.int32(0), np.int32(groups), head, carry)
+        dk, dv = lax.fori_loop(np.int32(0), np.int32(groups), head, (zeros, zeros))
     if kv_len_b is not None:  # keys past the row's length get zero gradients
         kept = (k_start + jnp.arange(block_k, dtype=jnp.int32) < kv_len_b)[:, None]
         dk, dv = jnp.where(kept, dk, 0.0), jnp.where(kept, dv, 0.0)
     store(dk_ref.at[k_rows, cols], (dk * scale).astype(dk_ref.dtype), kv_mask)
     store(dv_ref.at[k_rows, cols], dv.astype(dv_ref.dtype), kv_mask)
-    if count:
-        outs[2][...] = visits
 
 
 def backward(
     q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array | None, kv_ids: jax.Array | None,
     q_lengths: jax.Array | None, kv_lengths: jax.Array | None, out: jax.Array, lse: jax.Array, dout: jax.Array, *,
-    scale: float, masking: Masking, config: Config, interpret: bool, one_loop: bool = True, count: bool = False,
+    scale: float, masking: Masking, config: Config, interpret: bool, one_loop: bool = True,
 ):
     """Gradients (dq, dk, dv), given the forward's output, its logsumexp and the cotangent; no padded copies.
-    `one_loop`: the dq kernel's key blocks in one loop (for Hopper, see `kv_ranges`). `count` (interpret-mode tests)
-    adds the blocks each program visited: int32 [q blocks, b, h] for dq and [kv blocks, b, kv heads] for dk/dv."""
+    `one_loop`: the dq kernel's key blocks in one loop (for Hopper, see `kv_ranges`)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
@@ -183,36 +175,30 @@ def backward(
     dout = dout.astype(q.dtype)
     extra = ([q_ids, kv_ids] if segments else []) + ([q_lengths, kv_lengths] if masking.lengths else [])
     statics = dict(scale=scale, masking=masking, segments=segments, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
-                   block_q=bq, block_k=bk, count=count)
+                   block_q=bq, block_k=bk)
     params = pltriton.CompilerParams(num_warps=config.bwd_num_warps, num_stages=config.bwd_num_stages)
     itemsize = q.dtype.itemsize
     row_bytes = 2 * batch * heads * q_len * 4  # lse and delta
 
     def cost(matmuls: int, nbytes: int) -> pl.CostEstimate:
-        return estimate(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim, causal=False,
-                        window=(masking.left, masking.right), softcap=masking.softcap, matmuls=matmuls, exps=1,
-                        nbytes=nbytes)
+        return estimate(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim, band=masking.band,
+                        softcap=masking.softcap, matmuls=matmuls, exps=1, nbytes=nbytes)
 
     extra_specs = [pl.BlockSpec((None, q_len), lambda x, b, h: (b, 0)),
                    pl.BlockSpec((None, kv_len), lambda x, b, h: (b, 0))] if segments else []
     if masking.lengths:
         extra_specs += [pl.BlockSpec((batch,), lambda x, b, h: (0,))] * 2
 
-    def counter(blocks: int, heads_: int):
-        return ([pl.BlockSpec((None, None, None), lambda x, b, h: (x, b, h))],
-                [jax.ShapeDtypeStruct((blocks, batch, heads_), jnp.int32)]) if count else ([], [])
-
     # dq: grid over (q block, batch, head); whole unpadded sequences of the head (and its kv head) visible.
     q_whole = pl.BlockSpec((None, q_len, None, head_dim), lambda i, b, h: (b, 0, h, 0))
     kv_whole = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, kv_head(h, groups), 0))
     row_whole = pl.BlockSpec((None, None, q_len), lambda i, b, h: (b, h, 0))
-    count_specs, count_shapes = counter(q_blocks, heads)
     dq_out = pl.pallas_call(
         functools.partial(_dq_kernel, one_loop=one_loop, **statics),
         grid=(q_blocks, batch, heads),
         in_specs=[q_whole, kv_whole, kv_whole, q_whole, row_whole, row_whole, *extra_specs],
-        out_specs=[q_whole, *count_specs],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), *count_shapes],
+        out_specs=q_whole,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params,
         cost_estimate=cost(3, (3 * q.size + k.size + v.size) * itemsize + row_bytes),
         interpret=interpret,
@@ -223,17 +209,15 @@ def backward(
     q_group = pl.BlockSpec((None, q_len, groups, head_dim), lambda j, b, hk: (b, 0, hk, 0))
     kv_tile = pl.BlockSpec((None, kv_len, None, head_dim), lambda j, b, hk: (b, 0, hk, 0))
     row_group = pl.BlockSpec((None, groups, q_len), lambda j, b, hk: (b, hk, 0))
-    count_specs, count_shapes = counter(kv_blocks, kv_heads)
     dkv_out = pl.pallas_call(
         functools.partial(_dkv_kernel, groups=groups, **statics),
         grid=(kv_blocks, batch, kv_heads),
         in_specs=[q_group, kv_tile, kv_tile, q_group, row_group, row_group, *extra_specs],
-        out_specs=[kv_tile, kv_tile, *count_specs],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), *count_shapes],
+        out_specs=[kv_tile, kv_tile],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=params,
         cost_estimate=cost(4, (2 * q.size + 2 * k.size + 2 * v.size) * itemsize + row_bytes),
         interpret=interpret,
         name="flash_attention_bwd_dkv",
     )(q, k, v, dout, lse, delta, *extra)
-    grads = (dq_out[0], dkv_out[0], dkv_out[1])
-    return (*grads, dq_out[1], dkv_out[2]) if count else grads
+    return dq_out, dkv_out[0], dkv_out[1]

@@ -26,7 +26,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels.masking import Band, ceildiv, floordiv, maximum, minimum, select
+from kernels.masking import visible as visible_pairs
+
 LOG2E = math.log2(math.e)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 # Start of the running max: finite, so `m_prev - m_new` is never inf - inf.
 M_INIT = -0.5 * float(jnp.finfo(jnp.float32).max)
 # logsumexp stored for rows that see no key (and for padded rows): exp2(s - BIG) == 0 for every score.
@@ -66,77 +70,32 @@ def rows_at(start, block: int) -> pl.Slice:
     return pl.ds(pl.multiple_of(start, block), block)
 
 
-def cdiv(a, b: int):
-    """Ceil division of a non-negative traced int32 by a static int (`//` on program ids trips Triton)."""
-    return lax.div(a + (b - 1), np.int32(b))
-
-
 @dataclass(frozen=True)
 class Masking:
-    """The static mask of one call: the window sides as offsets from the diagonal (query i sees keys
-    i - left .. i + right; None: no bound; causal is right = 0), the soft cap, and whether per-row lengths come
-    at run time. Every kernel derives its loop bounds and its tile masks from this one description."""
+    """The static mask of one call: the band of visible pairs (window and causal, kernels.masking), the soft cap,
+    and whether per-row lengths come at run time. Every kernel derives its loop bounds and its tile masks from
+    this one description."""
 
-    left: int | None = None
-    right: int | None = None
+    band: Band = Band()
     softcap: float | None = None
     lengths: bool = False
 
-    @classmethod
-    def of(cls, *, causal: bool, window=None, softcap: float | None = None, lengths: bool = False) -> "Masking":
-        left, right = window if window is not None else (None, None)
-        if causal:
-            right = 0  # window sides are >= 0, so causal's bound is always the tighter one
-        return cls(left=left, right=right, softcap=softcap, lengths=bool(lengths))
 
-    @property
-    def banded(self) -> bool:
-        """Whether a window side or causal bounds the keys a query sees (so some tiles straddle an edge)."""
-        return self.left is not None or self.right is not None
-
-
-def visible(q_start, k_start, block_q: int, block_k: int, masking: Masking | None, *, kv_len=None, q_ids=None,
+def visible(q_start, k_start, block_q: int, block_k: int, band: Band | None, *, kv_len=None, q_ids=None,
             kv_ids=None):
     """Boolean [block_q, block_k] tile of which key each query sees, or None when every key is visible.
 
-    The window/causal bounds of `masking` apply (None: not in this tile); `kv_len` (static, or a run-time length)
-    masks keys at or past it; `q_ids` [block_q] and `kv_ids` [block_k] are segment ids of the tile.
+    The bounds of `band` apply (None: not in this tile); `kv_len` (static, or a run-time length) masks keys at or
+    past it; `q_ids` [block_q] and `kv_ids` [block_k] are segment ids of the tile.
     """
-    mask = None
-
-    def both(a, b):
-        return b if a is None else a & b
-
+    band = band if band is not None else Band()
     cols = k_start + jnp.arange(block_k, dtype=jnp.int32)[None, :]
-    if masking is not None and masking.banded:
-        rows = q_start + jnp.arange(block_q, dtype=jnp.int32)[:, None]
-        if masking.right is not None:
-            mask = both(mask, cols <= (rows if masking.right == 0 else rows + masking.right))
-        if masking.left is not None:
-            mask = both(mask, cols >= rows - masking.left)
-    if kv_len is not None:
-        mask = both(mask, cols < kv_len)
+    rows = q_start + jnp.arange(block_q, dtype=jnp.int32)[:, None] if band.bounded else None
+    mask = visible_pairs(rows, cols, band, kv_len=kv_len)
     if q_ids is not None:
-        mask = both(mask, q_ids[:, None] == kv_ids[None, :])
+        same = q_ids[:, None] == kv_ids[None, :]
+        mask = same if mask is None else mask & same
     return mask
-
-
-def _min(a, b):
-    """min that stays a Python int when both sides are static (a static empty loop is then left out)."""
-    return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
-
-
-def _max(a, b):
-    return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
-
-
-def _div(a, b: int):
-    """Floor division of a non-negative int (static or traced) by a static int."""
-    return a // b if isinstance(a, int) else lax.div(a, np.int32(b))
-
-
-def _cdiv(a, b: int):
-    return -(-a // b) if isinstance(a, int) else cdiv(a, b)
 
 
 Ranges = list  # [(start, stop, masked)]: block loops run in order; masked ones build the tile mask
@@ -156,7 +115,7 @@ def kv_ranges(i, *, block_q: int, block_k: int, kv_len: int, masking: Masking, o
     score tile. Elsewhere split loops are better: a mask live through the whole loop costs registers (forward
     128x64, 8 warps, head_dim 72 on A100: 255 registers and spills vs 207).
     """
-    left, right = masking.left, masking.right
+    left, right = masking.band.left, masking.band.right
     first_row = i * block_q
     end_row = (i + 1) * block_q  # past the block's last row
     limit = kv_len  # keys at or past it are never seen by this block
@@ -165,24 +124,24 @@ def kv_ranges(i, *, block_q: int, block_k: int, kv_len: int, masking: Masking, o
         limit = jnp.where(first_row < q_len_b, kv_len if kv_len_b is None else kv_len_b, 0)
     elif kv_len_b is not None:
         limit = kv_len_b
-    stop = _min(-(-kv_len // block_k), _cdiv(limit, block_k))
-    if right is not None:
-        stop = _min(stop, _cdiv(end_row if right == 0 else end_row + right, block_k))
+    first, band_stop = masking.band.kv_blocks(first_row, end_row, block_k)
+    stop = minimum(ceildiv(kv_len, block_k), ceildiv(limit, block_k))
+    if band_stop is not None:
+        stop = minimum(stop, band_stop)
     start = 0
     if left is not None:
-        first_key = _max(first_row - left, 0)
-        start = _min(_div(first_key, block_k), stop)
-        stop = jnp.where(first_key < limit, stop, start)  # the window starts past the last key: nothing to see
+        start = minimum(first, stop)
+        stop = select(maximum(first_row - left, 0) < limit, stop, start)  # the window starts past the last key
     tail = not isinstance(limit, int) or limit % block_k != 0
     if one_loop:
-        return [(start, stop, masking.banded or tail)]
-    plain_stop = _div(limit, block_k)  # <= stop
+        return [(start, stop, masking.band.bounded or tail)]
+    plain_stop = floordiv(limit, block_k)  # <= stop
     if right is not None:
-        plain_stop = _min(plain_stop, _div(first_row + (right + 1), block_k))
+        plain_stop = minimum(plain_stop, floordiv(first_row + (right + 1), block_k))
     plain_start = start
     if left is not None:  # keep start <= plain_start <= plain_stop <= stop
-        plain_start = _min(_max(start, _cdiv(_max(end_row - (left + 1), 0), block_k)), stop)
-        plain_stop = _min(_max(plain_stop, plain_start), stop)
+        plain_start = minimum(maximum(start, ceildiv(maximum(end_row - (left + 1), 0), block_k)), stop)
+        plain_stop = minimum(maximum(plain_stop, plain_start), stop)
     return [(start, plain_start, True), (plain_start, plain_stop, False), (plain_stop, stop, True)]
 
 
@@ -197,25 +156,27 @@ def q_ranges(j, *, block_q: int, block_k: int, q_len: int, masking: Masking, q_l
     """For key block `j` (the dk/dv kernel): the q-block loops (start, stop, masked). q blocks whose rows see none
     of its keys (out of the window, before the causal diagonal, past the row's run-time `q_len_b`) are never
     visited, and a key block wholly past the run-time `kv_len_b` visits nothing. Masked blocks straddle an edge."""
-    left, right = masking.left, masking.right
-    stop = -(-q_len // block_q)
+    left, right = masking.band.left, masking.band.right
+    stop = ceildiv(q_len, block_q)
     first_key = j * block_k
     last_key = (j + 1) * block_k - 1
     if q_len_b is not None:
-        stop = jnp.minimum(stop, cdiv(q_len_b, block_q))
+        stop = jnp.minimum(stop, ceildiv(q_len_b, block_q))
     if kv_len_b is not None:
         stop = jnp.where(first_key < kv_len_b, stop, 0)
         last_key = jnp.minimum(last_key, kv_len_b - 1)  # keys past the length need no gradient
-    if left is not None:
-        stop = _min(stop, _div(last_key + left, block_q) + 1)
+    first, band_stop = masking.band.q_blocks(first_key, last_key + 1, block_q)
+    if band_stop is not None:
+        stop = minimum(stop, band_stop)
     start = plain_start = 0
     if right is not None:  # rows from first_key - right see a key of the block, from last_key - right all of them
-        first_row = first_key if right == 0 else _max(first_key - right, 0)
-        start = _min(_div(first_row, block_q), stop)
+        first_row = maximum(first_key - right, 0)
+        start = minimum(first, stop)
         if right > 0 or q_len_b is not None:  # that row may be past the last row: nothing to see
-            stop = jnp.where(first_row < (q_len if q_len_b is None else q_len_b), stop, start)
-        plain_start = _max(start, _min(_cdiv(last_key if right == 0 else last_key - right, block_q), stop))
-    plain_stop = stop if left is None else _min(_max(_div(first_key + left + 1, block_q), plain_start), stop)
+            stop = select(first_row < (q_len if q_len_b is None else q_len_b), stop, start)
+        plain_start = maximum(start, minimum(ceildiv(last_key - right, block_q), stop))
+    plain_stop = stop if left is None else minimum(maximum(floordiv(first_key + left + 1, block_q), plain_start),
+                                                   stop)
     return [(start, plain_start, True), (plain_start, plain_stop, False), (plain_stop, stop, True)]
 
 
@@ -232,7 +193,11 @@ def scores(q, k, scale: float, softcap: float | None):
     s = dot_nt(q, k)
     if softcap is None:
         return s * (scale * LOG2E), None
-    t = jnp.tanh(s * (scale / softcap))
+    factor = scale / softcap
+    if 0.0 < abs(factor) < FLOAT32_TINY:  # one factor would be subnormal (flushed to zero): two normal ones
+        t = jnp.tanh((s * scale) * (1.0 / softcap))
+    else:
+        t = jnp.tanh(s * factor)
     return t * (softcap * LOG2E), t
 
 

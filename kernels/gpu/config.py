@@ -92,12 +92,7 @@ def _fit(block_q: int, block_k: int, stages: int, smem, device_kind: str | None)
 
 def window_span(problem: Problem) -> int | None:
     """Keys a query row can see under a window bounded on both sides (causal bounds the right at 0), else None."""
-    left, right = problem.window if problem.window is not None else (None, None)
-    if problem.causal:
-        right = 0
-    if left is None or right is None:
-        return None
-    return left + right + 1
+    return problem.band.span
 
 
 def search_space(problem: Problem) -> dict[str, tuple[int, ...]]:

@@ -28,10 +28,10 @@ from kernels.cost import estimate
 def _forward_kernel(
     q_ref, k_ref, v_ref, *refs,
     scale: float, masking: Masking, segments: bool, q_len: int, kv_len: int, head_dim: int, block_q: int,
-    block_k: int, one_loop: bool, count: bool,
+    block_k: int, one_loop: bool,
 ):
     # Refs hold the whole unpadded sequence of this (batch, head): [q_len, head_dim], [kv_len, head_dim], [q_len];
-    # then the [batch] run-time lengths, the outputs, and (when counting, for tests) the key blocks visited.
+    # then the [batch] run-time lengths and the outputs.
     refs = list(refs)
     q_ids_ref, kv_ids_ref = (refs.pop(0), refs.pop(0)) if segments else (None, None)
     q_len_ref, kv_len_ref = (refs.pop(0), refs.pop(0)) if masking.lengths else (None, None)
@@ -50,7 +50,7 @@ def _forward_kernel(
     padded_kv = kv_len % block_k != 0
 
     def step(j, carry, *, masked: bool):
-        acc, m, l, visits = carry
+        acc, m, l = carry
         k_start = j * block_k
         k_rows = rows_at(k_start, block_k)
         tail = masked and padded_kv  # only the masked steps can reach past kv_len
@@ -62,7 +62,7 @@ def _forward_kernel(
         if kv_ids_ref is not None:
             kv_ids = load(kv_ids_ref.at[k_rows], tile_mask(k_start, block_k, kv_len if tail else None), other=-1)
         limit = (kv_len_b if kv_len_b is not None else kv_len if tail else None) if masked else None
-        mask = visible(q_start, k_start, block_q, block_k, masking if masked else None, kv_len=limit,
+        mask = visible(q_start, k_start, block_q, block_k, masking.band if masked else None, kv_len=limit,
                        q_ids=q_ids, kv_ids=kv_ids)
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
@@ -71,17 +71,16 @@ def _forward_kernel(
         p = jnp.exp2(s - m_new[:, None])
         l_new = l * alpha + jnp.sum(p, axis=1)
         acc_new = acc * alpha[:, None] + dot_nn(p.astype(v.dtype), v)
-        return acc_new, m_new, l_new, None if visits is None else visits + 1
+        return acc_new, m_new, l_new
 
     carry = (
         jnp.zeros((block_q, width), jnp.float32),
         jnp.full((block_q,), M_INIT, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
-        jnp.int32(0) if count else None,
     )
     ranges = kv_ranges(i, block_q=block_q, block_k=block_k, kv_len=kv_len, masking=masking, one_loop=one_loop,
                        q_len_b=q_len_b, kv_len_b=kv_len_b)
-    acc, m, l, visits = run_ranges(ranges, step, carry)
+    acc, m, l = run_ranges(ranges, step, carry)
 
     seen = l > 0.0
     out = acc / jnp.where(seen, l, 1.0)[:, None]
@@ -90,19 +89,16 @@ def _forward_kernel(
         out = jnp.where(seen[:, None], out, 0.0)
     store(o_ref.at[q_rows, cols], out.astype(o_ref.dtype), q_mask)
     store(lse_ref.at[q_rows], jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), LSE_EMPTY), row_mask)
-    if count:
-        refs[2][...] = visits
 
 
 def forward(
     q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array | None, kv_ids: jax.Array | None,
     q_lengths: jax.Array | None = None, kv_lengths: jax.Array | None = None, *,
-    scale: float, masking: Masking, config: Config, interpret: bool, one_loop: bool = True, count: bool = False,
+    scale: float, masking: Masking, config: Config, interpret: bool, one_loop: bool = True,
 ):
     """Attention output [b, q_len, h, d] and base-2 logsumexp [b, h, q_len] (float32); no padded copies.
     `q_lengths`/`kv_lengths`: int32 [batch], both given iff `masking.lengths`. `one_loop`: one loop over the key
-    blocks (for Hopper, see `kv_ranges`). `count` (interpret-mode tests) adds the number of key blocks each program
-    visited, int32 [q blocks, b, h]."""
+    blocks (for Hopper, see `kv_ranges`)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
@@ -125,13 +121,10 @@ def forward(
         args += [q_lengths, kv_lengths]
     kernel = functools.partial(
         _forward_kernel, scale=scale, masking=masking, segments=segments, q_len=q_len, kv_len=kv_len,
-        head_dim=head_dim, block_q=bq, block_k=bk, one_loop=one_loop, count=count,
+        head_dim=head_dim, block_q=bq, block_k=bk, one_loop=one_loop,
     )
     out_specs = [q_spec, pl.BlockSpec((None, None, q_len), lambda i, b, h: (b, h, 0))]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)]
-    if count:
-        out_specs.append(pl.BlockSpec((None, None, None), lambda i, b, h: (i, b, h)))
-        out_shape.append(jax.ShapeDtypeStruct((q_blocks, batch, heads), jnp.int32))
     itemsize = q.dtype.itemsize
     nbytes = (2 * q.size + k.size + v.size) * itemsize + batch * heads * q_len * 4
     return pl.pallas_call(
@@ -142,8 +135,7 @@ def forward(
         out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         cost_estimate=estimate(batch=batch, heads=heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
-                               causal=False, window=(masking.left, masking.right), softcap=masking.softcap,
-                               matmuls=2, exps=1, nbytes=nbytes),
+                               band=masking.band, softcap=masking.softcap, matmuls=2, exps=1, nbytes=nbytes),
         interpret=interpret,
         name="flash_attention_fwd",
     )(*args)

@@ -13,9 +13,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kernels.problem import Problem, check_inputs, check_lengths, full_lengths, resolve_scale
+from kernels.entry import checked_config, prepare
+from kernels.problem import Problem
 from kernels.tpu.backward import backward
 from kernels.tpu.common import NO_KEY_LSE, Static
 from kernels.tpu.config import Config, invalid_reasons, round_up, vmem_limit_bytes
@@ -119,19 +119,6 @@ def _attention_bwd(st: Static, config: Config, problem: Problem, res, cotangent)
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _device_kind(device_kind: str | None, interpret: bool) -> str | None:
-    """The TPU generation the VMEM limit is judged for: the caller's (a compile target or the real device), else
-    the default device when it is a TPU, else None (the conservative limit)."""
-    if device_kind is not None:
-        if not isinstance(device_kind, str):
-            raise TypeError(f"device_kind must be a str or None, got {type(device_kind).__name__}")
-        return device_kind
-    if interpret:
-        return None
-    device = jax.devices()[0]
-    return device.device_kind if device.platform == "tpu" else None
-
-
 def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None,
                     window=None, softcap: float | None = None, q_lengths=None, kv_lengths=None,
                     return_lse: bool = False, config: Config | None = None, interpret: bool = False,
@@ -149,32 +136,18 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale
     `device_kind` (e.g. 'TPU v5 lite') is the TPU the VMEM checks and the kernels' VMEM limit are for; give it
     when compiling for a target that is not `jax.devices()[0]` (deviceless compiles).
     """
-    if not isinstance(interpret, bool):
-        raise TypeError(f"interpret must be a bool, got {type(interpret).__name__}")
-    if not isinstance(return_lse, (bool, np.bool_)):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    has_lengths = q_lengths is not None or kv_lengths is not None
-    problem, q_ids, kv_ids = check_inputs(q, k, v, segment_ids, causal=causal, window=window, softcap=softcap,
-                                          lengths=has_lengths)
-    q_lengths = check_lengths(q_lengths, "q_lengths", problem.batch, problem.q_len)
-    kv_lengths = check_lengths(kv_lengths, "kv_lengths", problem.batch, problem.kv_len)
-    lengths = full_lengths(q_lengths, kv_lengths, problem) if has_lengths else None
-    scale = resolve_scale(sm_scale, problem.head_dim)
-    kind = _device_kind(device_kind, interpret)
-    if config is None:
-        config = Config.default(problem, device_kind=kind)
-    elif not isinstance(config, Config):
-        raise TypeError(f"config must be a kernels.tpu.Config or None, got {type(config).__name__}")
-    reasons = invalid_reasons(config, problem, device_kind=kind)
-    if reasons:
-        raise ValueError("config cannot run this problem: " + "; ".join(reasons))
-    st = Static(causal=problem.causal, scale=scale, q_len=problem.q_len, kv_len=problem.kv_len,
-                groups=problem.groups, segments=q_ids is not None, highest=problem.dtype != "bfloat16",
-                interpret=interpret, device_kind=kind,
+    call = prepare(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale, window=window,
+                   softcap=softcap, q_lengths=q_lengths, kv_lengths=kv_lengths, return_lse=return_lse,
+                   interpret=interpret, device_kind=device_kind, platform="tpu")
+    problem, kind = call.problem, call.device_kind
+    config = checked_config(config, Config, invalid_reasons, problem, kind, "kernels.tpu.Config")
+    st = Static(band=call.band, scale=call.scale, q_len=problem.q_len, kv_len=problem.kv_len,
+                groups=problem.groups, segments=problem.segments, highest=problem.dtype != "bfloat16",
+                interpret=call.interpret, device_kind=kind,
                 vmem_limit=vmem_limit_bytes(config, problem.replace(backward=True), device_kind=kind),
-                window_left=problem.window_left, window_right=problem.window_right, softcap=problem.softcap,
-                lengths=has_lengths, return_lse=bool(return_lse))
-    result = _attention(st, config, problem, q, k, v, q_ids, kv_ids, lengths)
+                softcap=problem.softcap, lengths=problem.lengths, return_lse=call.return_lse)
+    lengths = (call.q_lengths, call.kv_lengths) if problem.lengths else None
+    result = _attention(st, config, problem, call.q, call.k, call.v, call.q_ids, call.kv_ids, lengths)
     if st.return_lse:
         out, lse = result
         return out, jax.lax.stop_gradient(lse)

@@ -9,7 +9,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import masking
 from kernels.cost import estimate
+from kernels.masking import Band
 from kernels.tpu.config import LANES, SUBLANES
 
 # A finite "minus infinity": masked scores never produce inf - inf = NaN in the online softmax.
@@ -24,7 +26,7 @@ SQUEEZED = getattr(pl, "squeezed", None)  # a block dim of size 1, dropped from 
 class Static:
     """Everything a kernel needs to know besides block shapes; hashable, so it can key jax's caches."""
 
-    causal: bool
+    band: Band  # the (query, key) pairs the window and causal let through
     scale: float
     q_len: int  # true lengths: rows and keys beyond them are padding
     kv_len: int
@@ -34,8 +36,6 @@ class Static:
     interpret: bool
     device_kind: str | None = None  # the TPU compiled for (None: unknown, judged by the conservative limit)
     vmem_limit: int | None = None  # scoped VMEM limit the kernels are compiled with (None: compiler default)
-    window_left: int | None = None  # query i sees keys i - left .. i + right (None: no bound on that side)
-    window_right: int | None = None
     softcap: float | None = None  # scores become softcap * tanh(scores / softcap)
     lengths: bool = False  # per-row q and kv lengths come as scalar-prefetch operands (runtime data)
     return_lse: bool = False  # the forward also returns its log-sum-exp
@@ -47,14 +47,12 @@ class Static:
     @property
     def left(self) -> int | None:
         """How far left of its row a query sees (None: no bound)."""
-        return self.window_left
+        return self.band.left
 
     @property
     def right(self) -> int | None:
-        """How far right of its row a query sees (None: no bound); causal caps it at 0."""
-        if self.causal:
-            return 0 if self.window_right is None else min(self.window_right, 0)
-        return self.window_right
+        """How far right of its row a query sees (None: no bound; causal: 0)."""
+        return self.band.right
 
 
 def dot_nt(a: jax.Array, b: jax.Array, st: Static) -> jax.Array:
@@ -69,39 +67,33 @@ def dot_nn(a: jax.Array, b: jax.Array, st: Static) -> jax.Array:
                                preferred_element_type=jnp.float32)
 
 
-def _ops(static: bool):
-    """(min, max, floor-div, where) on Python/numpy ints (static block ranges) or traced int32 grid indices."""
-    if static:
-        return np.minimum, np.maximum, (lambda x, y: x // y), np.where
-    return jnp.minimum, jnp.maximum, div, jnp.where
+def kv_blocks(st: Static, q_start, block_q: int, block_kv: int, n_kv: int, limits=None):
+    """(first, last) kv block a query block [q_start, q_start + block_q) can see keys in (last < first: none);
+    static (numpy, over many q blocks) or traced (a grid index).
 
-
-def kv_blocks(st: Static, q_start, block_q: int, block_kv: int, n_kv: int, limits=None, *, static: bool = False):
-    """(first, last) kv block a query block [q_start, q_start + block_q) can see keys in (last < first: none).
-
-    The window's left side sets the first block, its right side (or causal) the last; `limits` (the batch block's
-    largest q and kv lengths, traced) cut the last at the kv length and empty the range past the q length.
+    The band gives the range (kernels.masking), cut at the n_kv blocks; `limits` (the batch block's largest q
+    and kv lengths, traced) cut the last at the kv length and empty the range past the q length.
     """
-    lo, hi, fdiv, where = _ops(static)
-    first = 0 if st.left is None else lo(fdiv(hi(q_start - st.left, 0), block_kv), n_kv - 1)
-    last = n_kv - 1 if st.right is None else lo(fdiv(q_start + (block_q - 1 + st.right), block_kv), n_kv - 1)
+    first, stop = st.band.kv_blocks(q_start, q_start + block_q, block_kv)
+    first = masking.minimum(first, n_kv - 1)
+    last = n_kv - 1 if stop is None else masking.minimum(stop - 1, n_kv - 1)
     if limits is not None:
         q_limit, kv_limit = limits
-        last = lo(last, fdiv(kv_limit + (block_kv - 1), block_kv) - 1)  # -1 for a length of 0
-        last = where(q_start < q_limit, last, first - 1)
+        last = masking.minimum(last, masking.ceildiv(kv_limit, block_kv) - 1)  # -1 for a length of 0
+        last = masking.select(q_start < q_limit, last, first - 1)
     return first, last
 
 
-def q_blocks(st: Static, k_start, block_kv: int, block_q: int, n_q: int, limits=None, *, static: bool = False):
+def q_blocks(st: Static, k_start, block_kv: int, block_q: int, n_q: int, limits=None):
     """(first, last) query block that can see a key in the kv block [k_start, k_start + block_kv) (the mirror of
-    `kv_blocks`: the window's right side, or causal, sets the first block and its left side the last)."""
-    lo, hi, fdiv, where = _ops(static)
-    first = 0 if st.right is None else lo(fdiv(hi(k_start - st.right, 0), block_q), n_q - 1)
-    last = n_q - 1 if st.left is None else lo(fdiv(k_start + (block_kv - 1 + st.left), block_q), n_q - 1)
+    `kv_blocks`)."""
+    first, stop = st.band.q_blocks(k_start, k_start + block_kv, block_q)
+    first = masking.minimum(first, n_q - 1)
+    last = n_q - 1 if stop is None else masking.minimum(stop - 1, n_q - 1)
     if limits is not None:
         q_limit, kv_limit = limits
-        last = lo(last, fdiv(q_limit + (block_q - 1), block_q) - 1)
-        last = where(k_start < kv_limit, last, first - 1)
+        last = masking.minimum(last, masking.ceildiv(q_limit, block_q) - 1)
+        last = masking.select(k_start < kv_limit, last, first - 1)
     return first, last
 
 
@@ -113,12 +105,12 @@ def steps(ranges) -> int:
 
 def kv_steps(st: Static, n_q: int, block_q: int, block_kv: int, n_kv: int) -> int:
     """Steps of a kv reduction axis (forward, dq): the most kv blocks one q block's window touches."""
-    return steps(kv_blocks(st, np.arange(n_q) * block_q, block_q, block_kv, n_kv, static=True))
+    return steps(kv_blocks(st, np.arange(n_q) * block_q, block_q, block_kv, n_kv))
 
 
 def q_steps(st: Static, n_kv: int, block_kv: int, block_q: int, n_q: int) -> int:
     """Query steps of the dk/dv reduction per group member: the most q blocks one kv block's keys are seen from."""
-    return steps(q_blocks(st, np.arange(n_kv) * block_kv, block_kv, block_q, n_q, static=True))
+    return steps(q_blocks(st, np.arange(n_kv) * block_kv, block_kv, block_q, n_q))
 
 
 def clamp_block(first, last, step):
@@ -142,11 +134,7 @@ def chunk_needed(st: Static, q_start, block_q: int, k_start, block_k: int, kv_pa
     """Whether a [block_q queries] x [block_k keys] tile can hold a visible pair (a traced bool), or None if it
     always can: it meets the window band (causal: k <= q + 0), starts before the padding and the kv length.
     `active` (the grid step lies in its block range) is and-ed in."""
-    conds = [] if active is None else [active]
-    if st.right is not None:
-        conds.append(k_start <= q_start + (block_q - 1 + st.right))
-    if st.left is not None:
-        conds.append(k_start + (block_k - 1 + st.left) >= q_start)
+    conds = ([] if active is None else [active]) + st.band.tile_conditions(q_start, block_q, k_start, block_k)
     if kv_pad:
         conds.append(k_start < st.kv_len)
     if limits is not None:
@@ -164,23 +152,16 @@ def visible(st: Static, q_start, k_start, shape: tuple[int, int], q_ids=None, kv
     The tile is [queries, keys] (q_axis 0) or [keys, queries] (q_axis 1); q_ids and kv_ids come already
     oriented to broadcast over it (one a column, the other a row). `lengths` is this batch row's (q_len, kv_len).
     """
-    conds = []
-    if st.left is not None or st.right is not None or kv_pad or lengths is not None:
+    mask = None
+    if st.band.bounded or kv_pad or lengths is not None:
         keys = jax.lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis) + k_start
         rows = jax.lax.broadcasted_iota(jnp.int32, shape, q_axis) + q_start
-        if st.right is not None:
-            conds.append(keys <= rows + st.right)
-        if st.left is not None:
-            conds.append(keys >= rows - st.left)
-        if kv_pad:
-            conds.append(keys < st.kv_len)
-        if lengths is not None:
-            conds += [rows < lengths[0], keys < lengths[1]]
+        # run-time kv lengths are clipped to kv_len, so they also hide the padding
+        kv_len = lengths[1] if lengths is not None else st.kv_len if kv_pad else None
+        mask = masking.visible(rows, keys, st.band, q_len=None if lengths is None else lengths[0], kv_len=kv_len)
     if q_ids is not None:
-        conds.append(q_ids == kv_ids)
-    mask = None
-    for c in conds:
-        mask = c if mask is None else jnp.logical_and(mask, c)
+        same = q_ids == kv_ids
+        mask = same if mask is None else jnp.logical_and(mask, same)
     return mask
 
 
@@ -217,9 +198,8 @@ def cost_estimate(st: Static, *, batch: int, heads: int, head_dim: int, matmuls:
                   exps: int = 1) -> pl.CostEstimate:
     """What a kernel costs XLA's scheduler: `matmuls` [pairs x head_dim] products and `exps` exps per visible
     (query, key) pair of the causal mask and window (lengths are runtime data: not counted), bytes read once."""
-    return estimate(batch=batch, heads=heads, q_len=st.q_len, kv_len=st.kv_len, head_dim=head_dim,
-                    causal=st.causal, window=(st.window_left, st.window_right), softcap=st.softcap,
-                    matmuls=matmuls, exps=exps, nbytes=nbytes)
+    return estimate(batch=batch, heads=heads, q_len=st.q_len, kv_len=st.kv_len, head_dim=head_dim, band=st.band,
+                    softcap=st.softcap, matmuls=matmuls, exps=exps, nbytes=nbytes)
 
 
 def pallas_grid(st: Static, grid, in_specs, out_specs, scratch) -> dict:

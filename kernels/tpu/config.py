@@ -54,15 +54,7 @@ class Config(IntConfig):
 def window_span(problem: Problem) -> int | None:
     """Keys one query row can see through the window (left + right + 1; causal caps right at 0), or None when a
     side is unbounded (no window, or a one-sided one without causal)."""
-    window = problem.window
-    if window is None:
-        return None
-    left, right = window
-    if problem.causal:
-        right = 0
-    if left is None or right is None:
-        return None
-    return left + right + 1
+    return problem.band.span
 
 
 def window_block_cap(problem: Problem) -> int | None:

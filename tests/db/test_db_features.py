@@ -80,6 +80,7 @@ def test_softcap_is_stored_as_a_float() -> None:
     ("softcap", True, "softcap must be a positive finite number"),
     ("softcap", "30", "softcap must be a positive finite number"),
     ("softcap", 10**400, "softcap must be a finite number"),
+    ("softcap", 1e39, r"softcap must be at most 2\*\*100"),  # no kernel runs it: never stored nor imported
     ("lengths", 1, "lengths must be true or false"),
     ("lengths", None, "lengths must be true or false"),
 ])

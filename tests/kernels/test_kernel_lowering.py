@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from kernels import Problem
-from kernels.problem import visible_pairs
+from kernels.masking import Band
 from kernels.gpu import flash_attention as gpu_attention
 from kernels.tpu.config import (
     Config as TpuConfig, backward_vmem_bytes, default_scoped_vmem, forward_vmem_bytes, vmem_limit, vmem_limit_bytes,
@@ -192,6 +192,6 @@ def test_tpu_compiled_program_reports_kernel_flops():
                              device_kind=figures["kind"])
     want = [] if limit is None else [str(limit)]  # the compiler's default, or the config's own need
     assert figures["fwd_vmem"] == figures["bwd_vmem"] == want
-    unit = 2 * b * h * visible_pairs(n, n, causal=True) * d  # one [pairs x head_dim] matmul
+    unit = 2 * b * h * Band.of(causal=True).pairs(n, n) * d  # one [pairs x head_dim] matmul
     assert 2 * unit <= figures["fwd"] < 2.1 * unit  # forward: q k^T and p v
     assert 9 * unit <= figures["bwd"] < 9.3 * unit  # forward 2, dq 3 (s, dp, dq), dk/dv 4 (s, dv, dp, dk)
