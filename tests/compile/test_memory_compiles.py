@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from autotune.compilers import CompileJob, compile_many, compilers_missing, estimated_bytes
-from autotune.targets import TARGETS, get_target
+from autotune.compile.pool import CompileJob, compile_many, compilers_missing, estimated_bytes
+from autotune.compile.targets import TARGETS, get_target
 from kernels import Problem
 from kernels import gpu as gpu_kernel
 from kernels import tpu as tpu_kernel
