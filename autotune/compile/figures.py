@@ -75,18 +75,31 @@ def gpu_kernels(ptxas_log: str, thunk_sequence: str) -> tuple[KernelFigures, ...
 
 _TPU_CALL = re.compile(r'^\s*%(?P<name>[\w.\-]+) = [^\n]*custom_call_target="tpu_custom_call"[^\n]*$', re.M)
 _USED = re.compile(r'"used_scoped_memory_configs":\[(?P<body>[^\]]*)\]')
-_SIZE = re.compile(r'"size":"(\d+)"')
+_CONFIG = re.compile(r'\{[^{}]*"size":"(?P<size>\d+)"[^{}]*\}')
+_OFFSET = re.compile(r'"offset":"(\d+)"')
+
+
+def scoped_use(configs: str) -> int:
+    """The VMEM a kernel uses within its scoped region: XLA may place the region at an offset (32, 64, 96 MiB)
+    and then reports its end, offset + use; the use is what the kernel needs."""
+    use = 0
+    for m in _CONFIG.finditer(configs):
+        size = int(m["size"])
+        offset = _OFFSET.search(m.group(0))
+        start = int(offset[1]) if offset else 0
+        use = max(use, size - start if 0 < start < size else size)
+    return use
 
 
 def tpu_kernels(after_codegen: str) -> tuple[KernelFigures, ...]:
-    """Our kernels in a TPU compile, with the scoped VMEM each really uses (the sum over its configs)."""
+    """Our kernels in a TPU compile, with the scoped VMEM each really uses (within its region)."""
     found: dict[str, KernelFigures] = {}
     for m in _TPU_CALL.finditer(after_codegen):
         role = kernel_role(m["name"])
         used = _USED.search(m.group(0))
         if role is None or used is None:
             continue
-        size = sum(int(s) for s in _SIZE.findall(used["body"]))
+        size = scoped_use(used["body"])
         previous = found.get(role)
         if previous is None or size > previous.memory_bytes:
             found[role] = KernelFigures(role=role, name=m["name"], memory_bytes=size)

@@ -172,8 +172,10 @@ def _smem(fixed_rows: int, streamed_rows: int, m_rows: int, block_q: int, block_
       tile for its transposed operand;
     - elsewhere (Ampere's mma, float32, small M) it keeps `stages - 1` buffers (dk/dv on Hopper: at least 2); a
       single-stage loop of the forward or dq stages one of k and v at a time; a [block_q, block_k] probability tile
-      goes through shared memory on its way to the second dot (two for float32 on Hopper; on Ampere only for
-      block_q <= 64 in the forward), plus 1 KiB of barriers and small scratch;
+      goes through shared memory on its way to the second dot (none in a single-stage Hopper float32 forward, one in other Hopper float32 forwards, two in its
+      float32 dq and dk/dv; on Ampere's forward for block_q <= 64, or 128 at head_dim 256), plus 1 KiB of
+      barriers and small scratch; on Hopper a float32 forward with 2 stages double-buffers k (not v), and a
+      float32 dk/dv with 3 stages keeps 3 buffers;
     - dk/dv also buffers the float32 lse and delta of its streamed query rows; with segment ids, the int32 ids of
       the streamed rows are buffered `stages` deep.
     """
@@ -183,22 +185,29 @@ def _smem(fixed_rows: int, streamed_rows: int, m_rows: int, block_q: int, block_
     wgmma = hopper and itemsize == 2 and m_rows >= 64
     tile = block_q * block_k * itemsize
     stats = 2 * block_q * 4 if dkv else 0
+    extra_k = 0
     if wgmma:
         buffers = 2 if dkv and stages == 1 and block_q < 64 else stages
+    elif hopper and dkv and itemsize == 4:
+        buffers = max(min(stages, 3), stages - 1, 2)  # 3 stages keep 3 buffers (d128 64x64: 280 KiB)
     else:
         buffers = max(stages - 1, 2 if dkv and hopper else 1)
+        if hopper and forward and itemsize == 4 and stages == 2:
+            extra_k = block_k  # k double-buffered, v not (d256 64x64: 256 KiB; d128 256x32: 176 KiB)
     if stages == 1 and not dkv and not wgmma and (forward or itemsize == 4):
         streamed_rows //= 2  # one of k and v at a time
     if wgmma:
         tiles = 1 if dkv else 0
+    elif hopper and forward and itemsize == 4:
+        tiles = 0 if stages == 1 else 1
     elif hopper:
         tiles = (0 if stages == 1 and not dkv else 2) if itemsize == 4 else 1
-    elif forward:
-        tiles = 1 if block_q <= 64 else 0
+    elif forward:  # head_dim 256 stages it at block_q 128 too (bf16 128x64, 3 stages: 208 KiB)
+        tiles = 1 if block_q <= 64 or (block_q <= 128 and row >= 256 * itemsize) else 0
     else:
         tiles = 1
     ids = 4 * (block_q if dkv else block_k) * stages if problem.segments else 0  # streamed segment ids
-    return (fixed_rows + streamed_rows * buffers) * row + stats * buffers + tile * tiles + ids + KIB
+    return (fixed_rows + streamed_rows * buffers + extra_k) * row + stats * buffers + tile * tiles + ids + KIB
 
 
 def forward_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem,

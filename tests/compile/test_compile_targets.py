@@ -174,7 +174,7 @@ def test_targets_catalogue_names_limits_and_device_kinds():
     assert get_target("tpu7x").device_kind == "TPU7x"
     assert get_target("h100").memory_limit_bytes == 232448
     assert get_target("a100").memory_limit_bytes == 166912
-    assert get_target("v5p").memory_limit_bytes == 64 << 20
+    assert get_target("v5p").memory_limit_bytes == 67045949
     with pytest.raises(ValueError, match="target must be one of"):
         get_target("v3")
     result = CliRunner().invoke(targets_command, ["--json"])

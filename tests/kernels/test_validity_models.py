@@ -65,7 +65,7 @@ def test_tpu_generations_and_limits():
     assert {kind: tpu_generation(kind) for kind in kinds} == kinds
     assert default_scoped_vmem("TPU v5") == 16 << 20 and default_scoped_vmem("TPU7x") == 32 << 20
     assert default_scoped_vmem("TPU v6 lite") == 32 << 20 and default_scoped_vmem("TPU v5 lite") == 16 << 20
-    assert vmem_limit("TPU v4") == 16 << 20 and vmem_limit("TPU v5") == 64 << 20
+    assert vmem_limit("TPU v4") == 16 << 20 and vmem_limit("TPU v5") == 67045949  # "Used 64.83M of 63.94M"
     assert vmem_limit("TPU7x") == 64 << 20 and vmem_limit("TPU v5 lite") == 128 << 20
     assert vmem_limit(None) == 16 << 20  # unknown device: the smallest chip's
 
@@ -80,7 +80,7 @@ def test_tpu_big_blocks_are_accepted_where_they_compile(blocks):
     config = TpuConfig(block_b=bb, block_q=bq, block_k_major=bkm, block_k=bk, bwd_block_q=256,
                        bwd_block_k_major=256, bwd_block_k=256)
     assert tpu_invalid_reasons(config, problem, device_kind="TPU v5 lite") == []
-    assert forward_vmem_bytes(config, problem, "TPU v5 lite") < 16 << 20
+    assert forward_vmem_bytes(config, problem, "TPU v5 lite") < 18 << 20  # with its lse block (1.1 MiB)
 
 
 @pytest.mark.parametrize("kind", ["TPU v4", "TPU v5 lite", "TPU v5", "TPU v6 lite", "TPU7x", None])
