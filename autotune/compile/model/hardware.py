@@ -73,7 +73,7 @@ TPU_HARDWARE: dict[str, TpuHardware] = {h.name: h for h in (
     _hw("v4", 1.05e9, "1050 MHz, Jouppi et al., 'TPU v4', ISCA 2023, Table 1", 4, 128, 275.0 / 2,
         "cloud.google.com/tpu/docs/v4: 275 TFLOPS bf16 per chip; halved: the deviceless v4 topology has 2 "
         "one-core devices per chip (a 4096^3 XLA matmul's dump holds all its vmatmuls on one core)", 1228.0 / 2,
-        "cloud.google.com/tpu/docs/v4: 1228 GB/s HBM per chip (autotune/targets.py), halved per device", 1,
+        "cloud.google.com/tpu/docs/v4: 1228 GB/s HBM per chip (autotune/compile/targets.py), halved per device", 1,
         "libtpu 0.0.42's v4:1x1x1 compile-only device has num_cores 1 (not megacore)"),
     _hw("v5e", 1.5e9, "derived: 197 TFLOPS / (4 MXU x 128 x 128 x 2); not published", 4, 128, 197.0,
         "cloud.google.com/tpu/docs/v5e: 197 TFLOPS bf16 per chip", 819.0,
@@ -92,7 +92,7 @@ TPU_HARDWARE: dict[str, TpuHardware] = {h.name: h for h in (
 
 
 def tpu_hardware(target_name: str) -> TpuHardware:
-    """The figures for a TPU target named as in autotune.targets (v4, v5e, v5p, v6e, tpu7x)."""
+    """The figures for a TPU target named as in autotune.compile.targets (v4, v5e, v5p, v6e, tpu7x)."""
     if target_name not in TPU_HARDWARE:
         raise ValueError(f"no TPU hardware figures for {target_name!r}; known: {sorted(TPU_HARDWARE)}")
     return TPU_HARDWARE[target_name]
