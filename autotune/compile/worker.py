@@ -18,18 +18,25 @@ import time
 import traceback
 from contextlib import contextmanager
 
-import kernels  # noqa: F401  (environment defaults before jax)
-import jax
+from autotune.compile.model.tpu_bundles import dump_flags
+
+_TPU_DUMP = tempfile.mkdtemp(prefix="autotune-libtpu-dump-")  # libtpu reads its dump folder once, at load
+os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "") + " " + dump_flags(_TPU_DUMP)).strip()
+
+import kernels  # noqa: F401,E402  (environment defaults before jax)
+import jax  # noqa: E402
 import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import SingleDeviceSharding
 
 from autotune.measure.kernel_call import feature_kwargs
+from autotune.compile.model.tpu_predict import DumpCollector, predict_tpu_compile
 from autotune.compile.figures import classify_failure, gpu_kernels, tpu_kernels
 from autotune.compile.targets import Target, get_target, gpu_target_config
 from kernels import Problem
 
 _DEVICES: dict[str, object] = {}
+_COLLECTOR = DumpCollector(_TPU_DUMP)
 
 
 def device_for(target: Target):
@@ -121,6 +128,7 @@ def run_job(job: dict) -> dict:
                 lowered = jax.jit(function).lower(*_specs(problem, device))
                 lowered.compile(compiler_options={"xla_dump_to": dump})
         except Exception as exc:  # noqa: BLE001 - every compile failure becomes a classified result
+            _COLLECTOR.collect(os.path.join(folder, "libtpu"))  # this job's partial dump goes with its folder
             message = f"{type(exc).__name__}: {exc}"
             kind, requested, limit = classify_failure(message + "\n" + _read(log)[-4000:])
             return {"ok": False, "seconds": time.perf_counter() - start, "kind": kind,
@@ -129,9 +137,19 @@ def run_job(job: dict) -> dict:
         seconds = time.perf_counter() - start
         if target.platform == "gpu":
             found = gpu_kernels(_read(log), _read(os.path.join(dump, "*thunk_sequence.txt")))
-        else:
-            found = tpu_kernels(_read(os.path.join(dump, "*after_codegen.txt")))
-    return {"ok": True, "seconds": seconds, "kernels": [dataclasses.asdict(k) for k in found]}
+            return {"ok": True, "seconds": seconds, "kernels": [dataclasses.asdict(k) for k in found]}
+        found = tpu_kernels(_read(os.path.join(dump, "*after_codegen.txt")))
+        result = {"ok": True, "seconds": seconds, "kernels": [dataclasses.asdict(k) for k in found]}
+        libtpu_dump = os.path.join(folder, "libtpu")
+        _COLLECTOR.collect(libtpu_dump)
+        start = time.perf_counter()
+        try:  # the static time model's prediction (autotune/compile/model); a model error never fails a compile
+            prediction = predict_tpu_compile(libtpu_dump, target.name, problem, job["config"])
+            result["prediction"] = prediction.to_dict() if prediction is not None else None
+        except Exception as exc:  # noqa: BLE001
+            result["prediction"], result["prediction_error"] = None, f"{type(exc).__name__}: {exc}"[:500]
+        result["predict_seconds"] = time.perf_counter() - start
+    return result
 
 
 def main() -> None:
