@@ -71,6 +71,7 @@ class CompileResult:
     requested_bytes: int | None = None
     limit_bytes: int | None = None
     trace: str = field(default="", repr=False)
+    prediction: dict | None = None  # GPU: the static model's Prediction.to_dict() (a predicted, not measured, time)
 
     def kernel(self, role: str) -> KernelFigures | None:
         """The figures of the forward, dq or dkv kernel (None if the compile has no such kernel)."""
@@ -109,7 +110,8 @@ def _job_line(job: CompileJob, ident: int) -> str:
 def _result(job: CompileJob, data: dict[str, Any]) -> CompileResult:
     if data.get("ok"):
         return CompileResult(job=job, ok=True, seconds=float(data["seconds"]),
-                             kernels=tuple(KernelFigures(**k) for k in data.get("kernels", [])))
+                             kernels=tuple(KernelFigures(**k) for k in data.get("kernels", [])),
+                             prediction=data.get("prediction"))
     return CompileResult(job=job, ok=False, seconds=float(data.get("seconds", 0.0)), failure_kind=data["kind"],
                          message=data.get("message", ""), requested_bytes=data.get("requested_bytes"),
                          limit_bytes=data.get("limit_bytes"), trace=data.get("trace", ""))

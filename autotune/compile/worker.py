@@ -127,11 +127,27 @@ def run_job(job: dict) -> dict:
                     "message": message[:2000], "requested_bytes": requested, "limit_bytes": limit,
                     "trace": traceback.format_exc()[-1500:] if kind == "other" else ""}
         seconds = time.perf_counter() - start
+        extra = {}
         if target.platform == "gpu":
             found = gpu_kernels(_read(log), _read(os.path.join(dump, "*thunk_sequence.txt")))
+            extra = _gpu_prediction(dump, target, problem, config)
         else:
             found = tpu_kernels(_read(os.path.join(dump, "*after_codegen.txt")))
-    return {"ok": True, "seconds": seconds, "kernels": [dataclasses.asdict(k) for k in found]}
+    return {"ok": True, "seconds": seconds, "kernels": [dataclasses.asdict(k) for k in found], **extra}
+
+
+def _gpu_prediction(dump: str, target: Target, problem: Problem, config) -> dict:
+    """The static model's predicted time (a dict, labelled with its model version) and what predicting took."""
+    from autotune.compile.model.gpu_predict import predict_gpu_compile
+
+    start = time.perf_counter()
+    try:
+        found = predict_gpu_compile(dump, target.name, problem, config, target.device_kind)
+    except Exception as exc:  # noqa: BLE001 - a model failure must not fail the compile
+        return {"prediction_error": f"{type(exc).__name__}: {exc}"[:500]}
+    if found is None:
+        return {}
+    return {"prediction": found.to_dict(), "prediction_seconds": time.perf_counter() - start}
 
 
 def main() -> None:

@@ -16,10 +16,7 @@ import heapq
 from dataclasses import dataclass
 
 from autotune.compile.model.gpu_blocks import Work
-from autotune.compile.model.gpu_hardware import (
-    FITTED_BARRIER_CYCLES, FITTED_LAUNCH_SECONDS, FITTED_PROGRAM_CYCLES, FITTED_WAIT_CYCLES, GpuHardware,
-    clock_under_load_ghz,
-)
+from autotune.compile.model.gpu_hardware import FITTED, Fitted, GpuHardware
 from autotune.compile.model.gpu_sass import Block, KernelSass
 from autotune.compile.model.prediction import GPU_MODEL_VERSION, Prediction
 
@@ -66,7 +63,8 @@ def _tensor_cycles(hw: GpuHardware, kernel: KernelSass, block: Block) -> float:
     return cycles
 
 
-def iteration_cost(hw: GpuHardware, kernel: KernelSass, block: Block, resident: int) -> IterationCost:
+def iteration_cost(hw: GpuHardware, kernel: KernelSass, block: Block, resident: int,
+                   fitted: Fitted = FITTED) -> IterationCost:
     """The cost of one iteration of `block` for each of `resident` CTAs on an SM."""
     warps = kernel.warps
     per_sched = -(-warps // hw.schedulers_per_sm)  # one CTA's warps on its busiest scheduler
@@ -81,9 +79,9 @@ def iteration_cost(hw: GpuHardware, kernel: KernelSass, block: Block, resident: 
     l2 = block.global_bytes * warps / (hw.l2_bytes_per_clock / hw.sms)
     bars = c.get("bar", 0)
     if block.full_waits:  # the MMA result is waited on at once: tensor time and the rest do not overlap
-        chain = tensor + own + block.full_waits * FITTED_WAIT_CYCLES + bars * FITTED_BARRIER_CYCLES
+        chain = tensor + own + block.full_waits * fitted.wait_cycles + bars * fitted.barrier_cycles
     else:
-        chain = max(tensor, own) + bars * FITTED_BARRIER_CYCLES
+        chain = max(tensor, own) + bars * fitted.barrier_cycles
     all_tensor, all_issue, all_memory = resident * tensor, resident * own, resident * max(shared, l2)
     cycles = max(all_tensor, all_issue, all_memory, chain)
     return IterationCost(cycles=cycles, tensor=all_tensor, issue=all_issue, memory=all_memory, chain=chain)
@@ -104,14 +102,14 @@ def _schedule(durations: list[float], slots: int) -> float:
     return end
 
 
-def predict_kernel(hw: GpuHardware, kernel: KernelSass, work: Work | None) -> Prediction:
+def predict_kernel(hw: GpuHardware, kernel: KernelSass, work: Work | None, fitted: Fitted = FITTED) -> Prediction:
     """Predicted seconds of one launch of `kernel`; `work` gives trips per grid x index (None: a loop-free kernel,
     or one whose loops run once per program) and the useful FLOPs and bytes for the roofline."""
     resident = occupancy(hw, kernel)
-    clock = clock_under_load_ghz(hw) * 1e9
+    clock = fitted.clock_ghz(hw) * 1e9
     per_sched = -(-kernel.warps // hw.schedulers_per_sm)
-    prologue = FITTED_PROGRAM_CYCLES + kernel.rest.instructions * per_sched * resident
-    costs = [iteration_cost(hw, kernel, b, resident) for b in kernel.loops]
+    prologue = fitted.program_cycles + kernel.rest.instructions * per_sched * resident
+    costs = [iteration_cost(hw, kernel, b, resident, fitted) for b in kernel.loops]
     main = max(range(len(costs)), key=lambda i: costs[i].tensor + costs[i].issue, default=None)
     per_x = []
     weights = {"tensor": 0.0, "issue": 0.0, "memory": 0.0, "chain": 0.0}
@@ -134,18 +132,18 @@ def predict_kernel(hw: GpuHardware, kernel: KernelSass, work: Work | None) -> Pr
     min_bytes = work.min_bytes if work is not None else 0.0
     hbm = min_bytes / hw.hbm_bytes_per_s
     roofline = max(flops / (hw.peak_bf16_tflops * 1e12), hbm)
-    seconds = max(body, hbm) + FITTED_LAUNCH_SECONDS
+    seconds = max(body, hbm) + fitted.launch_seconds
     per_sm = copies / hw.sms / clock
     parts = {
         "tensor_core": weights["tensor"] * per_sm, "issue": weights["issue"] * per_sm,
         "shared_l2": weights["memory"] * per_sm, "dependence_chain": weights["chain"] * per_sm,
         "prologue_epilogue": prologue * len(durations) / slots / clock, "hbm": hbm,
-        "launch": FITTED_LAUNCH_SECONDS, "schedule": body, "occupancy": float(resident),
+        "launch": fitted.launch_seconds, "schedule": body, "occupancy": float(resident),
         "roofline_compute": flops / (hw.peak_bf16_tflops * 1e12), "roofline_memory": hbm,
     }
     if hbm >= body:
         bound = "memory"
-    elif parts["prologue_epilogue"] + FITTED_LAUNCH_SECONDS > 0.5 * seconds:
+    elif parts["prologue_epilogue"] + fitted.launch_seconds > 0.5 * seconds:
         bound = "overhead"
     else:
         top = max(("tensor_core", "issue", "shared_l2"), key=parts.get)

@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 CACHE_ENV = "AUTOTUNE_SASS_CACHE"
+PARSER_VERSION = "1"  # part of the cache key: a changed parser never reads an old parse
 INSTALL_HINT = "pip install -e '.[compilers]'"
 
 _CLASSES = (
@@ -194,7 +195,7 @@ def _cache_dir() -> str:
 
 def compile_ptx(ptx: str, arch: str) -> dict:
     """ptxas + cuobjdump on one PTX module; {function: {registers, spill_bytes, loops, rest}}, cached per hash."""
-    key = hashlib.sha256((arch + "\0" + ptx).encode()).hexdigest()[:32]
+    key = hashlib.sha256((PARSER_VERSION + arch + "\0" + ptx).encode()).hexdigest()[:32]
     if key in _MEMORY:
         return _MEMORY[key]
     path = os.path.join(_cache_dir(), key + ".json")
@@ -269,3 +270,15 @@ def dump_kernels(dump_dir: str, arch: str) -> list[KernelSass]:
                                 registers=data["registers"], spill_bytes=data["spill_bytes"],
                                 loops=tuple(_load(b) for b in data["loops"]), rest=_load(data["rest"]), arch=arch))
     return found
+
+
+def kernel_to_dict(kernel: KernelSass) -> dict:
+    """A parsed kernel as JSON-ready data (so a calibration can re-predict without compiling again)."""
+    return asdict(kernel)
+
+
+def kernel_from_dict(data: dict) -> KernelSass:
+    return KernelSass(name=data["name"], grid=tuple(data["grid"]), threads=data["threads"],
+                      shared_memory=data["shared_memory"], registers=data["registers"],
+                      spill_bytes=data["spill_bytes"], loops=tuple(_load(b) for b in data["loops"]),
+                      rest=_load(data["rest"]), arch=data["arch"])
