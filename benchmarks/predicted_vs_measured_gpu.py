@@ -147,10 +147,11 @@ def fit(points: list[dict]) -> tuple[Fitted, float]:
     """Grid search on the H100 calibration points only: the median log ratio nearest 0, then the least spread."""
     calib = [p for p in points if p["kind"] == "calib" and p["device"] == "h100" and p.get("ok")]
     best, best_score = FITTED, float("inf")
-    for clock, wait, bar, prog in itertools.product((1.55, 1.62, 1.70, 1.78, 1.83), (0, 90, 180, 300, 450),
-                                                    (0, 40, 100), (1000, 2500, 5000)):
-        fitted = Fitted(clock_under_load=(("h100", clock), ("h200", clock)), wait_cycles=wait, barrier_cycles=bar,
-                        program_cycles=prog, launch_seconds=FITTED.launch_seconds)
+    for clock, wait, dep, prog in itertools.product((1.7, 1.83), (60, 180, 300), (3, 4),
+                                                    (2500, 5000, 8000)):
+        fitted = Fitted(clock_under_load=(("h100", clock), ("h200", clock)), wait_cycles=wait,
+                        barrier_cycles=FITTED.barrier_cycles, program_cycles=prog, warp_issue_cycles=dep,
+                        launch_seconds=FITTED.launch_seconds)
         logs = [math.log(r) for r in ratios(calib, fitted)]
         score = abs(statistics.median(logs)) + quantile([abs(x) for x in logs], 0.9)
         if score < best_score:

@@ -70,19 +70,23 @@ def iteration_cost(hw: GpuHardware, kernel: KernelSass, block: Block, resident: 
     per_sched = -(-warps // hw.schedulers_per_sm)  # one CTA's warps on its busiest scheduler
     lanes = 32 * hw.schedulers_per_sm
     c = block.counts
-    issue = block.instructions * per_sched
     mufu = c.get("mufu", 0) * per_sched * lanes / hw.mufu_lanes_per_sm
     fp32 = c.get("fp32", 0) * per_sched * lanes / hw.fp32_lanes_per_sm
-    own = max(issue, mufu, fp32)
+    # a scheduler issues one instruction per clock, but only when some warp is ready: with few warps on it, each
+    # warp's own dependent instructions space its issue out
+    own = max(block.instructions * max(per_sched, fitted.warp_issue_cycles), mufu, fp32)
+    shared_issue = max(block.instructions * max(resident * per_sched, fitted.warp_issue_cycles), resident * mufu,
+                       resident * fp32)
     tensor = _tensor_cycles(hw, kernel, block)
     shared = block.shared_bytes * warps / hw.shared_bytes_per_clock
     l2 = block.global_bytes * warps / (hw.l2_bytes_per_clock / hw.sms)
     bars = c.get("bar", 0)
-    if block.full_waits:  # the MMA result is waited on at once: tensor time and the rest do not overlap
+    serial = block.full_waits or any(m.op == "HMMA" for m in block.mmas)
+    if serial:  # the MMA result is used in the same iteration (wgmma waited on at once; HMMA writes registers)
         chain = tensor + own + block.full_waits * fitted.wait_cycles + bars * fitted.barrier_cycles
     else:
         chain = max(tensor, own) + bars * fitted.barrier_cycles
-    all_tensor, all_issue, all_memory = resident * tensor, resident * own, resident * max(shared, l2)
+    all_tensor, all_issue, all_memory = resident * tensor, shared_issue, resident * max(shared, l2)
     cycles = max(all_tensor, all_issue, all_memory, chain)
     return IterationCost(cycles=cycles, tensor=all_tensor, issue=all_issue, memory=all_memory, chain=chain)
 
@@ -165,6 +169,7 @@ def combine(predictions: list[Prediction]) -> Prediction:
             if key != "occupancy":
                 parts[key] = parts.get(key, 0.0) + value
     longest = max(predictions, key=lambda p: p.seconds)
+    parts["occupancy"] = longest.parts.get("occupancy", 0.0)  # CTAs per SM of the longest kernel
     return Prediction(seconds=sum(p.seconds for p in predictions),
                       roofline_seconds=sum(p.roofline_seconds for p in predictions), bound=longest.bound,
                       parts=parts, model_version=GPU_MODEL_VERSION)
