@@ -24,8 +24,8 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 from autotune.compile.model.gpu_sass import dump_kernels, kernel_to_dict  # noqa: E402
-from autotune.compile_worker import device_for  # noqa: E402
-from autotune.targets import get_target  # noqa: E402
+from autotune.compile.worker import device_for  # noqa: E402
+from autotune.compile.targets import get_target  # noqa: E402
 
 WHEEL = "/work/tokamax-wheel/tokamax-0.0.17-py3-none-any.whl"
 TABLES = {

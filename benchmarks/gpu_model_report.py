@@ -152,8 +152,8 @@ def write_report(points: list[dict], path: str) -> None:
         "HMMA loop's tensor time and the rest of its iteration are serial in one CTA (the S product is in registers "
         "and the softmax needs it), as on Hopper where the wgmma is waited on at once; before that rule, A100 came "
         "out at median 0.62, 90th percentile 2.40x, 85% within 2x (H100 unchanged). So this table is held out for "
-        "the constants, not wholly for the model's form. block_d (tokamax splits the head dimension at d256 on A100) cannot be expressed in mha "
-        "and is ignored. Hardware: A100 SXM4 40 GB (1555 GB/s).")
+        "the constants, not wholly for the model's form. block_d (tokamax splits the head dimension at d256 on A100) "
+        "cannot be expressed in mha and is ignored. Hardware: A100 SXM4 40 GB (1555 GB/s).")
     lines += _rank_section(points)
     lines += _cost_section(points)
     lines += [

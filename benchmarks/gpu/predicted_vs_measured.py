@@ -31,7 +31,7 @@ BLOCKS, WARPS, STAGES = (32, 64, 128), (4, 8), (1, 2, 3)
 
 def precompute(per_problem: int, seed: int) -> None:
     """Compile each sampled config deviceless for H100 and store the model's prediction."""
-    from autotune.compilers import CompileJob, compile_many
+    from autotune.compile.pool import CompileJob, compile_many
     from kernels import Problem
 
     rng = random.Random(seed)

@@ -66,7 +66,7 @@ H100 = GpuHardware(
     fp32_lanes_per_sm=128, mufu_lanes_per_sm=16, shared_bytes_per_clock=128,
     sources=_COMMON_SOURCES + (
         ("sms", WHITEPAPER_H100 + ": H100 SXM5 has 132 SMs"),
-        ("boost_clock_ghz", "nvidia-smi max SM clock of an H100 SXM5 (1980 MHz); also autotune.targets"),
+        ("boost_clock_ghz", "nvidia-smi max SM clock of an H100 SXM5 (1980 MHz); also autotune.compile.targets"),
         ("spec_tensor_clock_ghz", "derived: 989.4 TFLOP/s / (132 SMs * 4096 FLOP/clock)"),
         ("tensor_flops_per_clock", WHITEPAPER_H100 + ": 2048 dense FP16/BF16 FMA per clock per SM"),
         ("tf32_flops_per_clock", WHITEPAPER_H100 + ": 1024 dense TF32 FMA per clock per SM"),

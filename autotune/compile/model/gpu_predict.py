@@ -15,7 +15,7 @@ from autotune.compile.model.gpu_sass import dump_kernels, tools_missing
 from autotune.compile.model.prediction import Prediction
 from kernels import Problem
 
-# the catalogue's targets (autotune.targets) and the product each one stands for
+# the catalogue's targets (autotune.compile.targets) and the product each one stands for
 TARGET_HARDWARE = {"h100": "h100", "a100": "a100", "h200": "h200", "h100_pcie": "h100_pcie"}
 
 

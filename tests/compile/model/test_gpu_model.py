@@ -19,7 +19,7 @@ from autotune.compile.model.gpu_hardware import A100, H100, get_hardware
 from autotune.compile.model.gpu_model import occupancy, predict_kernel
 from autotune.compile.model.gpu_predict import predict_gpu_compile
 from autotune.compile.model.gpu_sass import INSTALL_HINT, dump_kernels, parse_sass, tools_missing
-from autotune.compilers import WORKER_ENV, compilers_missing
+from autotune.compile.pool import WORKER_ENV, compilers_missing
 from kernels import Problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -29,8 +29,8 @@ CONFIG = {"block_q": 128, "block_k": 64, "num_warps": 8, "num_stages": 2, "bwd_b
 A100_CONFIG = {**CONFIG, "block_q": 64, "num_warps": 4}
 _COMPILE = """
 import json, sys
-from autotune import compile_worker as w
-from autotune.targets import get_target
+from autotune.compile import worker as w
+from autotune.compile.targets import get_target
 from kernels import Problem
 import kernels.gpu as g, jax
 for job in json.loads(sys.argv[1]):
