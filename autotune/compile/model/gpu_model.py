@@ -4,8 +4,9 @@ Per iteration of a loop, a CTA needs tensor-core cycles (its MMAs' FLOPs over th
 everything else (one warp instruction per scheduler per clock; exponentials and, on A100, FP32 math take longer
 per instruction), shared-memory and L2 cycles for the tiles it moves. When several CTAs share an SM (occupancy from
 registers, shared memory and threads) these resources are shared; what one CTA cannot hide is its own dependence
-chain: on Hopper the S product is waited on at once (`WARPGROUP.DEPBAR.LE gsb0, 0x0`) so its tensor time, the
-softmax and the P@V product run one after the other, and a barrier per iteration keeps the warpgroups in lockstep.
+chain: on Hopper the S product is waited on at once (`WARPGROUP.DEPBAR.LE gsb0, 0x0`), on Ampere the HMMA writes
+the registers the softmax reads, so tensor time and the rest run one after the other; a barrier per iteration keeps
+the warps in lockstep, and a scheduler with few warps issues below one instruction per clock (dependent chains).
 An iteration takes the larger of the shared resources and that chain. Programs (each with its own trip counts from
 the kernel's block arithmetic) are then scheduled over the SMs' slots in launch order, which gives waves and the
 causal tail. The prediction is held above the roofline (useful FLOPs over the peak, bytes over HBM bandwidth).
