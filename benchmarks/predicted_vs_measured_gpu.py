@@ -4,6 +4,7 @@
     python benchmarks/predicted_vs_measured_gpu.py collect calib a100 [--sample N]
     python benchmarks/predicted_vs_measured_gpu.py collect rank [--keys 20 --configs 12]
     python benchmarks/predicted_vs_measured_gpu.py collect matmul
+    python benchmarks/predicted_vs_measured_gpu.py collect cost   # what predicting adds inside the compile worker
     python benchmarks/predicted_vs_measured_gpu.py fit        # grid search of the FITTED_ constants on H100 only
     python benchmarks/predicted_vs_measured_gpu.py report     # writes benchmarks/results/predicted-vs-measured-gpu.md
 
@@ -33,6 +34,7 @@ from autotune.compile.model.prediction import GPU_MODEL_VERSION  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 POINTS = os.path.join(RESULTS, "predicted-vs-measured-gpu-points.jsonl")
+COST = os.path.join(RESULTS, "predicted-vs-measured-gpu-cost.json")
 REPORT = os.path.join(RESULTS, "predicted-vs-measured-gpu.md")
 HARDWARE = {"h100": "h100", "a100": "a100_40gb"}  # the tables' devices: H100 SXM 80 GB, A100 SXM4 40 GB
 MATMUL_N, MATMUL_TILES = 8192, "block_m: 128 block_n: 256 block_k: 64 num_stages: 3 num_warps: 8 num_ctas: 1"
@@ -100,6 +102,30 @@ def collect_matmul() -> None:
         return
     result = pts.compile_matmul("h100", MATMUL_N, MATMUL_TILES)
     pts.append(POINTS, {"id": "matmul:h100", "kind": "matmul", "device": "h100", **result})
+
+
+def collect_cost() -> None:
+    """Our kernel through the compile worker's own job function, with an empty SASS cache and then a warm one."""
+    import tempfile
+
+    os.environ["AUTOTUNE_SASS_CACHE"] = tempfile.mkdtemp(prefix="gpu-model-cost-")
+    from autotune.compile.worker import run_job
+    from kernels import Problem
+
+    config = {"block_q": 128, "block_k": 64, "num_warps": 8, "num_stages": 2, "bwd_block_q": 64, "bwd_block_k": 64,
+              "bwd_num_warps": 4, "bwd_num_stages": 2}
+    rows = []
+    for backward in (False, True):
+        problem = Problem(batch=4, q_len=4096, kv_len=4096, heads=16, kv_heads=16, head_dim=128, dtype="bfloat16",
+                          causal=True, backward=backward)
+        for target in ("h100", "a100"):
+            for cache in ("cold", "warm"):
+                r = run_job({"target": target, "problem": problem.to_dict(), "config": config})
+                rows.append({"target": target, "backward": backward, "sass_cache": cache,
+                             "compile_s": r["seconds"], "predict_s": r.get("prediction_seconds")})
+                print(rows[-1], flush=True)
+    with open(COST, "w") as f:
+        json.dump(rows, f, indent=1)
 
 
 def load_points() -> list[dict]:
@@ -173,6 +199,8 @@ def main() -> None:
         start = time.time()
         if args.what[0] == "calib":
             collect_calib(args.what[1], args.sample)
+        elif args.what[0] == "cost":
+            collect_cost()
         elif args.what[0] == "rank":
             collect_rank(args.keys, args.configs, args.seed)
         else:
