@@ -251,8 +251,9 @@ def launches(dump_dir: str) -> list[tuple[str, tuple[int, int, int], int, int]]:
     return found
 
 
-def dump_kernels(dump_dir: str, arch: str) -> list[KernelSass]:
-    """Every launched kernel of a compile whose PTX is in the dump, parsed (XLA's library calls have none)."""
+def dump_kernels(dump_dir: str, arch: str, keep=None) -> list[KernelSass]:
+    """Every launched kernel of a compile whose PTX is in the dump, parsed (XLA's library calls have none); with
+    `keep` (a predicate on the kernel name) only those, so no time goes to disassembling the others."""
     ptx_files = [p for p in sorted(glob.glob(os.path.join(dump_dir, "*.ptx"))) if os.path.getsize(p)]
     entries: dict[str, str] = {}
     for p in ptx_files:
@@ -261,7 +262,7 @@ def dump_kernels(dump_dir: str, arch: str) -> list[KernelSass]:
             entries.setdefault(name, text)
     found = []
     for name, grid, threads, smem in launches(dump_dir):
-        if name not in entries:
+        if name not in entries or (keep is not None and not keep(name)):
             continue
         data = compile_ptx(entries[name], arch).get(name)
         if data is None:
