@@ -71,7 +71,7 @@ class CompileResult:
     requested_bytes: int | None = None
     limit_bytes: int | None = None
     trace: str = field(default="", repr=False)
-    prediction: dict[str, Any] | None = None  # autotune.compile.model.prediction.Prediction.to_dict() (TPU)
+    prediction: dict[str, Any] | None = None  # the static model's Prediction.to_dict(): a predicted, not measured, time
 
     def kernel(self, role: str) -> KernelFigures | None:
         """The figures of the forward, dq or dkv kernel (None if the compile has no such kernel)."""

@@ -137,7 +137,8 @@ def run_job(job: dict) -> dict:
         seconds = time.perf_counter() - start
         if target.platform == "gpu":
             found = gpu_kernels(_read(log), _read(os.path.join(dump, "*thunk_sequence.txt")))
-            return {"ok": True, "seconds": seconds, "kernels": [dataclasses.asdict(k) for k in found]}
+            return {"ok": True, "seconds": seconds, "kernels": [dataclasses.asdict(k) for k in found],
+                    **_gpu_prediction(dump, target, problem, config)}
         found = tpu_kernels(_read(os.path.join(dump, "*after_codegen.txt")))
         result = {"ok": True, "seconds": seconds, "kernels": [dataclasses.asdict(k) for k in found]}
         libtpu_dump = os.path.join(folder, "libtpu")
@@ -148,8 +149,22 @@ def run_job(job: dict) -> dict:
             result["prediction"] = prediction.to_dict() if prediction is not None else None
         except Exception as exc:  # noqa: BLE001
             result["prediction"], result["prediction_error"] = None, f"{type(exc).__name__}: {exc}"[:500]
-        result["predict_seconds"] = time.perf_counter() - start
+        result["prediction_seconds"] = time.perf_counter() - start
     return result
+
+
+def _gpu_prediction(dump: str, target: Target, problem: Problem, config) -> dict:
+    """The static model's predicted time (a dict, labelled with its model version) and what predicting took."""
+    from autotune.compile.model.gpu_predict import predict_gpu_compile
+
+    start = time.perf_counter()
+    try:
+        found = predict_gpu_compile(dump, target.name, problem, config, target.device_kind)
+    except Exception as exc:  # noqa: BLE001 - a model failure must not fail the compile
+        return {"prediction_error": f"{type(exc).__name__}: {exc}"[:500]}
+    if found is None:
+        return {}
+    return {"prediction": found.to_dict(), "prediction_seconds": time.perf_counter() - start}
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 # Everything the GPU issue asks for, in one command on an H100/H200 (Python 3.12, jax with CUDA, wheels for
 # optuna/sqlalchemy brought along by ../shared/tools/gpu-wheels.sh). Results go to $OUT (or ./gpu-results).
 #
-#   bash benchmarks/gpu/run.sh [forward|backward|grid|all]
+#   bash benchmarks/gpu/run.sh [tests|model|forward|backward|grid|all]
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -14,6 +14,10 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "
 if [[ $part == all || $part == tests ]]; then
   # compiled kernels against the reference (the gpu-marked tests run the Triton lowering, not interpret mode)
   python3 -m pytest -q -m gpu tests/ 2>&1 | tee "$out/gpu-tests.log"
+fi
+if [[ $part == all || $part == model ]]; then
+  # the static time model's predictions (made on the CPU machine) against this GPU, 40 forward configs, < 8 min
+  OUT="$out" python3 benchmarks/gpu/predicted_vs_measured.py 2>&1 | tee "$out/predicted-vs-measured.log"
 fi
 if [[ $part == all || $part == forward ]]; then
   python3 -m autotune search --shapes benchmarks/gpu/sweep.toml --trials 40 --patience 15 --quiet 2>&1 | tee "$out/search-forward.log"
