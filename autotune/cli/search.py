@@ -39,6 +39,13 @@ def _stop_on_first_ctrl_c(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
+def _quiet_swallowed_interrupt(unraisable) -> None:
+    """A first Ctrl-C that lands in a callback Python cannot raise from (e.g. a garbage-collection hook) is lost
+    there; the flag it set still stops the search after the problem at hand, so say nothing of it here."""
+    if not (_CTRL_C_SEEN.is_set() and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+        sys.__unraisablehook__(unraisable)
+
+
 def _beat(store, run_id: int) -> None:
     with contextlib.suppress(Exception):  # a missed beat only risks the run being called crashed later
         store.heartbeat_run(run_id)
@@ -130,6 +137,7 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
     previous_sigint = None
     if threading.current_thread() is threading.main_thread():
         previous_sigint = signal.signal(signal.SIGINT, _stop_on_first_ctrl_c)
+        sys.unraisablehook = _quiet_swallowed_interrupt
     click.echo(f"Tuning {len(specs)} problem(s) with the {kernel_module.NAME} kernel (version "
                f"{kernel_module.VERSION}) on {device.device_kind} [{device.platform}], results in {where(store)}",
                err=True)
@@ -154,6 +162,10 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
                                               run_id=run_id, progress=not quiet).run())
                     except AllCandidatesFailed as exc:  # this problem's failure, not the list's
                         failures.append(str(exc))
+                if _CTRL_C_SEEN.is_set():  # an interrupt swallowed where it landed still stops the list
+                    raise KeyboardInterrupt
+        if _CTRL_C_SEEN.is_set():
+            raise KeyboardInterrupt
         status = "failed" if failures else "ok"
     except (KeyboardInterrupt, click.ClickException) as exc:
         if isinstance(exc, click.ClickException) and not _CTRL_C_SEEN.is_set():
@@ -165,6 +177,7 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
         run_beat.stop()
         if previous_sigint is not None and signal.getsignal(signal.SIGINT) is _stop_on_first_ctrl_c:
             signal.signal(signal.SIGINT, previous_sigint)  # no Ctrl-C came: the caller's handling again
+        sys.unraisablehook = sys.__unraisablehook__
         with contextlib.suppress(Exception):
             store.finish_run(run_id, status, "; ".join(failures))
         store.close()

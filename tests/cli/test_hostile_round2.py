@@ -64,7 +64,7 @@ def test_search_misses_skips_keys_no_config_can_run_and_tunes_the_others(tmp_pat
         assert result.exit_code == 0 and "Traceback" not in result.output, result.output
         skipped = sorted(line for line in result.output.splitlines() if line.startswith("Skipping"))
         assert len(skipped) == 2, result.output
-        assert "d2048" in skipped[0] and "field 'head_dim' must be at most" in skipped[0]
+        assert "d2048" in skipped[0] and "'head_dim': must be at most" in skipped[0]
         assert "d768" in skipped[1] and "cannot run it: its default config" in skipped[1]
     with Store(db) as store:
         assert store.get_best(make_key(gpu, small, device)) is not None

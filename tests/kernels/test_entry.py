@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import autotune
-from autotune.runtime import lookup as runtime_lookup
+from autotune.runtime import tuned_call
 from db import records
 from kernels import attention_reference, gpu, tpu
 from kernels.entry import prepare
@@ -63,7 +63,8 @@ def test_dot_product_attention_refuses_them_before_any_lookup(kwargs, message, m
     def must_not_run(*args, **kwargs):
         raise AssertionError("looked up a config for an unrunnable call")
 
-    monkeypatch.setattr(runtime_lookup, "_lookup_problem", must_not_run)
+    for name in ("find", "use", "peek_tuned"):  # every way the runtime looks a config up
+        monkeypatch.setattr(tuned_call, name, must_not_run)
     q, k, v = arrays(np.random.default_rng())
     with pytest.raises(ValueError, match=message):
         autotune.dot_product_attention(q, k, v, **kwargs)

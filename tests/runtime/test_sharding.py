@@ -188,8 +188,11 @@ def test_a_v5e_2x2_topology_compiles_mosaic_kernels_per_chip(tmp_path):
     # the Mosaic kernel sees one chip's share: batch 4 / 2 and heads 8 / 2, as [batch, heads, seq, head_dim]
     assert "bf16[2,4,256,128]" in result["forward_calls"][0]
     assert result["backward_calls"] >= 3  # forward (saving the log-sum-exp), dq and dk/dv kernels
-    assert [(key["platform"], key["device_kind"], key["kernel"], key["batch"], key["heads"], key["kv_heads"])
-            for key in result["keys"]] == [("tpu", "TPU v5 lite", "flash_attention_tpu", 2, 4, 2)]
+    # the forward's miss, and the backward's once jax.grad traces it (an untuned --backward key)
+    assert sorted((key["platform"], key["device_kind"], key["kernel"], key["batch"], key["heads"], key["kv_heads"],
+                   key.get("backward", False)) for key in result["keys"]) == [
+        ("tpu", "TPU v5 lite", "flash_attention_tpu", 2, 4, 2, False),
+        ("tpu", "TPU v5 lite", "flash_attention_tpu", 2, 4, 2, True)]
 
 
 @pytest.mark.slow

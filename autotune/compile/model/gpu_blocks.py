@@ -29,8 +29,7 @@ class Work:
 
 
 def _masking(problem: Problem) -> Masking:
-    return Masking.of(causal=problem.causal, window=problem.window, softcap=problem.softcap,
-                      lengths=problem.lengths)
+    return Masking(band=problem.band, softcap=problem.softcap, lengths=problem.lengths)
 
 
 def _lowered(ranges_at, count: int) -> Trips:

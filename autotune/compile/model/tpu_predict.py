@@ -62,8 +62,6 @@ def tile_fraction(q_len: int, kv_len: int, block_q: int, block_kv: int, *, causa
 
 def attention_work(problem, config: dict, platform_cores: int) -> KernelWork:
     """KernelWork of our TPU kernel (kernels/tpu) for `problem` (kernels.Problem) and a Config dict."""
-    from kernels.problem import visible_pairs
-
     window = problem.window
     bq = config["bwd_block_q"] if problem.backward else config["block_q"]
     bk = config["bwd_block_k_major"] if problem.backward else config["block_k_major"]
@@ -78,7 +76,7 @@ def attention_work(problem, config: dict, platform_cores: int) -> KernelWork:
     steps = max(1, int(np.max(last - first + 1)))
     fraction = tile_fraction(problem.q_len, problem.kv_len, bq, bk, causal=problem.causal, window=window,
                              kv_steps=steps)
-    pairs = visible_pairs(problem.q_len, problem.kv_len, causal=problem.causal, window=window)
+    pairs = problem.band.pairs(problem.q_len, problem.kv_len)
     flops = 4.0 * problem.batch * problem.heads * problem.head_dim * pairs * (2.5 if problem.backward else 1.0)
     item = np.dtype(problem.dtype).itemsize if problem.dtype != "bfloat16" else 2
     q_bytes = problem.batch * problem.heads * problem.q_len * problem.head_dim * item
