@@ -65,6 +65,16 @@ def assert_clean_failure(worker, *words: str) -> str:
     return text
 
 
+def assert_rerun_resumes(db, args, tmp_path, env) -> None:
+    """The same command run again ends well, with every trial recorded once and the database intact."""
+    rerun = run_worker(str(db), args, out=tmp_path / "rerun.log", env=env)
+    assert rerun.process.returncode == 0, rerun.text
+    store = Store(db)
+    check_recorded_once(store, key_of(), store.url, 6)
+    assert store.integrity_check() == []
+    store.close()
+
+
 # ---------------------------------------------------------------- workers killed in the middle of a trial
 
 
@@ -222,12 +232,7 @@ def test_database_locked_past_the_busy_timeout_stops_cleanly_and_a_rerun_resumes
     assert_clean_failure(worker, "locked", "busy timeout")
     assert set(before) <= set(sqlite_rows(db))
 
-    rerun = run_worker(str(db), args, out=tmp_path / "rerun.log", env=env)
-    assert rerun.process.returncode == 0, rerun.text
-    store = Store(db)
-    check_recorded_once(store, key_of(), store.url, 6)
-    assert store.integrity_check() == []
-    store.close()
+    assert_rerun_resumes(db, args, tmp_path, env)
 
 
 @contextmanager
@@ -289,12 +294,7 @@ def test_full_disk_stops_cleanly_and_a_rerun_resumes(tmp_path):
         assert_clean_failure(worker, "disk is full")
         filler.unlink()
         assert set(before) <= set(sqlite_rows(db))
-        rerun = run_worker(str(db), args, out=tmp_path / "rerun.log", env=env)
-        assert rerun.process.returncode == 0, rerun.text
-        store = Store(db)
-        check_recorded_once(store, key_of(), store.url, 6)
-        assert store.integrity_check() == []
-        store.close()
+        assert_rerun_resumes(db, args, tmp_path, env)
 
 
 def fresh_pg_database(pg_url: str) -> str:
