@@ -13,6 +13,7 @@ from typing import Any
 
 from autotune.problem_fields import BY_NAME, REQUIRED, parse_value, problem_kwargs, with_defaults
 from kernels import Problem
+from db.transfer import unique_keys
 
 try:
     import tomllib
@@ -72,23 +73,13 @@ def spec_from_fields(fields: dict[str, Any], where: str = "problem", defaults: d
     return ProblemSpec(problem, values["segments"])
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object, refusing a key given twice (json keeps the last silently)."""
-    seen: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in seen:
-            raise ValueError(f"duplicate key {name!r}")
-        seen[name] = value
-    return seen
-
-
 def read_entries(path: str | Path) -> list[Any]:
     """The problem entries of a shapes file: TOML with [[problem]] tables, or JSON as a list or {"problems": [...]}."""
     path = Path(path)
     text = path.read_text()
     toml = path.suffix.lower() == ".toml"
     try:
-        data = tomllib.loads(text) if toml else json.loads(text, object_pairs_hook=_unique_keys)
+        data = tomllib.loads(text) if toml else json.loads(text, object_pairs_hook=unique_keys)
     except (tomllib.TOMLDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError, as is a duplicate
         raise ValueError(f"{path}: not valid {'TOML' if toml else 'JSON'}: {exc}") from None
     entries = data

@@ -80,7 +80,7 @@ def read_document(text: str | bytes) -> Any:
         raise ImportValidationError(f"the document is nested {depth} levels deep; at most {_MAX_TEXT_DEPTH} are "
                                     "read")
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        return json.loads(text, object_pairs_hook=unique_keys, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise ImportValidationError(f"the text is not a JSON document: {exc}") from None
     except (ValueError, RecursionError) as exc:  # a duplicate key, NaN, or an integer of thousands of digits
@@ -99,11 +99,12 @@ def _nesting_depth(text: str) -> int:
     return max(steps, default=0)
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object (json's `object_pairs_hook`), refusing a key given twice: json keeps the last silently."""
     mapping: dict[str, Any] = {}
     for name, value in pairs:
         if name in mapping:
-            raise ValueError(f"the key {name!r} appears twice in one object")
+            raise ValueError(f"duplicate key {name!r}: the key {name!r} appears twice in one object")
         mapping[name] = value
     return mapping
 
