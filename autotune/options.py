@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from autotune.implementations import DEFAULT_MARGIN, check_margin
+
 
 @dataclass(frozen=True)
 class TimingPolicy:
@@ -38,7 +40,8 @@ class SearchOptions:
     retime_top: int = 3
     input_buffers: int = 3
     timing: TimingPolicy = field(default_factory=TimingPolicy)
-    compare_xla: bool = True
+    compare_xla: bool = True  # time jax.nn's XLA (and on a GPU cuDNN) attention in the final re-timing: they may win
+    baseline_margin: float = DEFAULT_MARGIN  # how much faster than the best kernel config a baseline must be to win
     allow_spills: bool = False  # time configs that spilled registers in a compile-only sweep (autotune.compile.results)
 
     def __post_init__(self) -> None:
@@ -50,3 +53,4 @@ class SearchOptions:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"timeout must be positive seconds, got {self.timeout_s!r}")
+        check_margin(self.baseline_margin)

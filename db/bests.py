@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.records import BestOffer, BestRecord, ConfigCheck, TuningKey
+from db.records import KERNEL_IMPLEMENTATION, BestOffer, BestRecord, ConfigCheck, TuningKey, check_winner
 from db.schema import BestRow, KeyRow, RunRow
 from db.validation import is_physical_time, utc_now
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 _FIND_KEY = select(KeyRow.id).where(KeyRow.digest == bindparam("p_digest"))
 _ADD_KEY = insert(KeyRow).returning(KeyRow.id)
 _BEST_VALUES = {name: bindparam(f"p_{name}") for name in
-                ("config", "time_s", "default_time_s", "trials", "run_id", "updated_at")}
+                ("config", "time_s", "default_time_s", "trials", "run_id", "updated_at", "implementation", "times")}
 _REPLACE_SLOWER = (update(BestRow).where(BestRow.key_id == bindparam("p_key_id"),
                                          BestRow.time_s > bindparam("p_time_s")).values(**_BEST_VALUES))
 _FIND_BEST = select(BestRow.id, BestRow.time_s, BestRow.config).where(BestRow.key_id == bindparam("p_key_id"))
@@ -64,7 +64,7 @@ def offer_best(session: Session, offer: BestOffer, now: datetime, check: ConfigC
     key_id = key_row_id(session, offer.key)
     values = {"p_config": offer.config, "p_time_s": offer.time_s, "p_default_time_s": offer.default_time_s,
               "p_trials": offer.trials, "p_run_id": offer.run_id, "p_updated_at": offer.updated_at or now,
-              "p_key_id": key_id}
+              "p_key_id": key_id, "p_implementation": offer.implementation, "p_times": offer.times}
     while True:
         if connection.execute(_REPLACE_SLOWER, values).rowcount:
             return True
@@ -104,6 +104,22 @@ def best_record(row: BestRow, key: TuningKey) -> BestRecord:
     speedup = None
     if is_physical_time(row.time_s) and is_physical_time(row.default_time_s):
         speedup = row.default_time_s / row.time_s
+    implementation, times = stored_winner(row)
     return BestRecord(id=row.id, key=key, config=row.config, time_s=row.time_s, default_time_s=row.default_time_s,
                       speedup=speedup if speedup is not None and math.isfinite(speedup) else None,
-                      trials=row.trials, run_id=row.run_id, updated_at=row.updated_at)
+                      trials=row.trials, run_id=row.run_id, updated_at=row.updated_at,
+                      implementation=implementation, times=times)
+
+
+def stored_winner(row: BestRow) -> tuple[str, dict[str, float]]:
+    """The row's winner and times; a row from before version 6 (times NULL) is a kernel win timed alone, and one
+    whose winner or times an older version or a hand edit made unreadable reads as that too (with a log line:
+    reading never fails on a stored value, and `integrity_check` names the row)."""
+    implementation = row.implementation or KERNEL_IMPLEMENTATION
+    if row.times is None and implementation == KERNEL_IMPLEMENTATION:
+        return implementation, {KERNEL_IMPLEMENTATION: row.time_s}
+    try:
+        return implementation, check_winner(implementation, row.times, row.time_s)
+    except ValueError as exc:
+        log.warning("autotune_bests row %s: its winner reads as the kernel's: %s", row.id, exc)
+        return KERNEL_IMPLEMENTATION, {KERNEL_IMPLEMENTATION: row.time_s}

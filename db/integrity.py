@@ -11,7 +11,7 @@ from sqlalchemy import Connection, select, text
 from sqlalchemy.orm import Session
 
 from db.figures import check_figures, is_config_object
-from db.records import TuningKey
+from db.records import KERNEL_IMPLEMENTATION, TuningKey, check_winner
 from db.schema import SCHEMA_VERSION, BestRow, KeyRow, MetaRow, MissRow, RunRow, TrialRow
 from db.validation import is_physical_time
 
@@ -36,10 +36,16 @@ def find_problems(session: Session) -> list[str]:
         problems += [f"{table.__tablename__} row with run_id {run_id} points at no run" for run_id in orphans]
     problems += _key_checks(session)
     problems += _trial_checks(session)
-    for best_id, time_s, default in session.execute(select(BestRow.id, BestRow.time_s, BestRow.default_time_s)):
+    for best_id, time_s, default, implementation, times in session.execute(
+            select(BestRow.id, BestRow.time_s, BestRow.default_time_s, BestRow.implementation, BestRow.times)):
         for name, value in (("time_s", time_s), ("default_time_s", default)):
             if value is not None and not is_physical_time(value):
                 problems.append(f"autotune_bests row {best_id} has {name} = {value!r}")
+        if is_physical_time(time_s) and (times is not None or implementation != KERNEL_IMPLEMENTATION):
+            try:
+                check_winner(implementation, times, time_s)
+            except ValueError as exc:
+                problems.append(f"autotune_bests row {best_id} has an unreadable winner (read as the kernel's): {exc}")
     return problems
 
 

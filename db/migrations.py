@@ -66,8 +66,21 @@ def _v4_to_v5(connection: Connection) -> None:
         connection.execute(text("ALTER TABLE autotune_misses ADD COLUMN fallbacks INTEGER NOT NULL DEFAULT 0"))
 
 
+def _v5_to_v6(connection: Connection) -> None:
+    """Version 6 bests say which implementation won the final re-timing (the tuned kernel, or jax.nn's XLA or
+    cuDNN attention) and keep every implementation's time. Older rows: kernel wins with the kernel's time alone
+    (times NULL reads as {"pallas": time_s}). A column already there is left as it is."""
+    present = {column["name"] for column in inspect(connection).get_columns("autotune_bests")}
+    if "implementation" not in present:
+        connection.execute(text("ALTER TABLE autotune_bests ADD COLUMN implementation VARCHAR(16) NOT NULL "
+                                "DEFAULT 'pallas'"))
+    if "times" not in present:
+        connection.execute(text("ALTER TABLE autotune_bests ADD COLUMN times JSON"))
+
+
 # STEPS[n] upgrades a version-n database to version n + 1.
-STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
+STEPS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5,
+                                                  5: _v5_to_v6}
 
 # The steps that only add columns, each with what an older row reads as (an SQL value): a database that needs only
 # these can be read as it is, without upgrading it, where it cannot be written (db.legacy). A test checks that
@@ -77,6 +90,7 @@ COLUMNS_ADDED: dict[int, dict[str, dict[str, str]]] = {
     3: {"autotune_keys": {"window_left": "NULL", "window_right": "NULL", "softcap": "NULL", "lengths": "0"},
         "autotune_misses": {"reason": "NULL"}},
     4: {"autotune_misses": {"fallbacks": "0"}},
+    5: {"autotune_bests": {"implementation": "'pallas'", "times": "NULL"}},
 }
 
 

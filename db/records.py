@@ -23,6 +23,9 @@ DTYPES = ("float32", "bfloat16", "float16")  # the kernels' dtypes (kernels.prob
 TRIAL_STATUSES = ("ok", "invalid", "compile_error", "resource_exhausted", "mismatch", "runtime_error", "timeout",
                   "compiled")  # compiled: a compile-only trial that compiled (no time)
 RUN_STATUSES = ("running", "ok", "failed", "interrupted", "crashed")
+# What can win a key's final re-timing: our tuned kernel, or jax.nn.dot_product_attention's own implementations.
+KERNEL_IMPLEMENTATION = "pallas"
+IMPLEMENTATIONS = (KERNEL_IMPLEMENTATION, "xla", "cudnn")
 
 _TEXT_FIELDS = ("kernel", "kernel_version", "device_kind", "jax_version")
 _SHAPE_FIELDS = ("batch", "q_len", "kv_len", "heads", "kv_heads", "head_dim")
@@ -150,7 +153,11 @@ class TrialRecord:
 
 @dataclass(frozen=True)
 class BestRecord:
-    """The fastest known config for one key: what the runtime uses."""
+    """The fastest known config for one key and which implementation won the final re-timing: what the runtime uses.
+
+    `config` is always the fastest kernel config (what `implementation="pallas"` runs); `time_s` is the winner's
+    time and `times` every implementation's time from the same interleaved re-timing (the kernel's under "pallas";
+    a record from before baselines competed holds only that)."""
 
     id: int
     key: TuningKey
@@ -161,6 +168,12 @@ class BestRecord:
     trials: int
     run_id: int | None
     updated_at: datetime
+    implementation: str = KERNEL_IMPLEMENTATION
+    times: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def baseline_won(self) -> bool:
+        return self.implementation != KERNEL_IMPLEMENTATION
 
 
 @dataclass(frozen=True)
@@ -181,7 +194,8 @@ class BestOffer:
     """A candidate best for `Store.put_bests`: stored only if faster than what the key already has.
 
     `updated_at` is None for a fresh measurement (stamped with now); the importer passes the exported time so a
-    merged result keeps its age (which `Store.prune(older_than=...)` looks at).
+    merged result keeps its age (which `Store.prune(older_than=...)` looks at). `implementation` names the winner
+    and `times` each implementation's time (None: the kernel's alone, `time_s`); see `check_winner`.
     """
 
     key: TuningKey
@@ -191,6 +205,8 @@ class BestOffer:
     trials: int = 0
     run_id: int | None = None
     updated_at: datetime | None = None
+    implementation: str = KERNEL_IMPLEMENTATION
+    times: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, TuningKey):
@@ -203,3 +219,27 @@ class BestOffer:
         object.__setattr__(self, "run_id", check_int("run_id", self.run_id, optional=True))
         if self.updated_at is not None:
             object.__setattr__(self, "updated_at", check_datetime("updated_at", self.updated_at))
+        object.__setattr__(self, "times", check_winner(self.implementation, self.times, self.time_s))
+
+
+def check_winner(implementation: Any, times: Any, time_s: float) -> dict[str, float]:
+    """The times of a best whose winner is `implementation`, checked: an object of implementation names to
+    positive seconds that holds the kernel's time and the winner's, which is `time_s` (None: a kernel win timed
+    alone, {"pallas": time_s})."""
+    check_choice("implementation", implementation, IMPLEMENTATIONS)
+    if times is None:
+        if implementation != KERNEL_IMPLEMENTATION:
+            raise ValueError(f"times must give the kernel's time beside the winner's when {implementation!r} won, "
+                             "got none")
+        return {KERNEL_IMPLEMENTATION: time_s}
+    if not isinstance(times, Mapping):
+        raise ValueError(f"times must be an object of implementation names to seconds, got {type(times).__name__}")
+    checked = {check_choice("times' implementation", name, IMPLEMENTATIONS):
+               check_time(f"times[{name!r}]", value, positive=True) for name, value in times.items()}
+    for needed in dict.fromkeys((KERNEL_IMPLEMENTATION, implementation)):
+        if needed not in checked:
+            raise ValueError(f"times must hold the {needed!r} time, got {sorted(checked)}")
+    if checked[implementation] != time_s:
+        raise ValueError(f"time_s must be the winner's time, times[{implementation!r}] = {checked[implementation]!r}, "
+                         f"got {time_s!r}")
+    return checked

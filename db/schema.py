@@ -1,11 +1,12 @@
-"""The tables (schema version 5), as typed SQLAlchemy ORM models.
+"""The tables (schema version 6), as typed SQLAlchemy ORM models.
 
 Every table is prefixed `autotune_` because Optuna keeps its own tables (`studies`, `trials`, `alembic_version`, ...)
 in the same database. A key row is written once per distinct `TuningKey` and found by its unique digest; trials,
 bests and misses point at it, so the hot lookup is one indexed join. Version 1 lacked the trial timing spread and
 count and the claims table, version 2 the compile figures of compile-only trials, version 3 the keys' sliding
 window, soft-cap and padding-lengths fields and the misses' reason, version 4 the misses' count of calls the
-kernels could not run (kept apart from the tunable misses); `db.migrations` adds them.
+kernels could not run (kept apart from the tunable misses), version 5 which implementation won a best (the kernel,
+XLA or cuDNN) and every implementation's time; `db.migrations` adds them.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from sqlalchemy.types import TypeDecorator
 
 from db.validation import as_utc
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 PREFIX = "autotune_"
 META_TABLE = "autotune_meta"
 
@@ -135,7 +136,9 @@ class TrialRow(Base):
 
 
 class BestRow(Base):
-    """The fastest config known for a key (at most one per key)."""
+    """The fastest config known for a key (at most one per key), and which implementation won its final re-timing:
+    `time_s` is the winner's time, `times` every implementation's ({name: seconds}; NULL in rows from before
+    version 6: the kernel's alone, `time_s`)."""
 
     __tablename__ = "autotune_bests"
 
@@ -147,6 +150,8 @@ class BestRow(Base):
     trials: Mapped[int]
     run_id: Mapped[int | None] = mapped_column(ForeignKey("autotune_runs.id", ondelete="SET NULL"), index=True)
     updated_at: Mapped[datetime]
+    implementation: Mapped[str] = mapped_column(String(16), server_default=text("'pallas'"))  # added in version 6
+    times: Mapped[dict[str, Any] | None]  # added in version 6
 
 
 class MissRow(Base):

@@ -27,8 +27,8 @@ from db.integrity import find_problems
 from db.opening import open_engine
 from db.pruning import prune_keys
 from db.retry import retry
-from db.records import (RUN_STATUSES, TRIAL_STATUSES, BestOffer, BestRecord, ConfigCheck, MissRecord, RunRecord,
-                        TrialRecord, TuningKey)
+from db.records import (KERNEL_IMPLEMENTATION, RUN_STATUSES, TRIAL_STATUSES, BestOffer, BestRecord, ConfigCheck,
+                        MissRecord, RunRecord, TrialRecord, TuningKey)
 from db.schema import FAMILY_COLUMNS, BestRow, KeyRow, MissRow, RunRow, TrialRow
 from db.urls import default_url, display_url, resolve_url
 from db.validation import (check_choice, check_datetime, check_error_size, check_int, check_json_object,
@@ -199,11 +199,13 @@ class Store:
     # -- bests ----------------------------------------------------------------------------------------------------
 
     def put_best(self, key: TuningKey, *, config: dict[str, Any], time_s: float, default_time_s: float | None,
-                 trials: int, run_id: int | None = None, check: ConfigCheck | None = None) -> bool:
+                 trials: int, run_id: int | None = None, check: ConfigCheck | None = None,
+                 implementation: str = KERNEL_IMPLEMENTATION, times: dict[str, float] | None = None) -> bool:
         """Store this config as the key's best unless the key already has one at least as fast that can run;
-        True if stored. `check` judges whether the stored config can run (db/ knows no kernels)."""
+        True if stored. `check` judges whether the stored config can run (db/ knows no kernels). `implementation`
+        names the winner of the re-timing (`time_s` is its time) and `times` every implementation's (BestOffer)."""
         offer = BestOffer(key=key, config=config, time_s=time_s, default_time_s=default_time_s, trials=trials,
-                          run_id=run_id)
+                          run_id=run_id, implementation=implementation, times=times)
         return self.put_bests([offer], check=check)[0]
 
     def put_bests(self, offers: Iterable[BestOffer], *, check: ConfigCheck | None = None) -> list[bool]:

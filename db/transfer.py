@@ -21,16 +21,18 @@ from typing import Any
 
 from db.compile_transfer import compile_records
 from db.errors import ImportValidationError
-from db.records import BestOffer, ConfigCheck, TuningKey
+from db.records import IMPLEMENTATIONS, KERNEL_IMPLEMENTATION, BestOffer, ConfigCheck, TuningKey, check_winner
 from db.store import Store
-from db.validation import MAX_JSON_DEPTH, check_datetime, check_int, check_json_object, check_time, utc_now
+from db.validation import MAX_JSON_DEPTH, check_choice, check_datetime, check_int, check_json_object, check_time, utc_now
 
 FORMAT = "pallas-autotune-results"
 FORMAT_VERSION = 1
 COMPILE_FORMAT_VERSION = 2  # a document that also carries compile-only trials (db/compile_transfer.py)
+WINNER_FORMAT_VERSION = 3  # records also carry the winning implementation and every one's time; compile_trials optional
 _DOCUMENT_FIELDS = ("format", "version", "exported_at", "records")
-_OPTIONAL_FIELDS = ("compile_trials",)  # version 2 only
+_OPTIONAL_FIELDS = ("compile_trials",)  # version 2 (required there) and 3
 _RECORD_FIELDS = ("key", "config", "time_s", "default_time_s", "trials", "updated_at")
+_WINNER_FIELDS = ("implementation", "times")  # version 3 records only
 MAX_DOCUMENT_BYTES = 256 * 2**20  # about half a million records; far past any real export
 _MAX_TEXT_DEPTH = MAX_JSON_DEPTH + 3  # the document, its records list and a record hold the configs
 BATCH_SECONDS = 0.5  # longest a merge holds the write lock in one go
@@ -40,15 +42,22 @@ BATCH_PAUSE_S = 0.12  # then lets go this long: longer than SQLite's longest bus
 
 def export_document(store: Store, *, device_kind: str | None = None, kernel: str | None = None,
                     dtype: str | None = None, causal: bool | None = None) -> dict[str, Any]:
-    """The bests matching every given filter, as a JSON-ready document."""
+    """The bests matching every given filter, as a JSON-ready document: version 1 while every best is a kernel win
+    timed alone (what older versions read), 2 with compile-only trials, 3 once any best carries a baseline's time
+    or won by one (its records then name the winner and every implementation's time)."""
+    bests = store.bests(device_kind=device_kind, kernel=kernel, dtype=dtype, causal=causal)
+    winners = any(best.baseline_won or set(best.times) != {KERNEL_IMPLEMENTATION} for best in bests)
     records = [{"key": best.key.to_dict(), "config": best.config, "time_s": best.time_s,
                 "default_time_s": best.default_time_s, "trials": best.trials,
-                "updated_at": best.updated_at.isoformat()}
-               for best in store.bests(device_kind=device_kind, kernel=kernel, dtype=dtype, causal=causal)]
-    document = {"format": FORMAT, "version": FORMAT_VERSION, "exported_at": utc_now().isoformat(), "records": records}
+                "updated_at": best.updated_at.isoformat(),
+                **({"implementation": best.implementation, "times": best.times} if winners else {})}
+               for best in bests]
+    document = {"format": FORMAT, "version": WINNER_FORMAT_VERSION if winners else FORMAT_VERSION,
+                "exported_at": utc_now().isoformat(), "records": records}
     compiled = compile_records(store, device_kind=device_kind, kernel=kernel, dtype=dtype, causal=causal)
-    if compiled:  # only then version 2: a document without them stays readable by older versions
-        document.update(version=COMPILE_FORMAT_VERSION, compile_trials=compiled)
+    if compiled:  # only then version 2 (or 3): a document without them stays readable by older versions
+        document.update(version=WINNER_FORMAT_VERSION if winners else COMPILE_FORMAT_VERSION,
+                        compile_trials=compiled)
     return document
 
 
@@ -139,17 +148,18 @@ def parse_document(document: Any, *, check: ConfigCheck | None = None) -> list[B
     _check_fields("the document", {k: v for k, v in document.items() if k not in _OPTIONAL_FIELDS}, _DOCUMENT_FIELDS)
     if document["format"] != FORMAT:
         raise ImportValidationError(f"the document's format is {document['format']!r}, expected {FORMAT!r}")
+    version = document["version"]
     carries = all(name in document for name in _OPTIONAL_FIELDS)
-    if document["version"] == FORMAT_VERSION and any(name in document for name in _OPTIONAL_FIELDS):
+    if version not in (FORMAT_VERSION, COMPILE_FORMAT_VERSION, WINNER_FORMAT_VERSION) or isinstance(version, bool):
+        raise ImportValidationError(
+            f"the document's format version is {version!r}; this pallas-autotune reads versions "
+            f"{FORMAT_VERSION}, {COMPILE_FORMAT_VERSION} and {WINNER_FORMAT_VERSION}")
+    if version == FORMAT_VERSION and any(name in document for name in _OPTIONAL_FIELDS):
         raise ImportValidationError(f"a version {FORMAT_VERSION} document has no compile_trials (version "
                                     f"{COMPILE_FORMAT_VERSION} has)")
-    if document["version"] == COMPILE_FORMAT_VERSION and not carries and not isinstance(document["version"], bool):
+    if version == COMPILE_FORMAT_VERSION and not carries:
         raise ImportValidationError(f"the document's format version is {COMPILE_FORMAT_VERSION} but it has no "
                                     "compile_trials (a version 2 document is an export with compile-only trials)")
-    if document["version"] not in (FORMAT_VERSION, COMPILE_FORMAT_VERSION) or isinstance(document["version"], bool):
-        raise ImportValidationError(
-            f"the document's format version is {document['version']!r}; this pallas-autotune reads versions "
-            f"{FORMAT_VERSION} and {COMPILE_FORMAT_VERSION}")
     try:
         check_datetime("exported_at", document["exported_at"])
     except ValueError as exc:
@@ -157,14 +167,16 @@ def parse_document(document: Any, *, check: ConfigCheck | None = None) -> list[B
     records = document["records"]
     if not isinstance(records, list):
         raise ImportValidationError(f"the document's records must be a list, got {type(records).__name__}")
-    return [_parse_record(index, record, check) for index, record in enumerate(records)]
+    fields = _RECORD_FIELDS + (_WINNER_FIELDS if version == WINNER_FORMAT_VERSION else ())
+    return [_parse_record(index, record, check, fields) for index, record in enumerate(records)]
 
 
-def _parse_record(index: int, record: Any, check: ConfigCheck | None) -> BestOffer:
+def _parse_record(index: int, record: Any, check: ConfigCheck | None, fields: tuple[str, ...]) -> BestOffer:
+    """One record as an offer; a record of version 1 or 2 (no winner fields) is a kernel win timed alone."""
     where = f"record {index}"
     if not isinstance(record, Mapping):
         raise ImportValidationError(f"{where} must be an object, got {type(record).__name__}")
-    _check_fields(where, record, _RECORD_FIELDS)
+    _check_fields(where, record, fields)
     field_checks = {
         "key": lambda value: TuningKey.from_dict(value),
         "config": lambda value: check_json_object("config", value),
@@ -184,6 +196,16 @@ def _parse_record(index: int, record: Any, check: ConfigCheck | None) -> BestOff
             check(values["key"], values["config"])
         except (ValueError, TypeError) as exc:
             raise ImportValidationError(f"{where}, field 'config': {exc}") from None
+    if "implementation" in record:
+        winner_checks = {
+            "implementation": lambda value: check_choice("implementation", value, IMPLEMENTATIONS),
+            "times": lambda value: check_winner(values["implementation"], value, values["time_s"]),
+        }
+        for field, field_check in winner_checks.items():
+            try:
+                values[field] = field_check(record[field])
+            except ValueError as exc:
+                raise ImportValidationError(f"{where}, field {field!r}: {exc}") from None
     return BestOffer(**values)
 
 

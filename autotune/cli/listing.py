@@ -17,6 +17,7 @@ from autotune.cli.common import (SHAPE_FLAGS, database_errors, db_option, descri
                                       open_existing, ordered_config, plain_number, print_table, printable,
                                       problem_options, require_bests, specs_from_flags, table_config, when, where)
 from autotune.cli.compile_listing import figures_text, target_key
+from autotune.cli.winners import others_text, winner_note
 from autotune.keys import PROBLEM_FIELDS
 
 
@@ -25,7 +26,7 @@ def best_json(best) -> dict[str, Any]:
         "id": best.id, "digest": best.key.digest(), "key": best.key.to_dict(), "problem": describe_problem(best.key),
         "config": ordered_config(best.config), "time_s": best.time_s, "default_time_s": best.default_time_s,
         "speedup": best.speedup, "trials": best.trials, "run_id": best.run_id,
-        "updated_at": best.updated_at.isoformat(),
+        "updated_at": best.updated_at.isoformat(), "implementation": best.implementation, "times": best.times,
     }
 
 
@@ -51,7 +52,8 @@ def trial_json(trial) -> dict[str, Any]:
 def list_command(device_kind, kernel_filter, dtype_filter, causal_filter, show_misses, as_json, db):
     """One row per tuned key, with its speedup.
 
-    Each row: device, kernel, problem, best config, its time, the default config's time, speedup, trials, when.
+    Each row: device, kernel, problem, the winning implementation (pallas: the tuned kernel; xla or cudnn: jax.nn's),
+    the best kernel config, the winner's time, the default config's time, speedup, the others' times, trials, when.
     With --misses: one row per missed key, most frequent first, with the reason when the tuned kernels could not
     run the call at all (it ran XLA), which tuning cannot fix.
     """
@@ -64,10 +66,11 @@ def list_command(device_kind, kernel_filter, dtype_filter, causal_filter, show_m
         echo_json([best_json(b) for b in bests])
         return
     rows = [[str(b.id), b.key.device_kind, f"{b.key.kernel}@{b.key.kernel_version}", describe_problem(b.key),
-             table_config(b.config, b.key), format_ms(b.time_s), format_ms(b.default_time_s),
-             f"{b.speedup:.2f}x" if b.speedup else "-", str(b.trials), when(b.updated_at)] for b in bests]
-    print_table(["id", "device", "kernel", "problem", "best config", "best ms", "default ms", "speedup", "trials",
-                 "updated (UTC)"], rows)
+             b.implementation, table_config(b.config, b.key), format_ms(b.time_s), format_ms(b.default_time_s),
+             f"{b.speedup:.2f}x" if b.speedup else "-", others_text(b.times, b.implementation), str(b.trials),
+             when(b.updated_at)] for b in bests]
+    print_table(["id", "device", "kernel", "problem", "winner", "best config", "best ms", "default ms", "speedup",
+                 "others ms", "trials", "updated (UTC)"], rows)
 
 
 def list_misses(store, filters: dict[str, Any], as_json: bool) -> None:
@@ -186,6 +189,7 @@ def show_command(kernel, best_id, target_name, as_json, db, **flags):
         click.echo(printable(f"best       {table_config(best.config, key)}"))
         click.echo(f"           {format_ms(best.time_s)} ms (default {format_ms(best.default_time_s)} ms{speedup}), "
                    f"{best.trials} trials, updated {when(best.updated_at)} UTC")
+        click.echo(f"winner     {best.implementation}: {winner_note(key.platform, best.implementation, best.times)}")
     else:
         click.echo("best       none stored (no candidate passed, or the search has not finished)")
     fields = varying_fields(trials, key) if trials else []

@@ -16,10 +16,12 @@ import click
 
 from autotune.cli.block_cells import block_cells
 from autotune.cli.compile_report import compile_section
+from autotune.cli.winners import others_text
 from autotune.compile.results import is_compile_only
 from autotune.cli.common import (database_errors, db_option, describe_problem, filter_options, first_line,
                                       key_filters, key_matches, open_existing, table_config, where)
 
+BASELINE_WON_COLOUR = "#f28e2b"  # a key where jax.nn's XLA or cuDNN attention beat the kernel
 FAILURE_COLORS = {"compile_error": "#d95f02", "resource_exhausted": "#7570b3", "mismatch": "#e7298a",
                   "runtime_error": "#a6761d", "timeout": "#525252", "invalid": "#969696"}
 HEAT_STOPS = ((0.0, (26, 152, 80)), (0.5, (254, 224, 139)), (1.0, (215, 48, 39)))  # fast green .. slow red
@@ -222,14 +224,24 @@ def build_page(source: str, bests: list, by_key: dict, heat_digest: str | None, 
              f"{sum(len(ts) for _, ts in by_key.values())} trial(s)</p>"]
 
     parts.append("<h2>Speedup of the tuned config over the default</h2>")
-    items = [(f"#{b.id} {describe_problem(b.key)}", b.speedup, f"{b.key.device_kind}: {b.speedup:.3f}x", "#4393c3")
+    items = [(f"#{b.id} {describe_problem(b.key)}" + (f" [{b.implementation} won]" if b.baseline_won else ""),
+              b.speedup, f"{b.key.device_kind}: {b.speedup:.3f}x" + (f", {b.implementation} won" if b.baseline_won
+                                                                       else ""),
+              BASELINE_WON_COLOUR if b.baseline_won else "#4393c3")
              for b in bests if b.speedup]
     parts.append(bar_chart("speedup", items, "x", reference=1.0, digits=2) if items
                  else "<p class='note'>No tuned key has a default time to compare with.</p>")
-    parts.append(table(["id", "device", "kernel", "problem", "best config", "best ms", "default ms", "trials"],
-                       [[b.id, b.key.device_kind, b.key.kernel, describe_problem(b.key), table_config(b.config, b.key),
+    won = sum(b.baseline_won for b in bests)
+    if won:
+        parts.append(f"<p class='note'>{won} key(s) marked &#9733; (orange bars): jax.nn's own attention beat every "
+                     "kernel config by more than the margin there, and autotune.dot_product_attention runs it.</p>")
+    parts.append(table(["id", "device", "kernel", "problem", "winner", "best config", "best ms", "default ms",
+                        "others ms", "trials"],
+                       [[b.id, b.key.device_kind, b.key.kernel, describe_problem(b.key),
+                         f"\u2605 {b.implementation}" if b.baseline_won else b.implementation,
+                         table_config(b.config, b.key),
                          fmt(b.time_s * 1e3), "-" if b.default_time_s is None else fmt(b.default_time_s * 1e3),
-                         b.trials] for b in bests]))
+                         others_text(b.times, b.implementation), b.trials] for b in bests]))
 
     parts.append("<h2>Convergence: best time so far against trial number</h2>")
     shown = list(by_key.items())[:MAX_CONVERGENCE]

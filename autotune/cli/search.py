@@ -22,6 +22,8 @@ import click
 from autotune.cli.common import (Seconds, database_errors, db_option, describe_problem, format_ms,
                                       kernel_option_module, open_store, print_table, problem_options,
                                       specs_from_flags, table_config, where, worker_settings)
+from autotune.cli.winners import others_text, winner_note
+from autotune.implementations import DEFAULT_MARGIN
 from autotune.options import SAMPLERS
 from autotune.settings import MAX_TRIALS
 from autotune.shapes import ProblemSpec, spec_from_fields
@@ -73,7 +75,12 @@ def _beat(store, run_id: int) -> None:
 @click.option("--samples", type=click.IntRange(min=3, max=10_000), default=None,
               help="Timing samples per candidate (each a synchronised run of back-to-back calls; the median is "
                    "kept) [default: 7].")
-@click.option("--no-xla", is_flag=True, help="Skip timing jax.nn.dot_product_attention for the summary.")
+@click.option("--no-xla", is_flag=True,
+              help="Leave jax.nn.dot_product_attention (XLA, and cuDNN on a GPU) out of the final re-timing: the "
+                   "tuned kernel then wins by default.")
+@click.option("--baseline-margin", type=click.FloatRange(min=0, max=1, max_open=True), default=DEFAULT_MARGIN,
+              show_default=True,
+              help="How much faster than the best kernel config XLA or cuDNN must be to win the key (0.03 = 3%).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--target", "target_text", default=None, metavar="NAME|all|list",
               help="Compile-only search for a target this machine lacks (h100, v5e, ...; a comma list, 'all', or "
@@ -82,7 +89,7 @@ def _beat(store, run_id: int) -> None:
               help="Also time configs that spilled registers in a compile-only search for this device kind.")
 @db_option
 def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampler, seed, isolate, trial_timeout,
-                   samples, no_xla, quiet, target_text, allow_spills, db, **flags):
+                   samples, no_xla, baseline_margin, quiet, target_text, allow_spills, db, **flags):
     """Find the fastest valid config for each problem and store it (or, with --target, compile every candidate
     for a target ahead of time)."""
     if target_text is not None:
@@ -123,7 +130,8 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
             return
     options = SearchOptions(trials=trials, patience=patience, sampler=sampler, seed=seed, isolate=isolate,
                             trial_timeout_s=trial_timeout, timing=TimingPolicy(samples=samples) if samples
-                            else TimingPolicy(), compare_xla=not no_xla, allow_spills=allow_spills)
+                            else TimingPolicy(), compare_xla=not no_xla, baseline_margin=baseline_margin,
+                            allow_spills=allow_spills)
     claims = [claim_name(kernel_module, spec, device, options) if len(specs) > 1 else None for spec in specs]
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     arguments = {k: v for k, v in dict(shapes=shapes, kernel=kernel, trials=trials, timeout=timeout,
@@ -233,19 +241,20 @@ def print_summary(results, db: str | None, kernel: str | None = None) -> None:
     rows = []
     for r in results:
         rows.append([
-            describe_problem(r.problem), table_config(r.best_config, r.key),
+            describe_problem(r.problem), r.implementation, table_config(r.best_config, r.key),
             format_ms(r.best_time_s), format_ms(r.default_time_s),
-            f"{r.speedup:.2f}x" if r.speedup else "-", format_ms(r.xla_time_s),
+            f"{r.speedup:.2f}x" if r.speedup else "-", others_text(r.times, r.implementation),
             f"{r.trials_run}/{r.trials_failed}", f"{r.wall_s:.1f}",
         ])
     click.echo()
-    print_table(["problem", "best config", "best ms", "default ms", "speedup", "xla ms", "trials/failed", "wall s"],
-                rows)
+    print_table(["problem", "winner", "best config", "best ms", "default ms", "speedup", "others ms",
+                 "trials/failed", "wall s"], rows)
     click.echo()
     for r in results:
         label = f"#{r.best_id}" if r.best_id is not None else describe_problem(r.problem)
         if r.ahead_of_time:
             click.echo(f"{describe_problem(r.problem)}: {r.ahead_of_time}")
+        click.echo(f"{label}: {winner_note(r.key.platform, r.implementation, r.times)}")
         if r.budget_met_before:
             click.echo(f"{label}: the study already has its {r.trials_run} trials; nothing searched. Shown: the best "
                        "stored before (raise --trials to search further).")

@@ -9,7 +9,8 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from autotune.measure.kernel_call import jitted_call
+from autotune.implementations import BASELINES, baseline_refusal
+from autotune.measure.kernel_call import abstract_args, jitted_call
 from kernels.xla_attention import xla_attention
 from kernels import Problem
 
@@ -30,6 +31,21 @@ def dot_product_attention_call(problem: Problem, implementation: str = "xla") ->
 
 def xla_attention_call(problem: Problem) -> Callable:
     return dot_product_attention_call(problem, "xla")
+
+
+def compiled_baselines(problem: Problem, platform: str) -> dict[str, Callable]:
+    """jax.nn's implementations that can run the problem here, compiled with the candidates' signature, by name
+    ("xla", "cudnn"): what the final re-timing runs beside the top kernel configs. One that cannot run the problem
+    (`baseline_refusal`) or that its compiler refuses (cuDNN's own limits on head_dim, say) is left out."""
+    compiled = {}
+    for name in BASELINES:
+        if baseline_refusal(name, problem, platform):
+            continue
+        try:
+            compiled[name] = dot_product_attention_call(problem, name).lower(*abstract_args(problem)).compile()
+        except Exception:  # noqa: BLE001 - a baseline the compiler refuses does not compete
+            continue
+    return compiled
 
 
 def pallas_mha_call(problem: Problem, *, interpret: bool) -> Callable | None:

@@ -5,7 +5,8 @@ kernels express runs them through the runtime (tuned config, misses counted): ca
 any scale, padding lengths, sliding windows, soft-capping and the log-sum-exp residual. Where jax.nn's finite mask
 value shows (a valid query row that sees no key gets the mean of every value, and its residual the mask value),
 the same is written out around the kernel. The rest (`bias`, an arbitrary `mask`) runs jax.nn in XLA, with one
-warning per shape and reason and a miss recorded with that reason.
+warning per shape and reason and a miss recorded with that reason. Where jax.nn's own XLA or cuDNN attention won the
+key's final re-timing (autotune.implementations), `implementation=None` runs that instead of the kernel.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import numpy as np
 
 from autotune.runtime import lookup as runtime, sharding
 from autotune.runtime.notices import warn_once
-from autotune.runtime.tuned_call import flash_attention as tuned_flash_attention
+from autotune.implementations import KERNEL
+from autotune.runtime.tuned_call import flash_attention as tuned_flash_attention, stored_winner
 from kernels.xla_attention import xla_attention
 from autotune.device import current_device
 from kernels import DTYPES, Problem
@@ -30,11 +32,12 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                           implementation=None, return_residual=False, logits_soft_cap=None):
     """`jax.nn.dot_product_attention` with the tuned Pallas kernels where they apply.
 
-    Layout [batch, seq, heads, head_dim] (or without batch). `implementation`: None (the tuned kernel when it
-    covers the call, else XLA with a warning saying why), "xla" or "cudnn" (jax.nn's), "pallas" (the tuned kernel
-    of the platform: Triton on GPU, Mosaic on TPU, the Triton one in interpret mode on a CPU), "gpu" or "tpu" (that
-    kernel; off its platform only in interpret mode on a CPU). A kernel named here that cannot run the call is a
-    ValueError. `logits_soft_cap` (ours): scores become `cap * tanh(scores / cap)` before masking (Gemma 2).
+    Layout [batch, seq, heads, head_dim] (or without batch). `implementation`: None (the key's stored winner:
+    jax.nn's XLA or cuDNN attention where that won the search's final re-timing and can run the call, else the
+    tuned kernel when it covers the call, else XLA with a warning saying why), "xla" or "cudnn" (jax.nn's),
+    "pallas" (the tuned kernel of the platform: Triton on GPU, Mosaic on TPU, the Triton one in interpret mode on a
+    CPU), "gpu" or "tpu" (that kernel; off its platform only in interpret mode on a CPU). A kernel named here that
+    cannot run the call is a ValueError. `logits_soft_cap` (ours): scores become `cap * tanh(scores / cap)` before masking (Gemma 2).
     With `return_residual` also returns the natural-log log-sum-exp of the masked scaled scores, [batch, seq, heads]
     in the dtype of key, without gradient (as jax.nn).
     """
@@ -75,7 +78,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     else:
         out = _tuned(query, key, value, scale=scale, is_causal=bool(is_causal), q_lens=q_lens, kv_lens=kv_lens,
                      window=window, cap=cap, return_residual=bool(return_residual),
-                     kernel=_kernel_name(implementation))
+                     kernel=_kernel_name(implementation), stored_winner_runs=implementation is None)
     if batched:
         return out
     return tuple(x[0] for x in out) if isinstance(out, tuple) else out[0]
@@ -149,14 +152,23 @@ def _record_fallback(query, key, *, is_causal, window, cap, lengths, why) -> Non
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # jax.nn's finite mask value for float32 logits
 
 
-def _tuned(query, key, value, *, scale, is_causal, q_lens, kv_lens, window, cap, return_residual, kernel):
-    """The tuned kernel, per device inside shard_map when the inputs are sharded over a mesh."""
+def _tuned(query, key, value, *, scale, is_causal, q_lens, kv_lens, window, cap, return_residual, kernel,
+           stored_winner_runs):
+    """The tuned kernel, per device inside shard_map when the inputs are sharded over a mesh; or, with
+    `stored_winner_runs`, jax.nn's implementation where that won the key of the (per-device) shape."""
     layout = sharding.layout_of(query, key)
     device = None if layout is None else layout.device
 
     def body(q, k, v, q_lens, kv_lens):
-        return _kernel_call(q, k, v, scale=scale, is_causal=is_causal, q_lens=q_lens, kv_lens=kv_lens,
-                            window=window, cap=cap, return_residual=return_residual, kernel=kernel, device=device)
+        features = dict(scale=scale, is_causal=is_causal, q_lens=q_lens, kv_lens=kv_lens, window=window, cap=cap,
+                        return_residual=return_residual)
+        winner = KERNEL
+        if stored_winner_runs:
+            winner = stored_winner(q, k, v, causal=is_causal, sm_scale=scale, window=window, softcap=cap,
+                                   q_lengths=q_lens, kv_lengths=kv_lens, device=device)
+        if winner != KERNEL:
+            return xla_attention(q, k, v, None, None, implementation=winner, **features)
+        return _kernel_call(q, k, v, kernel=kernel, device=device, **features)
 
     if layout is None:
         return body(query, key, value, q_lens, kv_lens)

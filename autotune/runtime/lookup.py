@@ -24,12 +24,13 @@ from typing import Any, Iterator
 
 from autotune import settings as environment
 from autotune.device import DeviceInfo, current_device
+from autotune.implementations import KERNEL, baseline_refusal
 from autotune.keys import make_key, shape_distance
 from autotune.kernel_protocol import device_kind_of, kernel_for_platform, load_kernel, refusals
 from autotune.problem_fields import command_flags
 from autotune.runtime import notices
 from autotune.settings import MISS_POLICIES, RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
-from db import Store, TuningKey, default_url, resolve_url
+from db import BestRecord, Store, TuningKey, default_url, resolve_url
 from db.urls import PASSWORD_HINT, display_url, scrub, shareable_url, sqlite_file
 from kernels import Problem, canonical_dtype
 from kernels.problem import check_window, window_fields
@@ -75,13 +76,17 @@ class Settings:
 
 @dataclass(frozen=True)
 class Lookup:
-    """The config a call will use and where it came from: 'tuned', 'nearest' or 'heuristic'."""
+    """The config a call will use and where it came from: 'tuned', 'nearest' or 'heuristic'; and which
+    implementation `dot_product_attention(implementation=None)` runs: 'pallas' (the kernel with `config`), or
+    jax.nn's 'xla' or 'cudnn' where that won the key's final re-timing and can run it here (`flash_attention` always
+    runs the kernel)."""
 
     config: Any
     source: str
     key: TuningKey
     detail: str = ""
     refused: bool = False  # the kernel cannot run the problem with any config: not a miss, tuning cannot help
+    implementation: str = KERNEL
 
 
 _settings = Settings()
@@ -201,6 +206,21 @@ def _stored_config(kernel: ModuleType, problem: Problem, config_dict: dict, devi
     return config, ""
 
 
+def _tuned(config, key: TuningKey, best: BestRecord, problem: Problem, device: DeviceInfo) -> Lookup:
+    """A hit: the stored kernel config, and the stored winner where jax.nn can run it here (else the kernel, with
+    why in `detail`)."""
+    if not best.baseline_won:
+        return Lookup(config, "tuned", key)
+    times = ", ".join(f"{name} {seconds * 1e3:.3f} ms" for name, seconds in sorted(best.times.items(),
+                                                                                    key=lambda item: item[1]))
+    refused = baseline_refusal(best.implementation, problem, device.platform)
+    if refused:
+        return Lookup(config, "tuned", key, f"{best.implementation} won the final re-timing ({times}) but cannot "
+                                            f"run here: {refused}")
+    return Lookup(config, "tuned", key, f"{best.implementation} won the final re-timing: {times}",
+                  implementation=best.implementation)
+
+
 def _resolve(kernel: ModuleType, problem: Problem, device: DeviceInfo, settings: Settings) -> Lookup:
     """The uncached lookup, without side effects: one indexed query, then, on a miss, the nearest tuned problem
     (policy `nearest`) or the heuristic default; `detail` says why it missed."""
@@ -215,7 +235,7 @@ def _resolve(kernel: ModuleType, problem: Problem, device: DeviceInfo, settings:
         if best is not None:
             config, invalid = _stored_config(kernel, problem, best.config, device)
             if config is not None:
-                return Lookup(config, "tuned", key)
+                return _tuned(config, key, best, problem, device)
             why = f"ignoring the stored config {best.config}: {invalid}"
     refused = refusals(kernel, problem, device_kind=device_kind_of(device))
     if refused:  # no config can run it: not a miss (tuning cannot help); the kernel's call says why
@@ -302,7 +322,8 @@ def use(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup:
 def lookup(q_shape, k_shape, dtype, *, causal: bool = False, segments: bool = False, backward: bool = False,
            window=None, softcap: float | None = None, lengths: bool = False, kernel: str | None = None) -> Lookup:
     """The config `flash_attention` would use for inputs of these shapes on the current device, and where it comes
-    from ('tuned', 'nearest' or 'heuristic', with `detail` saying why it missed). Only inspects: no miss is
+    from ('tuned', 'nearest' or 'heuristic', with `detail` saying why it missed), and the `implementation`
+    `dot_product_attention` would run (a baseline that won the key, or 'pallas'). Only inspects: no miss is
     recorded, nothing is warned or tuned (under on_miss='error' a miss raises TuningMissError, as the call would).
     The keywords are the problem's fields (autotune/problem_fields.py) other than the shapes and dtype."""
     q_shape, k_shape = tuple(q_shape), tuple(k_shape)
@@ -344,7 +365,7 @@ def peek_tuned(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup
                     if best is not None:
                         config, invalid = _stored_config(kernel, problem, best.config, device)
                         if config is not None:
-                            found = Lookup(config, "tuned", key)
+                            found = _tuned(config, key, best, problem, device)
                         else:
                             notices.warn_once(("invalid", settings.url(), key),
                                               f"ignoring the stored backward config {best.config}: {invalid}")

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from autotune.device import DeviceInfo, device_of
+from autotune.implementations import KERNEL
 from autotune.keys import make_key
 from autotune.kernel_protocol import kernel_for_platform, load_kernel
 from autotune.measure.kernel_call import feature_kwargs
@@ -74,6 +75,27 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale
     if return_lse:
         return _when_differentiated(note, out[0]), out[1]
     return _when_differentiated(note, out)
+
+
+def stored_winner(q, k, v, *, causal: bool, sm_scale: float | None, window, softcap: float | None, q_lengths,
+                  kv_lengths, device: DeviceInfo | None = None) -> str:
+    """Which implementation `dot_product_attention(implementation=None)` runs for this call: jax.nn's 'xla' or
+    'cudnn' where that won the final re-timing of the call's key (or, with the forward key untuned, of its
+    --backward key) and can run it here; else 'pallas', the tuned kernel (`flash_attention`). A baseline run counts
+    no miss (nothing is missing) and prints its verbose line here; the kernel's own call prints the kernel's."""
+    problem = prepare(q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap,
+                      q_lengths=q_lengths, kv_lengths=kv_lengths).problem
+    device = device or device_of(q)
+    kernel_name = kernel_for_platform(device.platform)
+    found = find(problem, kernel_name, device)
+    if found.source != "tuned":
+        found = peek_tuned(problem.replace(backward=True), kernel_name, device) or found
+    if found.source != "tuned" or found.implementation == KERNEL:
+        return KERNEL
+    if current_settings().logs():
+        notices.log_choice("forward", describe(found.key), found.key.kernel, found.key.device_kind,
+                           {"implementation": found.implementation}, found.source, found.detail)
+    return found.implementation
 
 
 def _log(kernel: ModuleType, direction: str, key: TuningKey, config, source: str, detail: str) -> None:

@@ -127,7 +127,8 @@ class Search:
             pool.shutdown(wait=False, cancel_futures=True)
         return retime_and_store(study.standings(self.options.retime_top), kernel=self.kernel, store=self.store,
                                 run_id=self.run_id, interpret=self.device.interpret, timing=self.options.timing,
-                                compare_xla=self.options.compare_xla, arg_sets=arg_sets, started=self.started)
+                                compare_xla=self.options.compare_xla, arg_sets=arg_sets, started=self.started,
+                                margin=self.options.baseline_margin)
 
     def _search(self, study: SharedStudy, pool: ThreadPoolExecutor, bar, seed: int, arg_sets: list[tuple]) -> None:
         """Ask for candidates a few ahead of the one being evaluated, evaluate the oldest, until the budget, the

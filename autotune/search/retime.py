@@ -1,15 +1,19 @@
-"""The end of a search: re-time the study's fastest configs interleaved with the default, store the winner.
+"""The end of a search: re-time the study's fastest configs interleaved with the default and jax.nn's own
+attention (XLA, and cuDNN on a GPU), store the winner.
 
 Trial times are measured one candidate at a time while later candidates compile in background threads, so two
-trials' times are not a fair comparison; the final re-timing runs the top few and the default round by round on the
-same inputs, and its figures are the ones stored. That is why the stored best can differ from the fastest trial.
+trials' times are not a fair comparison; the final re-timing runs the top few, the default and the baselines round
+by round on the same inputs, and its figures are the ones stored. That is why the stored best can differ from the
+fastest trial. A baseline wins the key only when it beats the best kernel config by more than the noise margin
+(autotune.implementations); the best kernel config is stored either way, for calls the baseline cannot run.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from autotune.measure.baselines import xla_attention_call
+from autotune.implementations import DEFAULT_MARGIN, KERNEL, choose_winner
+from autotune.measure.baselines import compiled_baselines
 from autotune.measure.kernel_call import compile_candidate
 from autotune.config_check import check_with
 from autotune.kernel_protocol import KernelModule
@@ -25,9 +29,11 @@ from kernels import Problem
 class SearchResult:
     """What one problem's search stored, and how it got there.
 
-    `best_time_s` and `default_time_s` come from the final interleaved re-timing (what is stored), not from the
-    trials; `best_trial_s` is the fastest trial's own time, as the progress bar showed it. `budget_met_before`:
-    the study already had its trials when this run started (nothing was searched or re-timed)."""
+    `best_time_s` (the winner's) and `default_time_s` come from the final interleaved re-timing (what is stored),
+    not from the trials; `implementation` is the winner ("pallas": the kernel's `best_config`) and `times` every
+    implementation's time there. `best_trial_s` is the fastest trial's own time, as the progress bar showed it.
+    `budget_met_before`: the study already had its trials when this run started (nothing was searched or
+    re-timed)."""
 
     key: TuningKey
     problem: Problem
@@ -44,6 +50,8 @@ class SearchResult:
     best_id: int | None = None
     budget_met_before: bool = False
     ahead_of_time: str | None = None  # what a compile-only sweep let the search skip (autotune.compile.results)
+    implementation: str = KERNEL
+    times: dict = field(default_factory=dict)
 
     @property
     def speedup(self) -> float | None:
@@ -58,9 +66,10 @@ class AllCandidatesFailed(RuntimeError):
 
 def retime_and_store(standings: Standings, *, kernel: KernelModule, store: Store, run_id: int | None,
                      interpret: bool, timing: TimingPolicy, compare_xla: bool, arg_sets: list[tuple],
-                     started: float) -> SearchResult:
-    """Re-time the top configs with the default (and XLA's attention, for the summary) and offer the winner to the
-    database, which keeps the faster of it and what another worker stored; AllCandidatesFailed if none passed."""
+                     started: float, margin: float = DEFAULT_MARGIN) -> SearchResult:
+    """Re-time the top configs with the default and (`compare_xla`) jax.nn's implementations that can run the
+    problem, and offer the winner to the database, which keeps the faster of it and what another worker stored;
+    AllCandidatesFailed if no config passed. On the interpret platform the baselines are timed but cannot win."""
     problem = standings.problem
     if not standings.top:
         raise AllCandidatesFailed(
@@ -75,23 +84,24 @@ def retime_and_store(standings: Standings, *, kernel: KernelModule, store: Store
             calls[name] = compile_candidate(kernel, config, problem, interpret=interpret).call
         except Exception:  # noqa: BLE001 - the default may fail to compile on odd hardware
             continue
-    if compare_xla:
-        calls["xla"] = xla_attention_call(problem)
-    timings = time_interleaved(calls, arg_sets, timing)
-    xla = timings.pop("xla", None)
+    baselines = compiled_baselines(problem, standings.key.platform) if compare_xla else {}
+    timings = time_interleaved({**calls, **baselines}, arg_sets, timing)
+    baseline_times = {name: timings.pop(name).median_s for name in baselines}
     default_name = config_text(default.to_dict())
     default_time = timings[default_name].median_s if default_name in timings else None
-    winner = min(timings, key=lambda n: timings[n].median_s)
-    best_config = contenders[winner].to_dict()
-    stored = store.put_best(standings.key, config=best_config, time_s=timings[winner].median_s,
+    fastest = min(timings, key=lambda n: timings[n].median_s)
+    best_config = contenders[fastest].to_dict()
+    times = {KERNEL: timings[fastest].median_s, **baseline_times}
+    implementation = choose_winner(times, margin=margin, interpret=interpret)
+    stored = store.put_best(standings.key, config=best_config, time_s=times[implementation],
                             default_time_s=default_time, trials=standings.counted, run_id=run_id,
-                            check=check_with(kernel))
+                            check=check_with(kernel), implementation=implementation, times=times)
     store.clear_miss(standings.key)
     best = store.get_best(standings.key)
-    return SearchResult(standings.key, problem, best_config, timings[winner].median_s, default_time,
-                        xla.median_s if xla else None, standings.counted, standings.failed, standings.statuses,
+    return SearchResult(standings.key, problem, best_config, times[implementation], default_time,
+                        baseline_times.get("xla"), standings.counted, standings.failed, standings.statuses,
                         time.perf_counter() - started, stored, best_trial_s=standings.best_trial_s,
-                        best_id=best.id if best else None)
+                        best_id=best.id if best else None, implementation=implementation, times=times)
 
 
 def already_done(standings: Standings, store: Store, started: float) -> SearchResult:
@@ -99,6 +109,7 @@ def already_done(standings: Standings, store: Store, started: float) -> SearchRe
     best = store.get_best(standings.key)
     if best is None:  # the trials are there but no best was stored (the last run stopped before the end)
         raise LookupError("no best stored yet")
-    return SearchResult(standings.key, standings.problem, best.config, best.time_s, best.default_time_s, None,
-                        standings.counted, standings.failed, standings.statuses, time.perf_counter() - started,
-                        False, best_trial_s=standings.best_trial_s, best_id=best.id, budget_met_before=True)
+    return SearchResult(standings.key, standings.problem, best.config, best.time_s, best.default_time_s,
+                        best.times.get("xla"), standings.counted, standings.failed, standings.statuses,
+                        time.perf_counter() - started, False, best_trial_s=standings.best_trial_s, best_id=best.id,
+                        budget_met_before=True, implementation=best.implementation, times=best.times)

@@ -2,6 +2,7 @@
 on storage that cannot be written is read as it is, without upgrading it, when its upgrades only added columns."""
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import tempfile
@@ -45,7 +46,7 @@ def columns(path: Path) -> dict[str, set[str]]:
 
 def everything(store: Store) -> dict:
     """What a reader sees of the database, as plain JSON values."""
-    return {"bests": sorted((b.key.digest(), b.config, b.time_s) for b in store.bests()),
+    return {"bests": sorted((b.key.digest(), b.config, b.time_s, b.implementation, b.times) for b in store.bests()),
             "keys": sorted(k.digest() for k in store.keys()),
             "trials": sorted((t.key.digest(), t.config, t.time_s, t.figures) for t in store.trials()),
             "misses": [(m.key.digest(), m.count, m.fallbacks, m.reason) for m in store.miss_records()],
@@ -73,11 +74,11 @@ def test_the_column_only_upgrades_are_recorded_as_what_they_add(tmp_path: Path) 
     after = columns(path)
     added = {table: after[table] - before[table] for table in before if after[table] - before[table]}
     assert added == {table: set(cols) for table, cols in columns_missing(3).items()}
-    assert sorted(COLUMNS_ADDED) == [2, 3, 4] and columns_missing(SCHEMA_VERSION) == {}
+    assert sorted(COLUMNS_ADDED) == [2, 3, 4, 5] and columns_missing(SCHEMA_VERSION) == {}
     assert columns_missing(1) is None  # version 2 added a table: read only after an upgrade
 
 
-@pytest.mark.parametrize("version", [3, 4])
+@pytest.mark.parametrize("version", [3, 4, 5])
 def test_an_older_database_on_read_only_storage_is_read_as_it_is(version: int) -> None:
     folder = Path(tempfile.mkdtemp(prefix="autotune-legacy-"))  # not under pytest's root-only tmp folders
     try:
@@ -105,3 +106,41 @@ def test_an_older_database_on_read_only_storage_is_read_as_it_is(version: int) -
         assert folder_state(path) == before
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def raw_rows(path: Path) -> dict[str, list[tuple]]:
+    """Every row of our tables as SQLite holds it (the columns every version has, in one order)."""
+    connection = sqlite3.connect(path)
+    try:
+        return {"bests": connection.execute("SELECT key_id, config, time_s, default_time_s, trials, run_id "
+                                            "FROM autotune_bests ORDER BY id").fetchall(),
+                "trials": connection.execute("SELECT key_id, config, status, time_s FROM autotune_trials "
+                                             "ORDER BY id").fetchall(),
+                "misses": connection.execute("SELECT key_id, count FROM autotune_misses ORDER BY key_id").fetchall(),
+                "keys": connection.execute("SELECT id, digest FROM autotune_keys ORDER BY id").fetchall()}
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_an_older_database_upgrades_with_every_best_a_kernel_win_timed_alone(tmp_path: Path, version: int) -> None:
+    path = older_database(tmp_path / f"v{version}.db", version)
+    before = raw_rows(path)
+    assert before["bests"] and before["trials"] and before["misses"]
+    with Store(path) as store:  # upgraded in place to the current version
+        bests = {b.key.digest(): b for b in store.bests()}
+    assert raw_rows(path) == before  # every record kept as it was
+    assert columns(path)["autotune_bests"] >= {"implementation", "times"}
+    digests = dict(before["keys"])
+    stored = {digests[key_id]: (json.loads(config), time_s) for key_id, config, time_s, *_ in before["bests"]}
+    assert {digest: (b.config, b.time_s) for digest, b in bests.items()} == stored
+    for best in bests.values():
+        assert best.implementation == "pallas" and not best.baseline_won
+        assert best.times == {"pallas": best.time_s}
+    with Store(path) as store:  # the upgraded database takes a baseline's win beside the old kernel wins
+        key = next(iter(bests.values())).key
+        faster = bests[key.digest()].time_s / 2
+        assert store.put_best(key, config={"block_q": 64}, time_s=faster, default_time_s=None, trials=1,
+                              implementation="xla", times={"pallas": faster * 3, "xla": faster})
+        assert store.get_best(key).implementation == "xla"
+        assert store.integrity_check() == []
