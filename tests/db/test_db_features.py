@@ -328,7 +328,7 @@ def test_a_version_3_database_upgrades_keeping_everything(tmp_path: Path) -> Non
         check_upgraded(store)
     check = sqlite3.connect(path)
     try:
-        assert check.execute("SELECT value FROM autotune_meta").fetchall() == [(str(SCHEMA_VERSION),)] == [("5",)]
+        assert check.execute("SELECT value FROM autotune_meta").fetchall() == [(str(SCHEMA_VERSION),)] == [("6",)]
         indexed = [row[2] for row in check.execute("PRAGMA index_info(ix_autotune_keys_family)")]
         assert indexed[-4:] == list(FEATURES)
         assert check.execute("SELECT lengths FROM autotune_keys WHERE id = 1").fetchone() == (0,)
