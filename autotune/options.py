@@ -5,9 +5,8 @@ needs nothing from the loop: imports run one way, options -> evaluation -> isola
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-
-from autotune.implementations import DEFAULT_MARGIN, check_margin
 
 
 @dataclass(frozen=True)
@@ -21,6 +20,17 @@ class TimingPolicy:
 
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
+DEFAULT_MARGIN = 0.03  # jax.nn's XLA or cuDNN attention wins a key only when more than 3% faster than the kernel
+
+
+def check_margin(margin, name: str = "baseline_margin") -> float:
+    """The noise margin of the final re-timing (autotune.search.winner) as a fraction from 0 (any faster baseline
+    wins) up to, not including, 1."""
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) \
+            or not 0 <= margin < 1:
+        raise ValueError(f"{name} must be a fraction from 0 to below 1 (0.03 = 3%), got {margin!r}")
+    return float(margin)
+
 DEFAULT_TRIALS = 30  # a study's budget when --trials is not given (the grid: every valid config)
 
 

@@ -1,11 +1,39 @@
 """jax.nn.dot_product_attention, and the same steps written out in XLA when a soft cap is asked (jax.nn has none).
 
-The fallback of `autotune.dot_product_attention` and the XLA baseline the search compares with.
+The fallback of `autotune.dot_product_attention`, the baselines the search's final re-timing runs beside the tuned
+kernel (jax.nn's XLA and cuDNN implementations), and what each of them can run (`baseline_refusal`), so the search
+and the runtime agree on it.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from kernels.problem import Problem
+
+BASELINES = ("xla", "cudnn")  # jax.nn's implementations (db.IMPLEMENTATIONS adds the kernel's; a test keeps them equal)
+CUDNN_DTYPES = ("float16", "bfloat16")
+
+
+def baseline_refusal(implementation: str, problem: Problem, platform: str) -> str:
+    """Why `jax.nn.dot_product_attention(implementation=...)` cannot run this problem on this platform ('' when it
+    can): XLA runs everything (a soft cap is written out in XLA); cuDNN needs a GPU, half precision, no soft cap, no
+    segment ids, and a window only to the left unless causal."""
+    if implementation == "xla":
+        return ""
+    if implementation != "cudnn":
+        raise ValueError(f"implementation must be one of {BASELINES}, got {implementation!r}")
+    if platform != "gpu":
+        return "cuDNN runs on NVIDIA GPUs only"
+    if problem.dtype not in CUDNN_DTYPES:
+        return f"cuDNN's fused attention takes {' and '.join(CUDNN_DTYPES)}, not {problem.dtype}"
+    if problem.softcap is not None:
+        return "jax.nn has no soft cap, and cuDNN's attention cannot add one"
+    if problem.segments:
+        return "cuDNN's attention takes no segment ids"
+    if problem.window is not None and problem.window[1] != 0 and not problem.causal:
+        return "cuDNN's attention takes a window to the right only with causal masking"
+    return ""
 
 
 def xla_attention(query, key, value, bias, mask, *, scale, is_causal, q_lens, kv_lens, window, cap,

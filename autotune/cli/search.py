@@ -23,8 +23,7 @@ from autotune.cli.common import (Seconds, database_errors, db_option, describe_p
                                       kernel_option_module, open_store, print_table, problem_options,
                                       specs_from_flags, table_config, where, worker_settings)
 from autotune.cli.winners import others_text, winner_note
-from autotune.implementations import DEFAULT_MARGIN
-from autotune.options import SAMPLERS
+from autotune.options import DEFAULT_MARGIN, SAMPLERS
 from autotune.settings import MAX_TRIALS
 from autotune.shapes import ProblemSpec, spec_from_fields
 from db.urls import PASSWORD_HINT, resolve_url, shareable_url

@@ -1,11 +1,11 @@
 """How the commands show which implementation won a key: the tuned kernel ("pallas") or jax.nn's XLA or cuDNN
-attention, and the others' times from the same final re-timing (autotune.implementations says how it is chosen)."""
+attention, and the others' times from the same final re-timing (autotune.search.winner says how it is chosen)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 from autotune.cli.common import format_ms
-from autotune.implementations import KERNEL
+from db import KERNEL_IMPLEMENTATION as KERNEL
 
 INTERPRET_NOTE = ("on the CPU interpret platform the kernel stays the winner: its interpret-mode times are never "
                   "compared with compiled XLA")

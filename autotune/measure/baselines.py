@@ -9,9 +9,8 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from autotune.implementations import BASELINES, baseline_refusal
 from autotune.measure.kernel_call import abstract_args, jitted_call
-from kernels.xla_attention import xla_attention
+from kernels.xla_attention import BASELINES, baseline_refusal, xla_attention
 from kernels import Problem
 
 

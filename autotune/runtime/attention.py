@@ -6,7 +6,7 @@ any scale, padding lengths, sliding windows, soft-capping and the log-sum-exp re
 value shows (a valid query row that sees no key gets the mean of every value, and its residual the mask value),
 the same is written out around the kernel. The rest (`bias`, an arbitrary `mask`) runs jax.nn in XLA, with one
 warning per shape and reason and a miss recorded with that reason. Where jax.nn's own XLA or cuDNN attention won the
-key's final re-timing (autotune.implementations), `implementation=None` runs that instead of the kernel.
+key's final re-timing (autotune.search.winner), `implementation=None` runs that instead of the kernel.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from autotune.runtime import lookup as runtime, sharding
 from autotune.runtime.notices import warn_once
-from autotune.implementations import KERNEL
+from db import KERNEL_IMPLEMENTATION as KERNEL
 from autotune.runtime.tuned_call import flash_attention as tuned_flash_attention, stored_winner
 from kernels.xla_attention import xla_attention
 from autotune.device import current_device

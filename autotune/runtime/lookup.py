@@ -24,16 +24,16 @@ from typing import Any, Iterator
 
 from autotune import settings as environment
 from autotune.device import DeviceInfo, current_device
-from autotune.implementations import KERNEL, baseline_refusal
 from autotune.keys import make_key, shape_distance
 from autotune.kernel_protocol import device_kind_of, kernel_for_platform, load_kernel, refusals
 from autotune.problem_fields import command_flags
 from autotune.runtime import notices
 from autotune.settings import MISS_POLICIES, RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
-from db import BestRecord, Store, TuningKey, default_url, resolve_url
+from db import KERNEL_IMPLEMENTATION as KERNEL, BestRecord, Store, TuningKey, default_url, resolve_url
 from db.urls import PASSWORD_HINT, display_url, scrub, shareable_url, sqlite_file
 from kernels import Problem, canonical_dtype
 from kernels.problem import check_window, window_fields
+from kernels.xla_attention import baseline_refusal
 
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 
 from autotune.device import DeviceInfo, device_of
-from autotune.implementations import KERNEL
+from db import KERNEL_IMPLEMENTATION as KERNEL
 from autotune.keys import make_key
 from autotune.kernel_protocol import kernel_for_platform, load_kernel
 from autotune.measure.kernel_call import feature_kwargs

@@ -5,19 +5,19 @@ Trial times are measured one candidate at a time while later candidates compile 
 trials' times are not a fair comparison; the final re-timing runs the top few, the default and the baselines round
 by round on the same inputs, and its figures are the ones stored. That is why the stored best can differ from the
 fastest trial. A baseline wins the key only when it beats the best kernel config by more than the noise margin
-(autotune.implementations); the best kernel config is stored either way, for calls the baseline cannot run.
+(autotune.search.winner); the best kernel config is stored either way, for calls the baseline cannot run.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-from autotune.implementations import DEFAULT_MARGIN, KERNEL, choose_winner
+from autotune.search.winner import KERNEL, choose_winner
 from autotune.measure.baselines import compiled_baselines
 from autotune.measure.kernel_call import compile_candidate
 from autotune.config_check import check_with
 from autotune.kernel_protocol import KernelModule
-from autotune.options import TimingPolicy
+from autotune.options import DEFAULT_MARGIN, TimingPolicy
 from autotune.search.study import Standings
 from autotune.space import config_text
 from autotune.measure.timing import time_interleaved

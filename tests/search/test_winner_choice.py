@@ -11,11 +11,11 @@ from click.testing import CliRunner
 
 from autotune.cli.app import main
 from autotune.device import current_device
-from autotune.implementations import DEFAULT_MARGIN, choose_winner
+from autotune.search.winner import choose_winner
 from autotune.kernel_protocol import load_kernel
 from autotune.keys import make_key
 from autotune.measure.evaluation import timing_inputs
-from autotune.options import SearchOptions, TimingPolicy
+from autotune.options import DEFAULT_MARGIN, SearchOptions, TimingPolicy
 from autotune.search.retime import retime_and_store
 from autotune.search.study import Standings
 from db import Store
@@ -78,3 +78,10 @@ def test_a_compiled_kernel_slower_than_xla_stores_xla_as_the_winner_with_every_t
     assert set(best.times) == {"pallas", "xla"} and best.times == result.times
     assert best.time_s == best.times["xla"] < best.times["pallas"] / (1 + DEFAULT_MARGIN)
     assert best.config == default.to_dict()  # the kernel's best config is kept for calls that force the kernel
+
+
+def test_the_database_knows_the_same_implementations_as_the_kernels_baselines() -> None:
+    from db import IMPLEMENTATIONS, KERNEL_IMPLEMENTATION
+    from kernels.xla_attention import BASELINES
+
+    assert IMPLEMENTATIONS == (KERNEL_IMPLEMENTATION, *BASELINES)
