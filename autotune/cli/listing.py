@@ -186,10 +186,12 @@ def show_command(kernel, best_id, target_name, as_json, db, **flags):
                    "the compiler rejected and, by default, those that spill)")
     elif best:
         speedup = f", {best.speedup:.2f}x" if best.speedup else ""
-        click.echo(printable(f"best       {table_config(best.config, key)}"))
+        kernel_config = table_config(best.config, key)
+        click.echo(printable(f"best       {best.implementation} (jax.nn.dot_product_attention); the kernel's best "
+                             f"config: {kernel_config}" if best.baseline_won else f"best       {kernel_config}"))
         click.echo(f"           {format_ms(best.time_s)} ms (default {format_ms(best.default_time_s)} ms{speedup}), "
                    f"{best.trials} trials, updated {when(best.updated_at)} UTC")
-        click.echo(f"winner     {best.implementation}: {winner_note(key.platform, best.implementation, best.times)}")
+        click.echo(f"winner     {winner_note(key.platform, best.implementation, best.times)}")
     else:
         click.echo("best       none stored (no candidate passed, or the search has not finished)")
     fields = varying_fields(trials, key) if trials else []

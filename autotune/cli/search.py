@@ -253,7 +253,7 @@ def print_summary(results, db: str | None, kernel: str | None = None) -> None:
         label = f"#{r.best_id}" if r.best_id is not None else describe_problem(r.problem)
         if r.ahead_of_time:
             click.echo(f"{describe_problem(r.problem)}: {r.ahead_of_time}")
-        click.echo(f"{label}: {winner_note(r.key.platform, r.implementation, r.times)}")
+        click.echo(f"{label}: winner {winner_note(r.key.platform, r.implementation, r.times)}")
         if r.budget_met_before:
             click.echo(f"{label}: the study already has its {r.trials_run} trials; nothing searched. Shown: the best "
                        "stored before (raise --trials to search further).")

@@ -19,15 +19,16 @@ def others_text(times: Mapping[str, float], winner: str) -> str:
 
 
 def winner_note(platform: str, winner: str, times: Mapping[str, float]) -> str:
-    """One line on how the winner was chosen, for the search summary and `show`."""
+    """One line on which implementation won and how, starting with its name, for the search summary and `show`."""
     baselines = [name for name in times if name != KERNEL]
     if not baselines:
-        return "the kernel won: no baseline was timed beside it (--no-xla, or a result from before baselines competed)"
+        return (f"{KERNEL}: no baseline was timed beside the kernel (--no-xla, or a result from before baselines "
+                "competed)")
     if platform == "cpu-interpret":
-        return f"{' and '.join(baselines)} timed ({others_text(times, KERNEL)} ms); {INTERPRET_NOTE}"
+        return f"{KERNEL}: {' and '.join(baselines)} timed ({others_text(times, KERNEL)} ms); {INTERPRET_NOTE}"
     if winner == KERNEL:
-        return (f"the kernel won against {others_text(times, KERNEL)} ms (a baseline wins only when it is faster "
-                "by more than the margin, --baseline-margin)")
+        return (f"{KERNEL}: the kernel won against {others_text(times, KERNEL)} ms (a baseline wins only when it is "
+                "faster by more than the margin, --baseline-margin)")
     return (f"{winner} won: {format_ms(times[winner])} ms against the kernel's {format_ms(times[KERNEL])} ms; "
             f"autotune.dot_product_attention runs jax.nn's {winner} attention for this key (implementation='pallas' "
             "forces the kernel)")
