@@ -224,7 +224,7 @@ def build_page(source: str, bests: list, by_key: dict, heat_digest: str | None, 
              f"{sum(len(ts) for _, ts in by_key.values())} trial(s)</p>"]
 
     parts.append("<h2>Speedup of the tuned config over the default</h2>")
-    items = [(f"#{b.id} {describe_problem(b.key)}" + (f" [{b.implementation} won]" if b.baseline_won else ""),
+    items = [(("\u2605 " if b.baseline_won else "") + f"#{b.id} {describe_problem(b.key)}",
               b.speedup, f"{b.key.device_kind}: {b.speedup:.3f}x" + (f", {b.implementation} won" if b.baseline_won
                                                                        else ""),
               BASELINE_WON_COLOUR if b.baseline_won else "#4393c3")
