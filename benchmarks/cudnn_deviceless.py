@@ -28,6 +28,18 @@ from jax.sharding import SingleDeviceSharding  # noqa: E402
 from autotune.compile.targets import get_target, gpu_target_config  # noqa: E402
 
 TARGET = "h100"
+FINDING = """## What it means
+
+- With the cuDNN 9 libraries installed, XLA:GPU compiles jax.nn's cuDNN fused attention for a GPU it does not have:
+  the forward and the backward become `__cudnn$fmha*` custom calls run by `kCuDnn` thunks, with XLA's own code
+  around them. Without them (the `compilers` extra has no cuDNN) jax refuses before XLA sees anything:
+  `RuntimeError: cuDNN not found.`
+- What compiles is an opaque call into cuDNN's library: no SASS of ours and no figures of its own in the dump
+  (shared memory, registers, a schedule): its engine is picked inside cuDNN. The static GPU model
+  (autotune/compile/model) reads the SASS of the kernels it predicts, so it has nothing to predict cuDNN's time
+  from: a GPU target's prediction can cover our kernel and XLA's attention (compiled XLA code it can read), not
+  cuDNN. A cuDNN win is decided on the device, in the search's final re-timing.
+"""
 
 
 def attention(implementation: str, causal: bool, window, lengths: bool, backward: bool):
@@ -85,7 +97,7 @@ def main() -> None:
             print(f"{name} [{implementation}]: {outcome}", flush=True)
             lines.append(f"| {name} | {implementation} | {outcome} |")
     out = Path(__file__).resolve().parent / "results" / "cudnn-deviceless.md"
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n\n" + FINDING)
     print(f"wrote {out}")
 
 
