@@ -14,7 +14,8 @@ from db.transfer import export_document, import_document, read_document
 from db.urls import default_url, resolve_url
 
 __all__ = [
-    "DTYPES", "IMPLEMENTATIONS", "KERNEL_IMPLEMENTATION", "PLATFORMS", "RUN_STATUSES", "SCHEMA_VERSION", "TRIAL_STATUSES", "BestOffer", "BestRecord",
+    "DTYPES", "IMPLEMENTATIONS", "KERNEL_IMPLEMENTATION", "PLATFORMS", "RUN_STATUSES", "SCHEMA_VERSION",
+    "TRIAL_STATUSES", "BestOffer", "BestRecord",
     "ConfigCheck", "DatabaseError", "ForeignDatabaseError", "ImportValidationError", "MissRecord", "NotADatabaseError",
     "RunRecord", "SchemaTooNewError", "Store", "TrialRecord", "TuningKey", "default_url", "export_document",
     "import_document", "read_document", "resolve_url",

@@ -23,7 +23,8 @@ from db.compile_transfer import compile_records
 from db.errors import ImportValidationError
 from db.records import IMPLEMENTATIONS, KERNEL_IMPLEMENTATION, BestOffer, ConfigCheck, TuningKey, check_winner
 from db.store import Store
-from db.validation import MAX_JSON_DEPTH, check_choice, check_datetime, check_int, check_json_object, check_time, utc_now
+from db.validation import (MAX_JSON_DEPTH, check_choice, check_datetime, check_int, check_json_object, check_time,
+                           utc_now)
 
 FORMAT = "pallas-autotune-results"
 FORMAT_VERSION = 1

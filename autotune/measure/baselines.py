@@ -28,10 +28,6 @@ def dot_product_attention_call(problem: Problem, implementation: str = "xla") ->
     return jitted_call(forward, problem)
 
 
-def xla_attention_call(problem: Problem) -> Callable:
-    return dot_product_attention_call(problem, "xla")
-
-
 def compiled_baselines(problem: Problem, platform: str) -> dict[str, Callable]:
     """jax.nn's implementations that can run the problem here, compiled with the candidates' signature, by name
     ("xla", "cudnn"): what the final re-timing runs beside the top kernel configs. One that cannot run the problem

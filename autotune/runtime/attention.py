@@ -37,7 +37,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     tuned kernel when it covers the call, else XLA with a warning saying why), "xla" or "cudnn" (jax.nn's),
     "pallas" (the tuned kernel of the platform: Triton on GPU, Mosaic on TPU, the Triton one in interpret mode on a
     CPU), "gpu" or "tpu" (that kernel; off its platform only in interpret mode on a CPU). A kernel named here that
-    cannot run the call is a ValueError. `logits_soft_cap` (ours): scores become `cap * tanh(scores / cap)` before masking (Gemma 2).
+    cannot run the call is a ValueError. `logits_soft_cap` (ours): scores become `cap * tanh(scores / cap)` before
+    masking (Gemma 2).
     With `return_residual` also returns the natural-log log-sum-exp of the masked scaled scores, [batch, seq, heads]
     in the dtype of key, without gradient (as jax.nn).
     """
