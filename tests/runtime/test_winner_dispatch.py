@@ -90,9 +90,9 @@ def test_a_baseline_winner_counts_no_miss_even_under_grad(db) -> None:
     loss = lambda q, k, v: autotune.dot_product_attention(q, k, v, is_causal=True).sum()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the kernel's "forward tuned, backward not" warning must not come
-        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True).sum(),
-                    argnums=(0, 1, 2))(q, k, v)
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True).sum(),
+                            argnums=(0, 1, 2)))(q, k, v)
     for got, expected in zip(grads, want):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6)
     with Store(db) as store:
