@@ -64,7 +64,10 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale
                 {**config.to_dict(), **{name: getattr(backward.config, name) for name in fields}})
     settings = current_settings()
     if settings.logs():
-        _log(kernel, "forward", forward.key, config, forward.source, forward.detail)
+        detail = forward.detail
+        if forward.implementation != KERNEL:  # the key's winner is a baseline, but this call runs the kernel
+            detail += "; this call runs the kernel (flash_attention, or implementation='pallas')"
+        _log(kernel, "forward", forward.key, config, forward.source, detail)
     note = _backward_note(kernel, problem, kernel_name, device, config, forward, backward, settings)
     extra = {"device_kind": device.device_kind} if target is not None and not device.interpret else {}
     extra.update(feature_kwargs(problem, q_lengths, kv_lengths))

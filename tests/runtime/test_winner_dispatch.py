@@ -74,11 +74,13 @@ def test_a_key_won_by_xla_runs_jax_nn_xla_path_with_identical_results(db, capfd)
     assert (found.source, found.implementation) == ("tuned", "xla")
 
 
-def test_pallas_forces_the_kernel_and_flash_attention_stays_the_kernel(db) -> None:
+def test_pallas_forces_the_kernel_and_flash_attention_stays_the_kernel(db, capfd) -> None:
     store_winner(db, "xla", causal=True)
     q, k, v = inputs(random.randrange(1 << 30))
     forced = lambda q, k, v: autotune.dot_product_attention(q, k, v, is_causal=True, implementation="pallas")
-    assert pallas_calls(forced, q, k, v) == 1
+    with autotune.using(verbose=True):
+        assert pallas_calls(forced, q, k, v) == 1
+    assert "; this call runs the kernel (flash_attention, or implementation='pallas')" in capfd.readouterr().err
     assert pallas_calls(lambda q, k, v: autotune.flash_attention(q, k, v, causal=True), q, k, v) == 1
     want = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     np.testing.assert_allclose(np.asarray(jax.jit(forced)(q, k, v)), np.asarray(want), atol=1e-5)
