@@ -4,7 +4,7 @@ A compile-only trial (`autotune search --target`) is stored under a key whose pl
 "-compile" (e.g. "gpu-compile" for h100) and whose device kind is the target's. The key is never the device's own,
 so `list`, the runtime and the device search's budget never take a compile-only result for a timed one, while its
 Optuna study (named by the key's digest) has the same layout as the device search's. On the device, the search
-looks up the compile-only key of its own kernel build, device kind and problem (preferring the same jax version)
+looks up the compile-only key of its own kernel build, device kind (or the target that covers it) and problem (preferring the same jax version)
 and skips what the compiler rejected ahead of time and, unless spills are allowed, what spilled registers.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from autotune.compile.targets import target_for_device_kind
 from autotune.keys import PROBLEM_FIELDS
 from autotune.space import config_text  # configs compare as the study compares them: canonical JSON
 from db import Store, TrialRecord, TuningKey
@@ -111,10 +112,21 @@ class AheadOfTime:
                 f"(compile-only results for {self.source.device_kind}, jax {self.source.jax_version})")
 
 
+def covering_kinds(device_kind: str) -> tuple[str, ...]:
+    """The device kinds whose compile-only results apply on a device of `device_kind`: its own, and that of the
+    target covering it (an H100 sweep stored under 'NVIDIA H100 80GB HBM3' applies on that kind only; an a100 sweep
+    applies on every A100 the a100 target covers)."""
+    target = target_for_device_kind(device_kind)
+    kinds = [device_kind] + ([target.device_kind] if target is not None else [])
+    return tuple(dict.fromkeys(kinds))
+
+
 def find_compile_keys(store: Store, key: TuningKey) -> list[TuningKey]:
-    """The compile-only keys for a device key's kernel build, device kind and problem, same jax version first."""
-    found = [k for k in store.keys(platform=compile_platform(key.platform), kernel=key.kernel,
-                                   kernel_version=key.kernel_version, device_kind=key.device_kind)
+    """The compile-only keys for a device key's kernel build, device kind (or the target covering it) and problem,
+    same jax version first."""
+    found = [k for kind in covering_kinds(key.device_kind)
+             for k in store.keys(platform=compile_platform(key.platform), kernel=key.kernel,
+                                 kernel_version=key.kernel_version, device_kind=kind)
              if all(getattr(k, name) == getattr(key, name) for name in PROBLEM_FIELDS)]
     return sorted(found, key=lambda k: (k.jax_version != key.jax_version, k.jax_version))
 

@@ -159,7 +159,7 @@ def _gpu_prediction(dump: str, target: Target, problem: Problem, config) -> dict
 
     start = time.perf_counter()
     try:
-        found = predict_gpu_compile(dump, target.name, problem, config, target.device_kind)
+        found = predict_gpu_compile(dump, target.model_hardware, problem, config, target.device_kind)
     except Exception as exc:  # noqa: BLE001 - a model failure must not fail the compile
         return {"prediction_error": f"{type(exc).__name__}: {exc}"[:500]}
     if found is None:

@@ -183,7 +183,7 @@ def test_targets_catalogue_names_limits_and_device_kinds():
     assert [r["name"] for r in rows] == list(TARGETS)
     assert {r["device_kind"] for r in rows} == {t.device_kind for t in TARGETS.values()}
     table = CliRunner().invoke(targets_command, [])
-    assert table.exit_code == 0 and "TPU v5 lite" in table.output and "227 KiB" in table.output
+    assert table.exit_code == 0 and "TPU v5 lite" in table.output and "227.0 KiB" in table.output and "NVIDIA A100-SXM4-40GB" in table.output
 
 
 @pytest.mark.parametrize("name", [n for n, t in TARGETS.items() if t.platform == "gpu"])
@@ -230,3 +230,34 @@ def test_spills_are_recorded_not_rejected(compiled):
     assert forward.spill_store_bytes > 0 and forward.spill_load_bytes > 0 and result.spills, forward
     assert gpu_kernel.invalid_reasons(gpu_kernel.Config.from_dict(job.config), job.problem,
                                       device_kind=target.device_kind) == []
+
+
+def test_device_kinds_match_one_target_and_its_sweep_applies_on_each(tmp_path):
+    """Issue 25, item 4: an a100 sweep applied only on the exact kind 'NVIDIA A100-SXM4-80GB', so a 40 GB A100
+    ignored it; H200 and H100 PCIe had no target at all. One function matches kinds to targets."""
+    from autotune.compile.results import SPILLS, ahead_of_time, compile_key
+    from autotune.compile.targets import target_for_device_kind
+    from db import Store
+    from kernels import Problem, gpu
+    from tests.db.test_compile_figures import compiled_figures
+
+    assert target_for_device_kind("NVIDIA H200").name == "h200"
+    assert target_for_device_kind("NVIDIA H100 PCIe").name == "h100-pcie"
+    assert target_for_device_kind("nvidia a100-sxm4-40gb ").name == "a100"
+    assert target_for_device_kind("TPU v5 lite").name == "v5e"
+    assert target_for_device_kind("NVIDIA L4") is None and target_for_device_kind("cpu") is None
+    for target in TARGETS.values():  # every kind a target covers leads back to that target, and to no other
+        assert all(target_for_device_kind(kind) is target for kind in target.device_kinds)
+    assert get_target("h100-pcie").gpu.cores == 114 and get_target("h200").gpu.memory_bandwidth == 4.8e12
+
+    problem = Problem(batch=1, q_len=32, kv_len=32, heads=1, kv_heads=1, head_dim=16)
+    key = compile_key(gpu.NAME, gpu.VERSION, "gpu", get_target("a100").device_kind, "0.10.2", problem)
+    config = gpu.Config.default(problem, device_kind=None).to_dict()
+    spilling = compiled_figures()
+    spilling["kernels"][0]["spill_store_bytes"] = 64
+    with Store(tmp_path / "r.db") as store:
+        store.add_trial(key, config=config, status="compiled", compile_s=1.0, figures=spilling)
+        on_40gb = key.__class__(**{**key.to_dict(), "platform": "gpu", "device_kind": "NVIDIA A100-SXM4-40GB"})
+        on_h100 = key.__class__(**{**key.to_dict(), "platform": "gpu", "device_kind": "NVIDIA H100 80GB HBM3"})
+        assert ahead_of_time(store, on_40gb).skip_reason(config) == SPILLS
+        assert ahead_of_time(store, on_h100) is None
