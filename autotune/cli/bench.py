@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import click
 
+from autotune.measure.cost import INTERPRET_CAVEAT, problem_flops
+
 from autotune.problem_fields import DEFAULT_DOCUMENTS
 from autotune.cli.common import (database_errors, db_option, describe_problem, echo_json, first_line,
                                       format_ms, kernel_option_module, missing_database, open_store, print_table,
@@ -19,7 +21,6 @@ from autotune.cli.common import (database_errors, db_option, describe_problem, e
 
 # Matmul edge per platform for the peak: big enough to saturate the device, quick on a CPU.
 PEAK_SIZE = {"gpu": 8192, "tpu": 8192, "cpu-interpret": 1024}
-BACKWARD_FLOPS = 2.5  # backward FLOPs per forward FLOP (Problem.flops)
 
 
 @dataclass
@@ -148,11 +149,6 @@ def time_entries(entries: list[Entry], arg_sets: list[tuple], policy) -> None:
             entry.time_s, entry.spread_s = timing.median_s, timing.spread_s
 
 
-def problem_flops(problem) -> float:
-    """4*b*h*q*kv*d for the forward (halved when causal); the backward adds 2.5x that."""
-    return problem.flops() * (1 + BACKWARD_FLOPS if problem.backward else 1)
-
-
 def entry_json(entry: Entry, flops: float, peak: Peak, default_time: float | None) -> dict[str, Any]:
     tflops = flops / entry.time_s / 1e12 if entry.time_s else None
     return {
@@ -199,7 +195,7 @@ def bench_command(shapes, kernel, samples, peak_size, seed, as_json, db, **flags
     peaks: dict[str, Peak] = {}
     report = []
     if device.interpret and not as_json:
-        click.echo("Pallas kernels run in interpret mode on this CPU: their times say nothing about GPU speed.")
+        click.echo(INTERPRET_CAVEAT)
     for spec in specs:
         problem = spec.problem
         if problem.dtype not in peaks:

@@ -90,6 +90,11 @@ def given_fields(params: dict) -> dict:
     return {field.name: params[field.name] for field in FIELDS if params.get(field.name) not in (None, False)}
 
 
+def given_flag_texts(params: dict) -> list[str]:
+    """The problem flags given on the command line as typed ('--causal', '--window 16,0')."""
+    return [flag_text(BY_NAME[name], value) for name, value in given_fields(params).items()]
+
+
 def specs_from_flags(params: dict, shapes: str | None) -> list[ProblemSpec]:
     """The problems named by --shapes, or by the problem flags; UsageError naming what is wrong. Flags given beside
     --shapes apply to every problem of the file that does not set the field itself (said on stderr)."""
@@ -98,7 +103,7 @@ def specs_from_flags(params: dict, shapes: str | None) -> list[ProblemSpec]:
         if shapes:
             specs = load_shapes(shapes, defaults=given)
             if given:
-                flags = " ".join(flag_text(BY_NAME[name], value) for name, value in given.items())
+                flags = " ".join(given_flag_texts(params))
                 click.echo(f"Applying {flags} to every problem of {click.format_filename(shapes)} (a problem's own "
                            "field wins).", err=True)
             return specs

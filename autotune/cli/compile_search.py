@@ -15,8 +15,9 @@ from collections import Counter
 
 import click
 
-from autotune.cli.common import (database_errors, describe_problem, open_store, plural, print_table,
-                                      specs_from_flags, where, worker_settings)
+from autotune.cli.common import (database_errors, describe_problem, given_flag_texts, open_store, plural,
+                                      print_table, specs_from_flags, where, worker_settings)
+from autotune.cli.compile_next import estimate_line, next_steps, nothing_left_line
 from autotune.compile.pool import INSTALL_HINT, compilers_missing
 from autotune.compile.targets import TARGETS
 
@@ -68,11 +69,20 @@ def run_target_command(*, target_text: str, kernel: str | None, shapes: str | No
             # Concurrent runs on one database share each key's budget and configs (autotune/compile/claims.py).
             with ConfigClaims(store, owner, ttl_s=config.claim_ttl_s, beat_s=config.claim_beat_s) as claims:
                 plans = claim_plans(plans, claims)
-                summaries = _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet, claims,
-                                     config.claim_beat_s)
+                summaries = None
+                if not any(p.configs for p in plans):  # nothing left to compile: say why, skip the bars
+                    click.echo(nothing_left_line(plans), err=True)
+                else:
+                    click.echo(estimate_line(plans, store, COMPILE_PROCESSES), err=True)
+                    summaries = _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet,
+                                         claims, config.claim_beat_s)
     finally:
         store.close()
-    print_compile_summary(summaries)
+    if summaries is not None:
+        print_compile_summary(summaries)
+    click.echo()
+    for line in next_steps(plans, db=db, shapes=shapes, given_flags=given_flag_texts(flags)):
+        click.echo(line)
 
 
 def _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet, claims, beat_s):

@@ -19,7 +19,7 @@ from typing import Callable
 
 import click
 
-from autotune.cli.common import (Seconds, database_errors, db_option, describe_problem, format_ms,
+from autotune.cli.common import (Seconds, database_errors, db_option, describe_problem, format_ms, given_flag_texts,
                                       kernel_option_module, open_store, print_table, problem_options,
                                       specs_from_flags, table_config, where, worker_settings)
 from autotune.cli.winners import others_text, winner_note
@@ -148,6 +148,11 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
     click.echo(f"Tuning {len(specs)} problem(s) with the {kernel_module.NAME} kernel (version "
                f"{kernel_module.VERSION}) on {device.device_kind} [{device.platform}], results in {where(store)}",
                err=True)
+    if device.interpret:
+        from autotune.cli.interpret_notice import announce_cpu_search
+
+        announce_cpu_search(specs, trials=trials, timing=options.timing, shapes=shapes,
+                            given_flags=given_flag_texts(flags))
 
     status, results, failures = "failed", [], []
     _CTRL_C_SEEN.clear()

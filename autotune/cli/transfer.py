@@ -1,6 +1,6 @@
 """`autotune export`, `import` and `prune`: moving results between databases and removing old ones.
 
-Export writes the bests (what the runtime needs) as a versioned JSON document; import checks the whole document
+Export writes the bests (what the runtime needs) and the compile-only trials as a versioned JSON document; import checks the whole document
 before writing and keeps the faster result per key; prune removes whole keys, with their Optuna studies.
 """
 from __future__ import annotations
@@ -25,7 +25,9 @@ from autotune.cli.common import (database_errors, db_option, describe_filters, e
 def export_command(file, device_kind, kernel_filter, dtype_filter, causal_filter, db):
     """Write tuned results as a versioned JSON document.
 
-    Only bests travel (what the runtime needs); FILE '-' writes to stdout.
+    The bests travel (what the runtime needs), and the compile-only trials of `search --target` (what a device
+    search starts from). A document with compile-only trials is format version 2; one without them is version 1,
+    which older versions read. FILE '-' writes to stdout.
     """
     from db import export_document
 

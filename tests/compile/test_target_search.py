@@ -84,6 +84,7 @@ def test_compile_only_search_records_real_figures_that_show_displays(swept, name
     needs(get_target(name).platform)
     db, args, output = swept[name]
     assert "compiled" in output and name in output
+    assert "Estimated time: about " in output and f"{name} 3 x " in output  # said before it starts (item 4)
     with Store(db) as store:
         keys = [k for k in store.keys(device_kind=get_target(name).device_kind)]
         assert len(keys) == 1 and keys[0].platform == get_target(name).platform + "-compile"
@@ -123,6 +124,13 @@ def test_a_second_run_resumes_without_compiling_again(swept):
     assert result.exit_code == 0, result.output
     with Store(db) as store:
         assert len(store.trials()) == before
+    # issue 25, item 7: it printed empty `0config` bars and "0 compiles"; item 4: the next steps
+    assert "all 3 configs of each target and problem are already recorded; raise --trials" in result.output
+    assert "0config" not in result.output and "0 compiles" not in result.output
+    flags = " ".join(args)
+    assert f"Next: autotune show --target h100 {flags} --dtype float32 --db {db}" in result.output
+    assert f"then run `autotune search {flags} --dtype float32 --db {db}` there" in result.output
+    assert "h100's results apply on: NVIDIA H100 80GB HBM3" in result.output
 
 
 def test_report_maps_each_target_and_export_import_carry_the_trials(swept, tmp_path):

@@ -1,0 +1,50 @@
+"""Issue 25 (the first hour, round 2): what a new user sees around a search: the interpret-mode caveat and the
+time estimate of a CPU search (item 3), and the output polish of item 7."""
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+import autotune.cli.interpret_notice as notice
+from autotune.cli.app import main
+from autotune.measure.cost import INTERPRET_CAVEAT, first_trial_seconds
+from autotune.shapes import spec_from_fields
+
+README_FIRST_SEARCH = dict(batch=4, seq_len=2048, heads=16, kv_heads=2, head_dim=128, dtype="bfloat16", causal=True)
+MAIN_JOB = dict(batch=1, seq_len=128, heads=2, kv_heads=1, head_dim=32, causal=True, segments=3)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def announce(fields: dict, capsys, monkeypatch, rate: float = 20e9, trials: int | None = 60) -> tuple[float, str]:
+    monkeypatch.setattr(notice, "matmul_rate", lambda dtype: rate)  # a 2-core CPU's 512x512 matmul, about
+    from autotune.options import TimingPolicy
+
+    seconds = notice.announce_cpu_search([spec_from_fields(fields, "test")], trials=trials, timing=TimingPolicy(),
+                                         shapes=None, given_flags=[])
+    return seconds, capsys.readouterr().err
+
+
+def test_a_huge_cpu_search_says_how_long_and_suggests_a_target(capsys, monkeypatch):
+    """Item 3: the README's first search line had 0 of 60 trials after 90 s on a CPU and said nothing."""
+    seconds, err = announce(README_FIRST_SEARCH, capsys, monkeypatch)
+    assert seconds > 3600
+    assert err.splitlines()[0] == INTERPRET_CAVEAT
+    assert "This search will take about " in err and " h on this CPU" in err
+    assert ("autotune search --target h100 --batch 4 --seq-len 2048 --heads 16 --kv-heads 2 --head-dim 128 "
+            "--dtype bfloat16 --causal") in err
+
+
+def test_a_small_cpu_search_gets_only_the_caveat(capsys, monkeypatch):
+    seconds, err = announce(MAIN_JOB, capsys, monkeypatch, trials=8)
+    assert seconds < 180 and err.strip() == INTERPRET_CAVEAT
+
+
+def test_the_first_trial_estimate_grows_with_the_work():
+    small = spec_from_fields(MAIN_JOB, "t").problem
+    big = spec_from_fields(README_FIRST_SEARCH, "t").problem
+    backward = spec_from_fields({**README_FIRST_SEARCH, "backward": True}, "t").problem
+    rate = 20e9
+    assert first_trial_seconds(small, rate) < 5 < 60 < first_trial_seconds(big, rate)
+    assert first_trial_seconds(backward, rate) > 3 * first_trial_seconds(big, rate)
