@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autotune.problem_fields import BY_NAME, REQUIRED, parse_value, problem_kwargs, with_defaults
+import re
+
+from autotune.problem_fields import BY_NAME, FIELDS, REQUIRED, parse_value, problem_kwargs, with_defaults
 from kernels import Problem
 from db.transfer import unique_keys
 
@@ -50,10 +52,32 @@ def check_fields(fields: Any, where: str) -> dict[str, Any]:
     return checked
 
 
+FLAGS = "the problem flags"  # the `where` of problems given as flags: their errors name the flags
+
+
+def _flag_names(message: str) -> str:
+    """A message about fields in the words of the command line: 'kv_heads must divide heads' ->
+    '--kv-heads must divide --heads' (a shapes file's and Problem's names alike)."""
+    names = {name: field.flag for field in FIELDS for name in (field.name, *field.problem)}
+    pattern = re.compile(r"(?<![\w-])(?:field )?'?(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) +
+                         r")'?(?![\w])")
+    return pattern.sub(lambda m: names[m.group(1)], message)
+
+
 def spec_from_fields(fields: dict[str, Any], where: str = "problem", defaults: dict[str, Any] | None = None
                      ) -> ProblemSpec:
     """A ProblemSpec from flag-style fields; `defaults` (checked values, e.g. the flags given beside a shapes file)
-    fill the fields the entry leaves out. ValueError naming `where` and the field on bad content."""
+    fill the fields the entry leaves out. ValueError naming `where` and the field on bad content (the flags
+    themselves when `where` is FLAGS)."""
+    try:
+        return _spec_from_fields(fields, where, defaults)
+    except ValueError as exc:
+        if where != FLAGS:
+            raise
+        raise ValueError(_flag_names(str(exc).removeprefix(f"{where}: "))) from None
+
+
+def _spec_from_fields(fields: dict[str, Any], where: str, defaults: dict[str, Any] | None) -> ProblemSpec:
     given = {**(defaults or {}), **check_fields(fields, where)}
     missing = [name for name in REQUIRED if name not in given]
     if missing:
@@ -88,6 +112,9 @@ def read_entries(path: str | Path) -> list[Any]:
         if extra:
             raise ValueError(f"{path}: unknown top-level key(s) {extra}; expected 'problem' (TOML) or 'problems'")
         entries = data.get("problem", data.get("problems"))
+    if toml and isinstance(entries, dict):
+        raise ValueError(f"{path}: [problem] is one table; write each problem as [[problem]] (double brackets), "
+                         "a list of tables")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: expected a non-empty list of problems")
     return entries

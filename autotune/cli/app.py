@@ -20,7 +20,19 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """Bad input is one line, `Error: ...` naming the flag (exit code 2), without click's two usage lines before it:
+    the flag and what was expected are all the user needs, and `-h` is where it always is."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            exc.ctx = None  # click prints the usage lines only when the error carries its context
+            raise
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(_version(), "--version", prog_name="autotune", message="%(prog)s %(version)s")
 def main() -> None:
     """Autotune Pallas flash-attention kernels: search, store, inspect and ship the best configs."""

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import click
 
 from autotune.problem_fields import BY_NAME, FIELDS, REQUIRED, describe, flag_text
-from autotune.shapes import ProblemSpec, load_shapes, spec_from_fields
+from autotune.shapes import FLAGS, ProblemSpec, load_shapes, spec_from_fields
 from db.urls import default_url, display_url, mask_password, resolve_url, scrub, sqlite_file
 
 DTYPE_CHOICES = BY_NAME["dtype"].choices
@@ -110,7 +110,7 @@ def specs_from_flags(params: dict, shapes: str | None) -> list[ProblemSpec]:
         missing = [BY_NAME[n].flag for n in REQUIRED if n not in given]
         if missing:
             raise ValueError(f"missing {', '.join(missing)} (or give --shapes FILE)")
-        return [spec_from_fields({}, "the problem flags", defaults=given)]
+        return [spec_from_fields({}, FLAGS, defaults=given)]
     except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
 

@@ -48,3 +48,19 @@ def test_the_first_trial_estimate_grows_with_the_work():
     rate = 20e9
     assert first_trial_seconds(small, rate) < 5 < 60 < first_trial_seconds(big, rate)
     assert first_trial_seconds(backward, rate) > 3 * first_trial_seconds(big, rate)
+
+
+def test_bad_input_is_one_line_naming_the_flag_as_typed(tmp_path):
+    """Items 6 and 7: click's two usage lines came before the message, and a rule between flags named the shapes
+    file's fields (`kv_heads`) for values typed as flags; a TOML `[problem]` got no hint towards `[[problem]]`."""
+    result = invoke("search", "--batch", "1", "--seq-len", "8", "--heads", "3", "--kv-heads", "2", "--head-dim", "8",
+                    "--db", tmp_path / "r.db")
+    assert result.exit_code == 2
+    assert result.output == "Error: --kv-heads must divide --heads, got --heads=3 and --kv-heads=2\n"
+    unknown = invoke("search", "--target", "v3", "--batch", "1", "--db", tmp_path / "r.db")
+    assert unknown.exit_code == 2 and len(unknown.output.splitlines()) == 1 and "Usage:" not in unknown.output
+    shapes = tmp_path / "one.toml"
+    shapes.write_text("[problem]\nbatch = 1\n")
+    single = invoke("search", "--shapes", shapes, "--db", tmp_path / "r.db")
+    assert single.exit_code == 2 and "write each problem as [[problem]]" in single.output
+    assert not (tmp_path / "r.db").exists()
