@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
+CHAR_W = 6.7  # px per character of the maps' and charts' 11px monospace text: what their layout reserves
+
 
 def value_order(value) -> tuple:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)

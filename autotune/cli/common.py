@@ -145,8 +145,12 @@ def open_store(db: str | None, *, create: bool = True, read_only: bool = False):
         resolve_url(db) if db else default_url()
     except ValueError as exc:
         raise (click.BadParameter(str(exc), param_hint="--db") if db else click.UsageError(str(exc))) from None
+    new_folder = _missing_folder(db) if create and not read_only else None
     try:
         store = Store(db, busy_timeout_s=worker_settings().busy_timeout_s, create=create, read_only=read_only)
+        if new_folder is not None and new_folder.is_dir():
+            click.echo(f"Note: created the folder {printable(new_folder)} for a new results database, as --db "
+                       "names it (a typo? remove it and check --db).", err=True)
         if store.notice:
             click.echo(f"Note: {printable(store.notice)}", err=True)
         return store
@@ -158,6 +162,17 @@ def open_store(db: str | None, *, create: bool = True, read_only: bool = False):
     with contextlib.suppress(Exception):
         message = explain_open_failure(resolve_url(db) if db else default_url(), message)
     raise click.ClickException(message)
+
+
+def _missing_folder(db: str | None):
+    """The folder of the SQLite file --db names when that folder does not exist yet (else None): opening the
+    database creates it, which the user is told of, since a mistyped path would otherwise go unnoticed."""
+    if db is None:
+        return None
+    path = sqlite_file(resolve_url(db))
+    if path is None or path.parent.exists():
+        return None
+    return path.parent
 
 
 @contextlib.contextmanager
@@ -333,11 +348,12 @@ def table_config(config: dict, key) -> str:
     return " ".join(f"{name}={value}" for name, value in shown.items())
 
 
-def first_line(text: str | None, width: int = 70) -> str:
+def first_line(text: str | None, width: int | None = 70) -> str:
+    """The first line of a message, cut to `width` characters (None: whole)."""
     if not text:
         return ""
     line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= width else line[:width - 3] + "..."
+    return line if width is None or len(line) <= width else line[:width - 3] + "..."
 
 
 def plural(count: int, word: str, words: str | None = None) -> str:

@@ -9,18 +9,25 @@ from autotune.cli.common import specs_from_flags, where
 ROLE_SHORT = {"forward": "fwd", "dq": "dq", "dkv": "dkv"}
 
 
-def kib(size: int | None) -> str:
-    return "-" if size is None else f"{size / 1024:.1f}K"
+def size_text(size: int | None) -> str:
+    """Bytes in the unit that suits them, one decimal: '96 B', '52.0 KiB', '12.3 MiB' ('-' when unknown)."""
+    if size is None:
+        return "-"
+    if size < 1024:
+        return f"{size} B"
+    if size < 1 << 20:
+        return f"{size / 1024:.1f} KiB"
+    return f"{size / (1 << 20):.1f} MiB"
 
 
 def kernel_text(kernel: dict) -> str:
-    """'fwd 40.0K r143' (+ ' spill 1.7K' when it spilled): one kernel's figures."""
-    text = f"{ROLE_SHORT.get(kernel.get('role'), kernel.get('role'))} {kib(kernel.get('memory_bytes'))}"
+    """'fwd 40.0 KiB r143' (+ ' spill 1.7 KiB' when it spilled): one kernel's figures."""
+    text = f"{ROLE_SHORT.get(kernel.get('role'), kernel.get('role'))} {size_text(kernel.get('memory_bytes'))}"
     if kernel.get("registers") is not None:
         text += f" r{kernel['registers']}"
     spilled = (kernel.get("spill_store_bytes") or 0) + (kernel.get("spill_load_bytes") or 0)
     if spilled:
-        text += f" spill {kib(spilled)}"
+        text += f" spill {size_text(spilled)}"
     return text
 
 
@@ -32,8 +39,28 @@ def figures_text(figures: dict | None) -> str:
     if kernels:
         return "; ".join(kernel_text(k) for k in kernels)
     if figures.get("requested_bytes") is not None:
-        return f"asked {kib(figures['requested_bytes'])} of {kib(figures.get('limit_bytes'))}"
+        return f"asked {size_text(figures['requested_bytes'])} of {size_text(figures.get('limit_bytes'))}"
     return ""
+
+
+def figures_heading(key) -> str:
+    """The header of the figures column, with the unit and the limit of the target the key is for:
+    'kernels (shared memory of 227.0 KiB per block, registers, spills)'."""
+    from autotune.compile.targets import target_for_device_kind
+
+    target = target_for_device_kind(key.device_kind)
+    memory = "shared memory" if key.platform.startswith("gpu") else "VMEM"
+    if target is not None:
+        memory += f" of {size_text(target.memory_limit_bytes)}" + (" per block" if target.platform == "gpu" else "")
+    return f"kernels ({memory}, registers, spills)"
+
+
+def compile_status(trial) -> str:
+    """A compile-only trial's status as `show` prints it: 'spills' for a compiled config that spilled registers
+    (the device search skips it by default), else the stored status."""
+    from autotune.compile.results import SPILLS, trial_verdict
+
+    return "spills" if trial_verdict(trial) == SPILLS else trial.status
 
 
 def target_key(store, target_name: str, kernel: str | None, flags: dict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 
-from autotune.cli.block_cells import block_cells
+from autotune.cli.block_cells import CHAR_W, block_cells
 from autotune.cli.common import describe_problem
 from autotune.compile.results import peak_bytes, trial_spills
 
@@ -27,19 +27,44 @@ def outcome(trial) -> str:
     return "resource_exhausted" if trial.status == "resource_exhausted" else "failed"
 
 
+def target_name(key, trials: list) -> str:
+    """The target as the user typed it (`--target h100`), from the trials' figures; else the one covering the key's
+    device kind; else the device kind."""
+    from autotune.compile.targets import target_for_device_kind
+
+    for t in trials:
+        name = (t.figures or {}).get("target")
+        if isinstance(name, str) and name:
+            return name
+    target = target_for_device_kind(key.device_kind)
+    return target.name if target is not None else key.device_kind
+
+
+def legend(y: int) -> tuple[list[str], int]:
+    """The outcome colours' legend on one row at height y, and the width it takes."""
+    body, x = [], 8
+    for name in SEVERITY:
+        body.append(f'<rect x="{x}" y="{y}" width="12" height="10" fill="{OUTCOME_COLORS[name]}"/>'
+                    f'<text x="{x + 16}" y="{y + 9}">{esc(OUTCOME_WORDS[name])}</text>')
+        x += 28 + round(CHAR_W * len(OUTCOME_WORDS[name]))
+    return body, x
+
+
 def compile_map(key, trials: list) -> str | None:
     """One compile-only key's map (None when its configs have no block_q/block_k)."""
     cells, rows, cols = block_cells(trials)
     if not cells:
         return None
-    cw, ch, left, top = 84, 40, 60, 44
-    width, height = max(left + cw * len(cols) + 20, 420), top + ch * len(rows) + 40
-    title = f"{key.device_kind}: {describe_problem(key)}"
+    cw, ch, left, top = 84, 40, 60, 52
+    title = f"{target_name(key, trials)}: {describe_problem(key)}"
+    legend_body, legend_w = legend(top + ch * len(rows) + 16)
+    width = max(left + cw * len(cols) + 20, legend_w, 16 + round(CHAR_W * 1.1 * len(title)))
+    height = top + ch * len(rows) + 40
     body = [f'<text class="title" x="8" y="14">{esc(title)}</text>',
             f'<text class="title" x="{left}" y="30">block_k</text>',
-            f'<text class="title" x="4" y="{top + 14}">block_q</text>']
+            f'<text class="title" x="4" y="{top - 6}">block_q</text>']
     for j, k in enumerate(cols):
-        body.append(f'<text x="{left + j * cw + cw / 2}" y="{top - 4}" text-anchor="middle">{esc(k)}</text>')
+        body.append(f'<text x="{left + j * cw + cw / 2}" y="{top - 6}" text-anchor="middle">{esc(k)}</text>')
     for i, q in enumerate(rows):
         body.append(f'<text x="{left - 6}" y="{top + i * ch + ch / 2 + 4}" text-anchor="end">{esc(q)}</text>')
         for j, k in enumerate(cols):
@@ -49,19 +74,15 @@ def compile_map(key, trials: list) -> str | None:
             outcomes = [outcome(t) for t in ts]
             worst = max(outcomes, key=SEVERITY.index)
             peaks = [p for p in (peak_bytes(t) for t in ts) if p is not None]
-            label = f"{max(peaks) / 1024:.0f}K" if peaks else "-"
+            label = f"{max(peaks) / 1024:.0f} KiB" if peaks else "-"
             counts = ", ".join(f"{outcomes.count(o)} {OUTCOME_WORDS[o]}" for o in SEVERITY if o in outcomes)
-            tip = f"block_q={q} block_k={k}: {counts}; largest memory figure {label}B ({len(ts)} config(s))"
+            tip = f"block_q={q} block_k={k}: {counts}; largest memory figure {label} ({len(ts)} config(s))"
             x, y = left + j * cw, top + i * ch
             body.append(f'<rect class="mark cell" x="{x}" y="{y}" width="{cw}" height="{ch}" '
                         f'fill="{OUTCOME_COLORS[worst]}" stroke="#fff"><title>{esc(tip)}</title></rect>'
                         f'<text x="{x + cw / 2}" y="{y + ch / 2 + 4}" text-anchor="middle">'
                         f'{esc(label)} {outcomes.count("compiled")}/{len(ts)}</text>')
-    legend_y, x = top + ch * len(rows) + 16, 8
-    for name in SEVERITY:
-        body.append(f'<rect x="{x}" y="{legend_y}" width="12" height="10" fill="{OUTCOME_COLORS[name]}"/>'
-                    f'<text x="{x + 16}" y="{legend_y + 9}">{esc(OUTCOME_WORDS[name])}</text>')
-        x += 22 + 7 * len(OUTCOME_WORDS[name])
+    body += legend_body
     return (f'<svg class="chart" data-chart="compile-{esc(key.digest()[:8])}" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc("what compiles: " + title)}">'
             + "".join(body) + "</svg>")
@@ -78,18 +99,19 @@ def compile_section(trials: list) -> str:
              "<p class='note'>Each cell: the block_q x block_k configs compiled for the target without the hardware, "
              "coloured by the worst outcome among them, labelled with the largest shared-memory (GPU) or scoped VMEM "
              "(TPU) figure of any kernel and how many compiled cleanly. Nothing here was timed.</p>"]
-    keys = sorted(by_key.values(), key=lambda kt: (kt[0].device_kind, describe_problem(kt[0])))
+    keys = sorted(by_key.values(), key=lambda kt: (target_name(*kt), describe_problem(kt[0])))
     if len(keys) > MAX_MAPS:
         parts.append(f"<p class='note'>The first {MAX_MAPS} of {len(keys)} compile-only keys.</p>")
     current = None
     maps: list[str] = []
     for key, ts in keys[:MAX_MAPS]:
-        if key.device_kind != current:
+        name = target_name(key, ts)
+        if name != current:
             if maps:
                 parts.append("<div class='multiples'>" + "".join(maps) + "</div>")
                 maps = []
-            current = key.device_kind
-            parts.append(f"<h3>{esc(key.device_kind)} [{esc(key.platform)}]</h3>")
+            current = name
+            parts.append(f"<h3>{esc(name)} ({esc(key.device_kind)}, compile-only)</h3>")
         drawn = compile_map(key, ts)
         if drawn:
             maps.append(drawn)

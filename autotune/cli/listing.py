@@ -16,7 +16,7 @@ from autotune.cli.common import (SHAPE_FLAGS, database_errors, db_option, descri
                                       key_matches, kernel_option_module,
                                       open_existing, ordered_config, plain_number, print_table, printable,
                                       problem_options, require_bests, specs_from_flags, table_config, when, where)
-from autotune.cli.compile_listing import figures_text, target_key
+from autotune.cli.compile_listing import compile_status, figures_heading, figures_text, target_key
 from autotune.cli.winners import others_text, winner_note
 from autotune.keys import PROBLEM_FIELDS
 
@@ -135,6 +135,30 @@ def no_results_message(store, key) -> str:
     return text
 
 
+def default_config(key) -> dict | None:
+    """The config the key's kernel starts every search with (the first trial), when the kernel is a built-in one
+    of the stored version; None otherwise (nothing is marked)."""
+    from autotune.keys import problem_of
+    from autotune.kernel_protocol import BUILTIN, load_kernel
+
+    for name in BUILTIN:
+        module = load_kernel(name)
+        if (module.NAME, module.VERSION) == (key.kernel, key.kernel_version):
+            kind = None if key.platform == "cpu-interpret" else key.device_kind
+            try:
+                return module.Config.default(problem_of(key), device_kind=kind).to_dict()
+            except (ValueError, TypeError):
+                return None
+    return None
+
+
+def trial_marks(config: dict, default: dict | None, best) -> str:
+    """' (default)', ' (stored best)' or both, for a trial whose config is the kernel's default or the stored best."""
+    marks = [name for name, other in (("default", default), ("stored best", best.config if best else None))
+             if other is not None and all(config.get(k) == v for k, v in other.items())]
+    return f" ({', '.join(marks)})" if marks else ""
+
+
 def varying_fields(trials, key) -> list[str]:
     """The config fields whose values differ between trials (all fields if none do): what the table shows, in the
     order of every config table; a forward-only key's backward fields are left out, as in `list`."""
@@ -195,16 +219,18 @@ def show_command(kernel, best_id, target_name, as_json, db, **flags):
     else:
         click.echo("best       none stored (no candidate passed, or the search has not finished)")
     fields = varying_fields(trials, key) if trials else []
+    default = default_config(key)
     click.echo(f"\n{len(trials)} trial(s):")
-    rows = [[str(t.number if t.number is not None else "-"), t.status,
-             " ".join(f"{n}={t.config.get(n)}" for n in fields), format_ms(t.time_s), format_ms(t.time_spread_s),
+    rows = [[str(t.number if t.number is not None else "-"), compile_status(t) if compile_only else t.status,
+             " ".join(f"{n}={t.config.get(n)}" for n in fields) + trial_marks(t.config, default, best),
+             format_ms(t.time_s), format_ms(t.time_spread_s),
              "-" if t.compile_s is None else f"{t.compile_s:.2f}",
              "-" if t.max_error is None else f"{t.max_error:.2g}",
-             first_line(f"{t.error_class}: {t.error_message}" if t.error_class else t.error_message)]
+             first_line(f"{t.error_class}: {t.error_message}" if t.error_class else t.error_message, width=None)]
             for t in trials]
     if rows and compile_only:  # no times: the compiler's figures per kernel instead
         rows = [row[:2] + row[2:3] + [row[5], figures_text(t.figures), row[7]] for row, t in zip(rows, trials)]
-        print_table(["#", "status", "config", "compile s", "kernels (memory, registers, spills)", "error"], rows)
+        print_table(["#", "status", "config", "compile s", figures_heading(key), "error"], rows)
     elif rows:
         print_table(["#", "status", "config", "ms", "spread ms", "compile s", "max err", "error"], rows)
     summary = ", ".join(f"{status} {n}" for status, n in sorted(failures.items(), key=lambda x: -x[1]))

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 import click
 
-from autotune.cli.block_cells import block_cells
+from autotune.cli.block_cells import CHAR_W, block_cells
 from autotune.cli.compile_report import compile_section
 from autotune.cli.winners import others_text
 from autotune.compile.results import is_compile_only
@@ -34,6 +34,8 @@ table { border-collapse: collapse; font-size: 12px; } td, th { padding: 2px 8px;
 tr:nth-child(even) { background: #f4f4f4; } .note { color: #666; }
 svg.chart text { font: 11px monospace; fill: #333; } svg.chart .title { font: bold 11px sans-serif; }
 .multiples { display: flex; flex-wrap: wrap; gap: 12px; } .axis { stroke: #999; } .grid { stroke: #e5e5e5; }
+svg.chart { max-width: 100%; height: auto; } .scroll { overflow-x: auto; max-width: 100%; }
+body { padding: 0 12px; } .caveat { background: #fff3cd; padding: 6px 10px; border-left: 4px solid #e0a800; }
 """
 CHECK_SCRIPT = """
 for (const svg of document.querySelectorAll('svg[data-chart]')) {
@@ -43,9 +45,27 @@ for (const svg of document.querySelectorAll('svg[data-chart]')) {
     if (box.width > 0 || box.height > 0) drawn++;
   }
   svg.setAttribute('data-drawn', drawn);
+  const view = svg.viewBox.baseVal, texts = [...svg.querySelectorAll('text')];
+  const boxes = texts.map(t => t.getBBox()), bad = [];
+  const clipped = texts.filter((t, i) => {
+    const b = boxes[i];
+    return b.x < -0.5 || b.y < -0.5 || b.x + b.width > view.width + 0.5 || b.y + b.height > view.height + 0.5;
+  });
+  let overlaps = 0;
+  for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+    const a = boxes[i], b = boxes[j];
+    if (a.x < b.x + b.width - 0.5 && b.x < a.x + a.width - 0.5 && a.y < b.y + b.height - 0.5
+        && b.y < a.y + a.height - 0.5) { overlaps++; bad.push(texts[i].textContent + ' / ' + texts[j].textContent); }
+  }
+  svg.setAttribute('data-clipped', clipped.length);
+  svg.setAttribute('data-overlaps', overlaps);
+  svg.setAttribute('data-layout-faults', clipped.map(t => 'clipped: ' + t.textContent).concat(bad).join('; '));
 }
+document.body.setAttribute('data-overflow', document.documentElement.scrollWidth - window.innerWidth);
 document.body.setAttribute('data-checked', 'yes');
 """
+INTERPRET_NOTE = ("Times of keys on cpu [cpu-interpret] were measured in Pallas interpret mode on a CPU: they say "
+                  "nothing about GPU or TPU speed.")
 
 
 def esc(value) -> str:
@@ -67,6 +87,15 @@ def nice_ticks(low: float, high: float, count: int = 5, *, integer: bool = False
     return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
 
 
+def fit_label(label: str, most: int = 64) -> str:
+    """A bar's label, at most `most` characters: a longer one keeps its start (the key's id) and its end (+bwd,
+    the window, the cap) and loses its middle."""
+    if len(label) <= most:
+        return label
+    half = (most - 3) // 2
+    return label[:half] + "..." + label[len(label) - (most - 3 - half):]
+
+
 def svg(name: str, width: int, height: int, body: list[str], label: str) -> str:
     return (f'<svg class="chart" data-chart="{esc(name)}" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(label)}">' + "".join(body) + "</svg>")
@@ -78,7 +107,8 @@ def svg(name: str, width: int, height: int, body: list[str], label: str) -> str:
 def bar_chart(name: str, items: list[tuple[str, float, str, str]], unit: str, reference: float | None = None,
               *, integer: bool = False, digits: int | None = None) -> str:
     """Horizontal bars; items are (label, value, tooltip, colour); `digits` after the point on the bars' values."""
-    label_w, bar_w, row = 340, 360, 24
+    labels = [fit_label(label) for label, _, _, _ in items]
+    label_w, bar_w, row = max(80, round(max(map(len, labels), default=0) * CHAR_W) + 16), 360, 24
     width, height = label_w + bar_w + 70, 16 + row * len(items) + 28
     top = max([value for _, value, _, _ in items] + [reference or 0]) * 1.08 or 1.0
     scale = bar_w / top
@@ -87,9 +117,8 @@ def bar_chart(name: str, items: list[tuple[str, float, str, str]], unit: str, re
         x = label_w + tick * scale
         body.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="8" y2="{height - 24}"/>'
                     f'<text x="{x:.1f}" y="{height - 8}" text-anchor="middle">{fmt(tick)}{esc(unit)}</text>')
-    for i, (label, value, tooltip, colour) in enumerate(items):
+    for i, ((_, value, tooltip, colour), label) in enumerate(zip(items, labels)):
         y = 12 + i * row
-        label = label if len(label) <= 52 else label[:49] + "..."
         body.append(f'<text x="{label_w - 8}" y="{y + 13}" text-anchor="end">{esc(label)}</text>'
                     f'<rect class="mark bar" x="{label_w}" y="{y}" width="{max(value * scale, 1):.1f}" height="17" '
                     f'fill="{colour}"><title>{esc(tooltip)}</title></rect>'
@@ -108,7 +137,8 @@ def convergence_chart(title: str, trials: list) -> str:
     numbered = [(t.number if t.number is not None else i, t) for i, t in enumerate(trials)]
     ok = sorted((n, t.time_s * 1e3) for n, t in numbered if t.status == "ok" and t.time_s is not None)
     x_max = max([n for n, _ in numbered] + [1])
-    body = [f'<text class="title" x="{left}" y="14">{esc(title)}</text>']
+    shown_title = fit_label(title, int((width - 16) / CHAR_W))
+    body = [f'<text class="title" x="8" y="14">{esc(shown_title)}<title>{esc(title)}</title></text>']
     if ok:
         low, high = min(v for _, v in ok), max(v for _, v in ok)
         pad = (high - low) * 0.08 or low * 0.1 or 1.0
@@ -163,19 +193,20 @@ def heat_colour(fraction: float) -> str:
     return "#%02x%02x%02x" % HEAT_STOPS[-1][1]
 
 
-def heat_map(trials: list) -> str | None:
-    """The best ok time per (block_q, block_k) cell of one key's trials; None if its configs have no such fields."""
+def heat_map(trials: list, best_config: dict | None = None) -> str | None:
+    """The best ok time per (block_q, block_k) cell of one key's trials, the stored best's cell framed; None if its
+    configs have no such fields."""
     cells, rows, cols = block_cells(trials)
     if not cells:
         return None
     times = {cell: min(t.time_s for t in ts if t.status == "ok" and t.time_s is not None)
              for cell, ts in cells.items() if any(t.status == "ok" and t.time_s is not None for t in ts)}
     low, high = (min(times.values()), max(times.values())) if times else (1.0, 1.0)
-    winner = min(times, key=times.get) if times else None
+    stored = (best_config.get("block_q"), best_config.get("block_k")) if best_config else None
     cw, ch, left, top = 92, 44, 70, 40
     width, height = left + cw * len(cols) + 20, top + ch * len(rows) + 60
     body = [f'<text class="title" x="{left}" y="14">block_k</text>',
-            f'<text class="title" x="8" y="{top + 14}">block_q</text>']
+            f'<text class="title" x="8" y="{top - 8}">block_q</text>']
     for j, k in enumerate(cols):
         body.append(f'<text x="{left + j * cw + cw / 2}" y="{top - 8}" text-anchor="middle">{esc(k)}</text>')
     for i, q in enumerate(rows):
@@ -192,7 +223,7 @@ def heat_map(trials: list) -> str | None:
             else:
                 fill, text = "#d9d9d9", ", ".join(sorted({t.status for t in ts}))
             tip = f"block_q={q} block_k={k}: {text} ({len(ts)} trial(s))"
-            stroke = ' stroke="#000" stroke-width="3"' if (q, k) == winner else ' stroke="#fff"'
+            stroke = ' stroke="#000" stroke-width="3"' if (q, k) == stored else ' stroke="#fff"'
             body.append(f'<rect class="mark cell" x="{x}" y="{y}" width="{cw}" height="{ch}" fill="{fill}"{stroke}>'
                         f'<title>{esc(tip)}</title></rect>'
                         f'<text x="{x + cw / 2}" y="{y + ch / 2 + 4}" text-anchor="middle">{esc(text[:14])}</text>')
@@ -203,8 +234,10 @@ def heat_map(trials: list) -> str | None:
         f'<text x="{left}" y="{legend_y + 24}">{fmt(low * 1e3)} ms</text>'
         f'<text x="{left + 160}" y="{legend_y + 24}" text-anchor="end">{fmt(high * 1e3)} ms</text>'
         f'<rect x="{left + 180}" y="{legend_y}" width="14" height="10" fill="#d9d9d9"/>'
-        f'<text x="{left + 198}" y="{legend_y + 9}">failed (black frame: fastest)</text>')
-    return svg("heatmap", max(width, left + 400), height, body, "block_q by block_k trial times")
+        f'<text x="{left + 198}" y="{legend_y + 9}">failed</text>'
+        + (f'<rect x="{left + 260}" y="{legend_y - 1}" width="14" height="12" fill="none" stroke="#000" '
+           f'stroke-width="2"/><text x="{left + 280}" y="{legend_y + 9}">stored best</text>' if stored else ""))
+    return svg("heatmap", max(width, left + 370), height, body, "block_q by block_k trial times")
 
 
 # ---------------------------------------------------------------- the page
@@ -213,7 +246,7 @@ def heat_map(trials: list) -> str | None:
 def table(headers: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>"
 
 
 def build_page(source: str, bests: list, by_key: dict, heat_digest: str | None, extra: str = "") -> str:
@@ -222,6 +255,8 @@ def build_page(source: str, bests: list, by_key: dict, heat_digest: str | None, 
     parts = [f"<h1>Autotuning report</h1><p class='note'>{esc(source)} &middot; generated "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC &middot; {len(bests)} tuned key(s), "
              f"{sum(len(ts) for _, ts in by_key.values())} trial(s)</p>"]
+    if any(key.platform == "cpu-interpret" for key, _ in by_key.values()):
+        parts.append(f"<p class='caveat'>{esc(INTERPRET_NOTE)}</p>")
 
     parts.append("<h2>Speedup of the tuned config over the default</h2>")
     items = [(("\u2605 " if b.baseline_won else "") + f"#{b.id} {describe_problem(b.key)}",
@@ -264,7 +299,8 @@ def build_page(source: str, bests: list, by_key: dict, heat_digest: str | None, 
         parts.append(f"<p class='note'>{'#' + str(best.id) if best else heat_digest} {esc(describe_problem(key))} on "
                      f"{esc(key.device_kind)}, {len(trials)} trial(s): each cell is the best trial time over the other "
                      "fields, as measured during the search (the stored best comes from a final re-timing).</p>")
-        parts.append(heat_map(trials) or "<p class='note'>This kernel's configs have no block_q/block_k.</p>")
+        parts.append(heat_map(trials, best.config if best else None)
+                     or "<p class='note'>This kernel's configs have no block_q/block_k.</p>")
 
     parts.append("<h2>Failure classes</h2>")
     all_trials = [t for _, ts in by_key.values() for t in ts]

@@ -236,6 +236,13 @@ def _user_fields(key) -> dict:
             "softcap": key.softcap, "lengths": key.lengths}
 
 
+def stored_word(result) -> str:
+    """The summary's `stored` cell: whether this worker's winner became the key's stored best."""
+    if result.budget_met_before:
+        return "earlier"
+    return "yes" if result.stored else "no: a faster one is kept"
+
+
 def print_summary(results, db: str | None, kernel: str | None = None) -> None:
     """What was stored per problem, and why it can differ from the progress bar's best trial; then what to run
     next: `show`, and the `autotune.lookup` call that finds the stored key (every field of it, and the --kernel
@@ -248,28 +255,31 @@ def print_summary(results, db: str | None, kernel: str | None = None) -> None:
             describe_problem(r.problem), r.implementation, table_config(r.best_config, r.key),
             format_ms(r.best_time_s), format_ms(r.default_time_s),
             f"{r.speedup:.2f}x" if r.speedup else "-", others_text(r.times, r.implementation),
-            f"{r.trials_run}/{r.trials_failed}", f"{r.wall_s:.1f}",
+            f"{r.trials_run}/{r.trials_failed}", f"{r.wall_s:.1f}", stored_word(r),
         ])
     click.echo()
     print_table(["problem", "winner", "best config", "best ms", "default ms", "speedup", "others ms",
-                 "trials/failed", "wall s"], rows)
+                 "trials/failed", "wall s", "stored"], rows)
     click.echo()
     for r in results:
-        label = f"#{r.best_id}" if r.best_id is not None else describe_problem(r.problem)
         if r.ahead_of_time:
             click.echo(f"{describe_problem(r.problem)}: {r.ahead_of_time}")
+        label = f"#{r.best_id}" if r.best_id is not None else describe_problem(r.problem)
         click.echo(f"{label}: winner {winner_note(r.key.platform, r.implementation, r.times)}")
+    if any(r.stored for r in results):
+        click.echo("Stored: the winner of the final re-timing, where the top configs and the default ran interleaved "
+                   "on the same inputs; the trial times, measured while other candidates compiled, are what the "
+                   "progress bar showed (so the stored time can differ from the fastest trial's).")
+    for r in results:
+        label = f"#{r.best_id}" if r.best_id is not None else describe_problem(r.problem)
         if r.budget_met_before:
             click.echo(f"{label}: the study already has its {r.trials_run} trials; nothing searched. Shown: the best "
                        "stored before (raise --trials to search further).")
-        elif r.stored:
-            trial = f" (its fastest trial ran {format_ms(r.best_trial_s)} ms)" if r.best_trial_s else ""
-            click.echo(f"{label}: stored the winner of the final re-timing, where the top configs and the default "
-                       f"ran interleaved on the same inputs{trial}; trial times, measured while other candidates "
-                       "compiled, are what the progress bar showed.")
-        else:
-            click.echo(f"{label}: the database already held a faster result (another worker's, or an earlier "
-                       "run's); it was kept.")
+        elif not r.stored:
+            click.echo(f"{label}: this worker's winner ({table_config(r.best_config, r.key)}, "
+                       f"{format_ms(r.best_time_s)} ms) was not kept: the database already held a faster result "
+                       f"(another worker's, or an earlier run's), which stays the stored best (autotune show --id "
+                       f"{r.best_id}).")
     # A secret in the URL is never printed: the hints show the URL without it, and say how to give it instead.
     shown, secret_left_out = (None, False) if db is None else shareable_url(resolve_url(db))
     db_flag = "" if shown is None else f" --db {shlex.quote(shown)}"

@@ -64,3 +64,44 @@ def test_bad_input_is_one_line_naming_the_flag_as_typed(tmp_path):
     single = invoke("search", "--shapes", shapes, "--db", tmp_path / "r.db")
     assert single.exit_code == 2 and "write each problem as [[problem]]" in single.output
     assert not (tmp_path / "r.db").exists()
+
+
+def test_the_summary_says_once_how_winners_are_stored_and_when_an_offer_was_not_kept(capsys):
+    """Item 7: `search --misses` printed one near-identical re-timing sentence per problem, and a second worker
+    printed its own winner as if stored when the database kept a faster one."""
+    from types import SimpleNamespace
+
+    from autotune.cli.search import print_summary
+    from autotune.keys import make_key
+    from autotune.device import current_device
+    from autotune.kernel_protocol import load_kernel
+
+    def result(best_id: int, stored: bool):
+        problem = spec_from_fields({**MAIN_JOB, "seq_len": 128 * best_id}, "t").problem
+        key = make_key(load_kernel("gpu"), problem, current_device())
+        return SimpleNamespace(problem=problem, key=key, best_config={"block_q": 64, "block_k": 32}, best_time_s=2e-3,
+                               default_time_s=3e-3, speedup=1.5, xla_time_s=None, trials_run=8, trials_failed=0,
+                               wall_s=9.0, stored=stored, budget_met_before=False, ahead_of_time=None,
+                               best_trial_s=1.9e-3, best_id=best_id)
+
+    print_summary([result(1, True), result(2, True), result(3, True), result(4, False)], None)
+    out = capsys.readouterr().out
+    assert out.count("final re-timing") == 1
+    assert "#4: this worker's winner (block_k=32 block_q=64, 2.000 ms) was not kept" in out
+    assert "autotune show --id 4" in out
+    rows = [line for line in out.splitlines() if line.startswith("b1 q")]
+    assert [row.split("  ")[-1].strip() for row in rows] == ["yes"] * 3 + ["no: a faster one is kept"]
+
+
+def test_a_new_folder_for_the_database_is_said_aloud(tmp_path):
+    """Item 7: a mistyped --db directory was created without a word."""
+    import contextlib
+    import io
+
+    from autotune.cli.common import open_store
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        open_store(str(tmp_path / "typo" / "results.db")).close()
+        open_store(str(tmp_path / "typo" / "results.db")).close()  # there now: nothing to say
+    assert err.getvalue().count(f"Note: created the folder {tmp_path / 'typo'} for a new results database") == 1

@@ -140,7 +140,7 @@ def test_report_maps_each_target_and_export_import_carry_the_trials(swept, tmp_p
     result = invoke("report", page, "--db", db)
     assert result.exit_code == 0 and "compile-only trial(s)" in result.output, result.output
     text = page.read_text()
-    assert "What compiles, per target" in text and "NVIDIA H100 80GB HBM3 [gpu-compile]" in text
+    assert "What compiles, per target" in text and "h100 (NVIDIA H100 80GB HBM3, compile-only)" in text
     assert 'data-chart="compile-' in text and "Trial times by block_q and block_k" in text
     assert "compiled" not in text.split("<h2>Failure classes</h2>")[1].split("<h2>")[0]  # not a failure class
 
