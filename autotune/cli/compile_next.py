@@ -30,9 +30,9 @@ def compile_seconds(store, target) -> tuple[float, str]:
     for key in store.keys(platform=compile_platform(target.platform), device_kind=target.device_kind):
         seconds += [t.compile_s for t in store.trials(key) if t.compile_s is not None]
     if len(seconds) >= RECORDED_ENOUGH:
-        return statistics.fmean(seconds), f"the mean of its {len(seconds)} compiles recorded here"
+        return statistics.fmean(seconds), f"the mean of its {len(seconds)} compiles recorded in this database"
     measured = MEASURED_COMPILE_S.get(target.name, PLATFORM_COMPILE_S[target.platform])
-    return measured, "measured on a 2-core machine, benchmarks/results/target-search-cpu.md"
+    return measured, "measured on a 2-core machine (benchmarks/results/target-search-cpu.md)"
 
 
 def estimate_line(plans, store, processes: int) -> str | None:
@@ -43,17 +43,18 @@ def estimate_line(plans, store, processes: int) -> str | None:
     total_configs = sum(n for _, n in per_target.values())
     if not total_configs:
         return None
-    work, parts = 0.0, []
+    work, parts, sources = 0.0, [], []
     for target, configs in per_target.values():
         if not configs:
             continue
         each, source = compile_seconds(store, target)
         work += configs * each
-        parts.append(f"{target.name} {configs} x {each:.1f} s ({source})")
+        parts.append(f"{target.name} {configs} x {each:.1f} s")
+        sources.append(source if source.startswith("measured") else f"{target.name}: {source}")
     wall = STARTUP_S + work / max(1, processes)
     return (f"Estimated time: about {duration_text(wall)} ({total_configs} compiles over {processes} worker "
-            f"processes; per compile: {'; '.join(parts)}). Ctrl-C keeps every finished compile; the same command "
-            "resumes.")
+            f"processes: {', '.join(parts)}; seconds per compile {'; '.join(dict.fromkeys(sources))}). Ctrl-C keeps "
+            "every finished compile; the same command resumes.")
 
 
 def nothing_left_line(plans) -> str:
