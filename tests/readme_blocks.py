@@ -121,5 +121,24 @@ def source_literals() -> list[str]:
 def literal_fragment(line: str) -> str:
     """The longest stretch of a printed line with no number, path, quoted value or flag value in it: what the code
     must print literally."""
-    pieces = re.split(r"\d|/\S+|'[^']*'|`[^`]*`|\$\w+|\([^)]*\)", line)
+    pieces = re.split(r"\S*\d\S*|/\S+|'[^']*'|`[^`]*`|\$\w+|\[[^\]]*\]|\w+=\S*|\([^)]*\)", line)
     return max((p.strip(" :;,.") for p in pieces), key=len, default="")
+
+
+def pieces_printed(fragment: str, literals: list[str], most: int = 3) -> bool:
+    """Whether `fragment` is at most `most` literals of the code put one after the other (a message built from an
+    f-string and the text of its placeholder), each piece the longest one a literal holds."""
+    corpus = "\0".join(literals)
+    start, pieces = 0, 0
+    while start < len(fragment):
+        low, high = 0, len(fragment) - start
+        while low < high:  # the longest prefix of what is left that some literal holds
+            middle = (low + high + 1) // 2
+            if fragment[start:start + middle] in corpus:
+                low = middle
+            else:
+                high = middle - 1
+        if low < 4:
+            return False
+        start, pieces = start + low, pieces + 1
+    return pieces <= most
