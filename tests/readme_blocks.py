@@ -121,13 +121,14 @@ def source_literals() -> list[str]:
 def literal_fragment(line: str) -> str:
     """The longest stretch of a printed line with no number, path, quoted value or flag value in it: what the code
     must print literally."""
+    line = re.sub(r"^(?:\S*: )?(?:Error|\w*Warning): ", "", line)  # what click and warnings put before a message
     pieces = re.split(r"\S*\d\S*|/\S+|'[^']*'|`[^`]*`|\$\w+|\[[^\]]*\]|\w+=\S*|\([^)]*\)", line)
     return max((p.strip(" :;,.") for p in pieces), key=len, default="")
 
 
-def pieces_printed(fragment: str, literals: list[str], most: int = 3) -> bool:
+def pieces_printed(fragment: str, literals: list[str], most: int = 5) -> bool:
     """Whether `fragment` is at most `most` literals of the code put one after the other (a message built from an
-    f-string and the text of its placeholder), each piece the longest one a literal holds."""
+    f-string and the text of its placeholder), each piece the longest one a literal holds and at least 8 characters."""
     corpus = "\0".join(literals)
     start, pieces = 0, 0
     while start < len(fragment):
@@ -138,7 +139,7 @@ def pieces_printed(fragment: str, literals: list[str], most: int = 3) -> bool:
                 low = middle
             else:
                 high = middle - 1
-        if low < 4:
+        if low < min(8, len(fragment) - start):  # a piece shorter than a few words proves nothing
             return False
         start, pieces = start + low, pieces + 1
     return pieces <= most
