@@ -69,16 +69,14 @@ def run_target_command(*, target_text: str, kernel: str | None, shapes: str | No
             # Concurrent runs on one database share each key's budget and configs (autotune/compile/claims.py).
             with ConfigClaims(store, owner, ttl_s=config.claim_ttl_s, beat_s=config.claim_beat_s) as claims:
                 plans = claim_plans(plans, claims)
-                summaries = None
-                if not any(p.configs for p in plans):  # nothing left to compile: say why, skip the bars
-                    click.echo(nothing_left_line(plans), err=True)
-                else:
-                    click.echo(estimate_line(plans, store, COMPILE_PROCESSES), err=True)
-                    summaries = _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet,
-                                         claims, config.claim_beat_s)
+                empty = not any(p.configs for p in plans)  # nothing left to compile: say why, no bars
+                click.echo(nothing_left_line(plans) if empty else estimate_line(plans, store, COMPILE_PROCESSES),
+                           err=True)
+                summaries = _compile(plans, store, device, target_text, trials, seed, trial_timeout,
+                                     quiet or empty, claims, config.claim_beat_s)
     finally:
         store.close()
-    if summaries is not None:
+    if not empty:
         print_compile_summary(summaries)
     click.echo()
     for line in next_steps(plans, db=db, shapes=shapes, given_flags=given_flag_texts(flags)):
@@ -93,8 +91,10 @@ def _compile(plans, store, device, target_text, trials, seed, trial_timeout, qui
 
     total = sum(len(p.configs) for p in plans)
     names = ", ".join(dict.fromkeys(p.target.name for p in plans))
-    click.echo(f"Compiling {plural(total, 'config')} for {names} ({plural(len({p.spec for p in plans}), 'problem')}; "
-               f"compile-only: nothing is timed), results in {where(store)}", err=True)
+    problems = plural(len({p.spec for p in plans}), 'problem')
+    if total:
+        click.echo(f"Compiling {plural(total, 'config')} for {names} ({problems}; compile-only: nothing is timed), "
+                   f"results in {where(store)}", err=True)
     run_id = store.start_run(host=device.host, device_kind=", ".join(dict.fromkeys(p.target.device_kind
                                                                                for p in plans)),
                              platform="compile-only", jax_version=device.jax_version,

@@ -109,7 +109,7 @@ def test_show_target_report_and_the_device_search_read_past_bad_compile_rows(tmp
     flags = ["--batch", "1", "--seq-len", "32", "--heads", "1", "--head-dim", "16"]
     shown = invoke("show", "--target", "h100", *flags, "--db", db)
     assert shown.exit_code == 0 and "Traceback" not in shown.output, shown.output
-    assert "fwd 52.0K r96" in shown.output  # the good row's figures
+    assert "fwd 52.0 KiB r96" in shown.output  # the good row's figures
     as_json = invoke("show", "--target", "h100", *flags, "--json", "--db", db)
     assert as_json.exit_code == 0 and len(json.loads(as_json.output)["trials"]) == 4
     page = tmp_path / "report.html"

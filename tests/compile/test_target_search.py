@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from autotune.cli.app import main
+from autotune.cli.compile_listing import size_text
 from autotune.compile.results import REJECTED, SPILLS, ahead_of_time, compile_key
 from autotune.compile.pool import INSTALL_HINT, compilers_missing
 from autotune.device import DeviceInfo
@@ -106,8 +107,7 @@ def test_compile_only_search_records_real_figures_that_show_displays(swept, name
     shown = invoke("show", "--target", name, *args, "--db", db)
     assert shown.exit_code == 0, shown.output
     assert "compile-only" in shown.output and f"[{get_target(name).platform}-compile]" in shown.output
-    kib = f"{compiled[0].figures['kernels'][0]['memory_bytes'] / 1024:.1f}K"
-    assert kib in shown.output
+    assert size_text(compiled[0].figures['kernels'][0]['memory_bytes']) in shown.output
     if name == "h100":
         assert f"r{compiled[0].figures['kernels'][0]['registers']}" in shown.output
     as_json = json.loads(invoke("show", "--target", name, *args, "--json", "--db", db).output)
@@ -245,7 +245,7 @@ def test_a_config_the_compiler_rejected_is_skipped_as_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("args, named", [
-    (["--target", "h200x"], "known targets: h100, a100"),
+    (["--target", "h200x"], "known targets: h100, h100-pcie, h200, a100"),
     (["--target", "v5e", "--kernel", "gpu"], "--kernel tpu"),
     (["--target", "h100,v9"], "unknown target 'v9'"),
     (["--target", "h100", "--kernel", "tests.toy_kernel"], "'gpu' or 'tpu'"),
