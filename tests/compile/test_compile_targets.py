@@ -249,6 +249,12 @@ def test_device_kinds_match_one_target_and_its_sweep_applies_on_each(tmp_path):
     for target in TARGETS.values():  # every kind a target covers leads back to that target, and to no other
         assert all(target_for_device_kind(kind) is target for kind in target.device_kinds)
     assert get_target("h100-pcie").gpu.cores == 114 and get_target("h200").gpu.memory_bandwidth == 4.8e12
+    from autotune.compile.model.gpu_hardware import HARDWARE
+    from autotune.compile.model.gpu_predict import TARGET_HARDWARE
+
+    for target in (t for t in TARGETS.values() if t.platform == "gpu"):  # each GPU target has the model's figures
+        assert TARGET_HARDWARE[target.model_hardware] in HARDWARE, target.name
+        assert HARDWARE[TARGET_HARDWARE[target.model_hardware]].sms == target.gpu.cores, target.name
 
     problem = Problem(batch=1, q_len=32, kv_len=32, heads=1, kv_heads=1, head_dim=16)
     key = compile_key(gpu.NAME, gpu.VERSION, "gpu", get_target("a100").device_kind, "0.10.2", problem)
