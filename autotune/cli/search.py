@@ -131,6 +131,11 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
                             trial_timeout_s=trial_timeout, timing=TimingPolicy(samples=samples) if samples
                             else TimingPolicy(), compare_xla=not no_xla, baseline_margin=baseline_margin,
                             allow_spills=allow_spills)
+    if device.interpret:  # before the run starts: its matmul is not work a Ctrl-C must unwind
+        from autotune.cli.interpret_notice import announce_cpu_search
+
+        announce_cpu_search(specs, trials=trials, timing=options.timing, shapes=shapes,
+                            given_flags=given_flag_texts(flags))
     claims = [claim_name(kernel_module, spec, device, options) if len(specs) > 1 else None for spec in specs]
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     arguments = {k: v for k, v in dict(shapes=shapes, kernel=kernel, trials=trials, timeout=timeout,
@@ -148,11 +153,6 @@ def search_command(shapes, tune_misses, kernel, trials, timeout, patience, sampl
     click.echo(f"Tuning {len(specs)} problem(s) with the {kernel_module.NAME} kernel (version "
                f"{kernel_module.VERSION}) on {device.device_kind} [{device.platform}], results in {where(store)}",
                err=True)
-    if device.interpret:
-        from autotune.cli.interpret_notice import announce_cpu_search
-
-        announce_cpu_search(specs, trials=trials, timing=options.timing, shapes=shapes,
-                            given_flags=given_flag_texts(flags))
 
     status, results, failures = "failed", [], []
     _CTRL_C_SEEN.clear()
