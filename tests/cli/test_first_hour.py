@@ -81,6 +81,7 @@ def test_the_summary_says_once_how_winners_are_stored_and_when_an_offer_was_not_
         key = make_key(load_kernel("gpu"), problem, current_device())
         return SimpleNamespace(problem=problem, key=key, best_config={"block_q": 64, "block_k": 32}, best_time_s=2e-3,
                                default_time_s=3e-3, speedup=1.5, xla_time_s=None, trials_run=8, trials_failed=0,
+                               implementation="pallas", times={"pallas": 2e-3},
                                wall_s=9.0, stored=stored, budget_met_before=False, ahead_of_time=None,
                                best_trial_s=1.9e-3, best_id=best_id)
 
