@@ -17,7 +17,7 @@ from autotune.compile.results import figures_of
 from autotune.config_check import check_any_kernel, check_fields_any_kernel
 from db import ImportValidationError, Store, export_document
 from db.compile_transfer import merge_compile_trials, parse_compile_trials
-from db.figures import KERNEL_FIELDS, check_figures
+from db.figures import KERNEL_FIELDS, RESOURCE_EXHAUSTED, check_figures
 from db.transfer import read_document
 from tests.db.test_db import make_key
 
@@ -34,7 +34,7 @@ def compiled_figures() -> dict:
 
 
 def failed_figures() -> dict:
-    return figures_of(SimpleNamespace(kernels=(), ok=False, failure_kind="resources_exhausted",
+    return figures_of(SimpleNamespace(kernels=(), ok=False, failure_kind=RESOURCE_EXHAUSTED,
                                       requested_bytes=300_000, limit_bytes=232_448), "h100")
 
 
