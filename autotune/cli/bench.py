@@ -12,13 +12,14 @@ from typing import Any, Callable
 
 import click
 
+from kernels.devices import INTERPRET
 from autotune.problem_fields import DEFAULT_DOCUMENTS
 from autotune.cli.common import (database_errors, db_option, describe_problem, echo_json, first_line,
                                       format_ms, kernel_option_module, missing_database, open_store, print_table,
                                       problem_options, specs_from_flags)
 
 # Matmul edge per platform for the peak: big enough to saturate the device, quick on a CPU.
-PEAK_SIZE = {"gpu": 8192, "tpu": 8192, "cpu-interpret": 1024}
+PEAK_SIZE = {"gpu": 8192, "tpu": 8192, INTERPRET: 1024}
 BACKWARD_FLOPS = 2.5  # backward FLOPs per forward FLOP (Problem.flops)
 
 
