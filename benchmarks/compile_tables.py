@@ -17,6 +17,7 @@ import jax
 
 from autotune.compile.pool import CompileJob, CompileResult, estimated_bytes
 from autotune.compile.targets import get_target
+from db.figures import RESOURCE_EXHAUSTED, canonical_failure_kind
 from kernels import Problem
 from kernels import gpu as gpu_kernel
 from kernels import tpu as tpu_kernel
@@ -93,7 +94,7 @@ def judge(row: dict) -> dict:
 
 
 def verdict(row: dict) -> str:
-    compiled, resources = row["ok"], row["failure"] == "resources_exhausted"
+    compiled, resources = row["ok"], row["failure"] == RESOURCE_EXHAUSTED
     if row["accepted"] and resources:
         return "**ACCEPTED, COMPILER REJECTS**"
     if not row["accepted"] and compiled:
@@ -109,14 +110,14 @@ def summary(rows: list[dict]) -> dict:
     """Counts of a target's judged rows: false accepts anywhere; false rejects among compiled near-limit rows."""
     compiled = [r for r in rows if r["ok"]]
     near = [r for r in compiled if r["near"]]
-    false_accepts = [r for r in rows if r["accepted"] and r["failure"] == "resources_exhausted"]
+    false_accepts = [r for r in rows if r["accepted"] and r["failure"] == RESOURCE_EXHAUSTED]
     near_rejects = [r for r in near if not r["accepted"]]
     rate = len(near_rejects) / len(near) if near else 0.0
     return {"configs": len(rows), "compiled": len(compiled), "near_compiled": len(near),
             "false_accepts": len(false_accepts), "near_false_rejects": len(near_rejects),
             "near_false_reject_rate": rate, "false_rejects": sum(not r["accepted"] for r in compiled),
-            "refused": sum(r["failure"] == "resources_exhausted" for r in rows),
-            "other_failures": sum(not r["ok"] and r["failure"] != "resources_exhausted" for r in rows),
+            "refused": sum(r["failure"] == RESOURCE_EXHAUSTED for r in rows),
+            "other_failures": sum(not r["ok"] and r["failure"] != RESOURCE_EXHAUSTED for r in rows),
             "met": not false_accepts and rate <= 0.10,
             "median_seconds": sorted(r["seconds"] for r in rows)[len(rows) // 2] if rows else 0.0}
 
@@ -202,7 +203,9 @@ def render(target_name: str, rows: list[dict], defaults: list[dict], versions: s
 
 
 def load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The raw rows of a results file, failure kinds in today's spelling."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [{**row, "failure": canonical_failure_kind(row["failure"])} for row in rows]
 
 
 def render_all(names: list[str]) -> list[str]:

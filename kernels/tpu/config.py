@@ -8,14 +8,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-
 from kernels.configs import IntConfig
+from kernels.devices import MIB, default_scoped_vmem, tpu_generation, vmem_limit
 from kernels.problem import Problem
 
 LANES = 128  # TPU vreg lane count: minor block dims are multiples of this
 SUBLANES = 8  # TPU vreg sublane count: second-minor block dims are multiples of this
-MIB = 1 << 20
-DEFAULT_VMEM_LIMIT = 16 * MIB  # the scoped VMEM default of the smallest current TPUs
 
 
 @dataclass(frozen=True)
@@ -121,32 +119,6 @@ def search_space(problem: Problem) -> dict[str, tuple[int, ...]]:
     if problem.backward:
         space.update(bwd_block_q=q_blocks(512), bwd_block_k_major=kv_blocks(1024), bwd_block_k=kv_blocks(512))
     return space
-
-
-# Per TPU generation, measured with deviceless compiles (libtpu 0.0.42): the scoped VMEM limit the compiler applies
-# when a kernel sets none, and the VMEM a kernel may use when it raises the limit (`vmem_limit_bytes`).
-DEFAULT_SCOPED_VMEM = {"v4": 16 * MIB, "v5e": 16 * MIB, "v5p": 16 * MIB, "v6e": 32 * MIB, "7x": 32 * MIB}
-# v5p's capacity is 62915 B short of 64 MiB ("Used 64.83M of 63.94M vmem").
-VMEM_CAPACITY = {"v4": 16 * MIB, "v5e": 128 * MIB, "v5p": 67045949, "v6e": 128 * MIB, "7x": 64 * MIB}
-
-
-def tpu_generation(device_kind: str | None) -> str | None:
-    """'v4', 'v5e', 'v5p', 'v6e' or '7x' from a device kind as jax reports it ('TPU v5 lite', 'TPU7x'...)."""
-    kind = " ".join((device_kind or "").lower().replace("tpu", " ").split())
-    table = {"v4": "v4", "v5 lite": "v5e", "v5e": "v5e", "v5litepod": "v5e", "v5": "v5p", "v5p": "v5p",
-             "v6 lite": "v6e", "v6e": "v6e", "7x": "7x", "v7x": "7x", "v7": "7x", "7": "7x"}
-    return table.get(kind)
-
-
-def default_scoped_vmem(device_kind: str | None) -> int:
-    """The scoped VMEM limit the compiler applies by default (16 MiB for an unknown device: the smallest)."""
-    return DEFAULT_SCOPED_VMEM.get(tpu_generation(device_kind), DEFAULT_VMEM_LIMIT)
-
-
-def vmem_limit(device_kind: str | None) -> int:
-    """VMEM one kernel may use on the device (the kernels raise the scoped limit to their need, up to this);
-    16 MiB, the smallest chip's, for an unknown device or interpret mode."""
-    return VMEM_CAPACITY.get(tpu_generation(device_kind), DEFAULT_VMEM_LIMIT)
 
 
 def kernel_itemsize(problem: Problem) -> int:
@@ -256,6 +228,15 @@ def dkv_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = N
 def backward_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
     """VMEM of the larger of the two backward kernels (dq, and dk/dv)."""
     return max(dq_vmem_bytes(config, problem, device_kind), dkv_vmem_bytes(config, problem, device_kind))
+
+
+def memory_estimate(config: Config, problem: Problem, *, device_kind: str | None = None) -> dict[str, int]:
+    """VMEM each kernel of the problem needs, in bytes, by role: the forward, and dq and dkv when the problem has a
+    backward (what the checks judge, and what compile targets set beside the compiler's figure)."""
+    found = {"forward": forward_vmem_bytes(config, problem, device_kind)}
+    if problem.backward:
+        found.update(dq=dq_vmem_bytes(config, problem, device_kind), dkv=dkv_vmem_bytes(config, problem, device_kind))
+    return found
 
 
 def _block_reasons(prefix: str, bq: int, bkm: int, bk: int, problem: Problem) -> list[str]:

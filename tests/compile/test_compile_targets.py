@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from autotune.cli.targets import targets_command
 from autotune.compile.pool import INSTALL_HINT, CompileJob, compile_many, compilers_missing, estimated_bytes
 from autotune.compile.targets import TARGETS, get_target
+from db.records import RESOURCE_EXHAUSTED
 from kernels import Problem
 from kernels import gpu as gpu_kernel
 from kernels import tpu as tpu_kernel
@@ -153,7 +154,7 @@ def test_config_over_the_memory_is_rejected_by_compiler_and_checks(compiled, nam
         pytest.skip(f"a config over {target.memory_limit_bytes >> 20} MiB of VMEM takes minutes to be refused; "
                     "set AUTOTUNE_SLOW_COMPILES=1 to run it")
     _, [(job, result)] = results_of(compiled, target, "too_big")
-    assert not result.ok and result.failure_kind == "resources_exhausted", describe(job, result)
+    assert not result.ok and result.failure_kind == RESOURCE_EXHAUSTED, describe(job, result)
     module = module_of(target)
     reasons = module.invalid_reasons(module.Config.from_dict(job.config), job.problem,
                                      device_kind=target.device_kind)

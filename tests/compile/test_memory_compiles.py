@@ -10,6 +10,7 @@ import pytest
 
 from autotune.compile.pool import CompileJob, compile_many, compilers_missing, estimated_bytes
 from autotune.compile.targets import TARGETS, get_target
+from db.records import RESOURCE_EXHAUSTED
 from kernels import Problem
 from kernels import gpu as gpu_kernel
 from kernels import tpu as tpu_kernel
@@ -92,7 +93,7 @@ def test_near_limit_configs_the_checks_accept_compile(compiled, name, record_pro
     rejected = compiled.get((name, "rejected"), [])
     compiles = [job for job, result in rejected if result.ok]
     for job, result in rejected:
-        assert result.ok or result.failure_kind == "resources_exhausted", result.message[:400]
+        assert result.ok or result.failure_kind == RESOURCE_EXHAUSTED, result.message[:400]
     record_property("near_limit_rejected_but_compiles", f"{len(compiles)} of {len(rejected)}")
 
 
