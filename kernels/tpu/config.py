@@ -133,23 +133,20 @@ def _tile(rows: int, cols: int, itemsize: int) -> int:
 
 
 # Temporaries per kernel (forward, dq, dk/dv) and TPU generation: coefficients of six sizes (below), fitted as
-# upper bounds of the VMEM the compiler reports (libtpu 0.0.42; benchmarks/compile_sweep.py --fit) on v4, v5e and
-# v6e. The sixth (a forward walking its kv block in several chunks keeps more score tiles live: block_q 512 with
-# 4 chunks of 128 used 4.86 MB on v4, 3.63 MB on v5e, against 2.9 MB and 1.2-1.5 MB in one chunk) was set by hand
-# from those compiles, above what they need. v5p and TPU7x report VMEM in proportion to the limit a kernel sets, not to its need, so they take the
-# largest coefficient of the others (they have 64 MiB: the margin costs nothing); so do unknown devices.
-TEMPORARIES = {
-    "v4": ((0.26, 3.03, 0.05, 1.97, 0.05, 1.5), (0.23, 0.05, 0.51, 2.52, 0.35, 0.0),
+# upper bounds of the VMEM the compiler reports (libtpu 0.0.42) on v4, v5e and v6e. v4's forward was refit on the
+# 2026-12-05 sweep, after the figures became the use within the scoped region (benchmarks/fit_tpu_vmem.py: 96
+# kernels; it was 1.6-2.8x the need of large blocks); the others come from the first sweeps, the forward's sixth
+# (a kv block walked in several chunks keeps more score tiles live) set by hand above what those compiles needed.
+FITTED_TEMPORARIES = {
+    "v4": ((4.34, 0.05, 0.05, 0.05, 0.05, 0.05), (0.23, 0.05, 0.51, 2.52, 0.35, 0.0),
            (1.8, 0.05, 0.05, 4.59, 0.09, 0.0)),
     "v5e": ((0.05, 0.47, 0.05, 2.25, 0.05, 1.5), (0.05, 0.05, 0.13, 1.5, 0.05, 0.0),
             (0.05, 0.05, 0.05, 2.05, 0.05, 0.0)),
-    "v5p": ((0.26, 3.03, 0.05, 2.25, 0.05, 1.5), (0.23, 0.05, 0.51, 2.52, 0.35, 0.0),
-            (1.8, 0.05, 0.05, 4.59, 0.09, 0.0)),
     "v6e": ((0.05, 0.47, 0.05, 2.25, 0.05, 1.5), (0.05, 0.05, 0.13, 1.5, 0.05, 0.0),
             (0.05, 0.05, 0.05, 2.05, 0.05, 0.0)),
-    "7x": ((0.26, 3.03, 0.05, 2.25, 0.05, 1.5), (0.23, 0.05, 0.51, 2.52, 0.35, 0.0),
-           (1.8, 0.05, 0.05, 4.59, 0.09, 0.0)),
 }
+# v5p and TPU7x report VMEM in proportion to the limit a kernel sets, not to its need, so they (and unknown devices)
+# take the largest of the fitted generations' temporaries.
 
 
 def temporary_sizes(problem: Problem, block_b: int, rows: int, cols: int, block_major: int,
@@ -167,12 +164,9 @@ def temporary_sizes(problem: Problem, block_b: int, rows: int, cols: int, block_
 
 
 def _temporaries(device_kind: str | None, kernel: int, sizes: tuple[int, ...]) -> int:
-    table = TEMPORARIES.get(tpu_generation(device_kind))
-    if table is None:
-        coefficients = [max(TEMPORARIES[g][kernel][i] for g in TEMPORARIES) for i in range(len(sizes))]
-    else:
-        coefficients = table[kernel]
-    return int(sum(c * size for c, size in zip(coefficients, sizes)))
+    table = FITTED_TEMPORARIES.get(tpu_generation(device_kind))
+    tables = [table] if table is not None else FITTED_TEMPORARIES.values()
+    return int(max(sum(c * size for c, size in zip(t[kernel], sizes)) for t in tables))
 
 
 MARGIN = 1.10  # the fits are tight upper bounds of the problems they saw; other problems needed up to 3% more
@@ -186,43 +180,68 @@ def _margin(nbytes: int, problem: Problem | None = None, widest: int = 0) -> int
     return int((WIDE_F32_MARGIN if wide else MARGIN) * nbytes)
 
 
-def forward_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
-    """VMEM of one forward program: its blocks twice (the pipeline double-buffers them), scratch, temporaries."""
+ROLES = ("forward", "dq", "dkv")  # the kernels, in the order of TEMPORARIES' rows
+
+
+@dataclass(frozen=True)
+class VmemParts:
+    """One kernel's VMEM before the fitted temporaries: its blocks (double-buffered by the pipeline) and scratch,
+    exact; the sizes its temporaries scale with (`temporary_sizes`); the widest block (it picks the margin)."""
+
+    fixed: int
+    sizes: tuple[int, ...]
+    widest: int
+
+
+def vmem_parts(role: str, config: Config, problem: Problem) -> VmemParts:
+    """The parts of the forward, dq or dkv kernel's VMEM (what `benchmarks/fit_tpu_vmem.py` fits against)."""
     it, d, bb = kernel_itemsize(problem), problem.head_dim, config.block_b
-    bq, bkm, bk = config.block_q, config.block_k_major, config.block_k
-    # q, out; k, v; the logsumexp (saved for the backward, or returned by `return_lse`, which no Problem names)
-    blocks = bb * (2 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + _tile(bq, LANES, 4))
-    if problem.segments:
-        blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
-    scratch = bb * (2 * _tile(bq, LANES, 4) + _tile(bq, d, 4))  # running max and sum, accumulator
-    return _margin(2 * blocks + scratch
-                   + _temporaries(device_kind, 0, temporary_sizes(problem, bb, bq, bk, bkm, bkm // bk)),
-                   problem, max(bq, bkm))
+    if role == "forward":
+        bq, bkm, bk = config.block_q, config.block_k_major, config.block_k
+        # q, out; k, v; the logsumexp (saved for the backward, or returned by `return_lse`, which no Problem names)
+        blocks = bb * (2 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + _tile(bq, LANES, 4))
+        if problem.segments:
+            blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
+        scratch = bb * (2 * _tile(bq, LANES, 4) + _tile(bq, d, 4))  # running max and sum, accumulator
+        sizes = temporary_sizes(problem, bb, bq, bk, bkm, bkm // bk)
+    elif role == "dq":  # q, do, k, v, lse, delta (and ids) blocks and dq; an accumulator
+        bq, bkm, bk = config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k
+        blocks = bb * (3 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + 2 * _tile(bq, LANES, 4))
+        if problem.segments:
+            blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
+        scratch = bb * _tile(bq, d, 4)
+        sizes = temporary_sizes(problem, bb, bq, bk, bkm, bkm // bk)
+    elif role == "dkv":  # q, do, k, v, dk, dv, lse and delta rows (and ids); two accumulators over the kv block
+        bq, bkm, bk = config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k
+        blocks = bb * (2 * _tile(bq, d, it) + 4 * _tile(bkm, d, it) + 2 * _tile(SUBLANES, bq, 4))
+        if problem.segments:
+            blocks += bb * (_tile(SUBLANES, bq, 4) + _tile(bkm, LANES, 4))
+        scratch = 2 * bb * _tile(bkm, d, 4)
+        sizes = temporary_sizes(problem, bb, bk, bq, bkm, bkm // bk)
+    else:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    return VmemParts(fixed=2 * blocks + scratch, sizes=sizes, widest=max(bq, bkm))
+
+
+def kernel_vmem_bytes(role: str, config: Config, problem: Problem, device_kind: str | None = None) -> int:
+    """VMEM of one program of the forward, dq or dkv kernel: exact blocks and scratch, fitted temporaries, margin."""
+    parts = vmem_parts(role, config, problem)
+    return _margin(parts.fixed + _temporaries(device_kind, ROLES.index(role), parts.sizes), problem, parts.widest)
+
+
+def forward_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
+    """VMEM of one forward program."""
+    return kernel_vmem_bytes("forward", config, problem, device_kind)
 
 
 def dq_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
-    """VMEM of one dq program: q, do, k, v, lse, delta (and ids) blocks and dq, double-buffered; an accumulator."""
-    it, d, bb = kernel_itemsize(problem), problem.head_dim, config.block_b
-    bq, bkm, bk = config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k
-    blocks = bb * (3 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + 2 * _tile(bq, LANES, 4))
-    if problem.segments:
-        blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
-    return _margin(2 * blocks + bb * _tile(bq, d, 4)
-                   + _temporaries(device_kind, 1, temporary_sizes(problem, bb, bq, bk, bkm, bkm // bk)),
-                   problem, max(bq, bkm))
+    """VMEM of one dq program."""
+    return kernel_vmem_bytes("dq", config, problem, device_kind)
 
 
 def dkv_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
-    """VMEM of one dk/dv program: q, do, k, v, dk, dv, lse and delta rows (and ids), double-buffered; two
-    accumulators over the kv block."""
-    it, d, bb = kernel_itemsize(problem), problem.head_dim, config.block_b
-    bq, bkm, bk = config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k
-    blocks = bb * (2 * _tile(bq, d, it) + 4 * _tile(bkm, d, it) + 2 * _tile(SUBLANES, bq, 4))
-    if problem.segments:
-        blocks += bb * (_tile(SUBLANES, bq, 4) + _tile(bkm, LANES, 4))
-    return _margin(2 * blocks + 2 * bb * _tile(bkm, d, 4)
-                   + _temporaries(device_kind, 2, temporary_sizes(problem, bb, bk, bq, bkm, bkm // bk)),
-                   problem, max(bq, bkm))
+    """VMEM of one dk/dv program."""
+    return kernel_vmem_bytes("dkv", config, problem, device_kind)
 
 
 def backward_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
