@@ -6,6 +6,7 @@ dotted module path, checked against the protocol before anything uses it, with a
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from types import ModuleType
@@ -113,8 +114,10 @@ def target_gaps(module: Any) -> list[str]:
     return gaps
 
 
+@functools.lru_cache(maxsize=None)
 def load_target_kernel(platform: str) -> TargetKernelModule:
-    """The built-in kernel of a compile target's platform, checked against `TargetKernelModule`."""
+    """The built-in kernel of a compile target's platform, checked against `TargetKernelModule` (once: the estimates
+    of every compile job go through it)."""
     path = BUILTIN[kernel_for_platform(platform)]
     module = load_kernel(path)
     gaps = target_gaps(module)

@@ -3,11 +3,12 @@
 Interpret mode accepts far more than the compilers do, so this is where the validity checks meet the truth: for
 each target the default config and a sample of accepted configs compile (forward and gradients; ragged lengths,
 GQA, segment ids, head_dim 72, float32 and bfloat16), a config the compiler rejects is one the checks reject too,
-and compile failures come back classified, never raised. All compiles of the module share one run of parallel
-compile processes (a module fixture). Skipped, naming the install, where the compilers are absent.
+and compile failures come back classified, never raised. All compiles share the session's one run of parallel compile
+processes (tests/compile/conftest.py). Skipped, naming the install, where the compilers are absent.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -18,9 +19,11 @@ import pytest
 from click.testing import CliRunner
 
 from autotune.cli.targets import targets_command
-from autotune.compile.pool import INSTALL_HINT, CompileJob, compile_many, compilers_missing, estimated_bytes
+from autotune.compile.pool import INSTALL_HINT, CompileJob, compilers_missing, estimated_bytes
 from autotune.compile.targets import TARGETS, get_target
 from db.records import RESOURCE_EXHAUSTED
+from tests.compile import test_memory_compiles as memory_tests
+from tests.compile.conftest import ci_space, results_by_case
 from kernels import Problem
 from kernels import gpu as gpu_kernel
 from kernels import tpu as tpu_kernel
@@ -67,7 +70,7 @@ def skip_unless_compilers(target) -> None:
 def accepted_sample(target, problem: Problem, rng: random.Random, count: int) -> list[dict]:
     """`count` distinct random configs of the search space that the checks accept for the target."""
     module = module_of(target)
-    space = module.search_space(problem)
+    space = ci_space(module, problem)
     base = module.Config.default(problem, device_kind=target.device_kind).to_dict()
     found: dict[str, dict] = {}
     for _ in range(2000):
@@ -80,11 +83,13 @@ def accepted_sample(target, problem: Problem, rng: random.Random, count: int) ->
     return list(found.values())
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    """Every compile of this module in one parallel run: {(target, case): [(job, result), ...]}."""
-    seed = random.randrange(1 << 30)
-    rng = random.Random(seed)
+SEED = random.randrange(1 << 30)  # a new sample of accepted configs each session, named by any failure
+
+
+@functools.cache
+def plan() -> dict[tuple[str, str], list[CompileJob]]:
+    """Every compile of this module: {(target, case): [job, ...]}."""
+    rng = random.Random(SEED)
     cases: dict[tuple[str, str], list[CompileJob]] = {}
     for target in TARGETS.values():
         if MISSING[target.platform]:
@@ -93,8 +98,9 @@ def compiled():
         kind = target.device_kind
         add = lambda case, problem, data, x64=False: cases.setdefault((target.name, case), []).append(  # noqa: E731
             CompileJob(target.name, problem, data, x64))
-        for problem in (RAGGED, BF16):
-            add("default", problem, module.Config.default(problem, device_kind=kind).to_dict())
+        add("default", RAGGED, module.Config.default(RAGGED, device_kind=kind).to_dict())
+        # and the default-grid problems the memory tests compile for this target (compiled once for both)
+        cases[(target.name, "default")] += memory_tests.plan().get((target.name, "default"), [])
         for data in accepted_sample(target, BF16, rng, SAMPLES):
             add("sample", BF16, data)
         if too_big_in_ci(target):
@@ -106,9 +112,13 @@ def compiled():
         if target.name == "h100":
             add("spills", BF16.replace(backward=False), {**module.Config.default(BF16, device_kind=kind).to_dict(),
                                                          **SPILLS})
-    jobs = [job for group in cases.values() for job in group]
-    results = iter(compile_many(jobs, processes=2, timeout_s=400) if jobs else [])
-    return seed, {key: [(job, next(results)) for job in group] for key, group in cases.items()}
+    return cases
+
+
+@pytest.fixture(scope="module")
+def compiled(compiled_jobs):
+    """(seed, {(target, case): [(job, result), ...]})."""
+    return SEED, results_by_case(plan(), compiled_jobs)
 
 
 def results_of(compiled, target, case):
