@@ -1,7 +1,8 @@
 """Fit the TPU VMEM model's temporaries to the compiler's figures: the tightest upper bound of every recorded kernel.
 
 Each TPU kernel's VMEM is its exact blocks and scratch plus temporaries, a sum of coefficients times six sizes
-(`kernels.tpu.config.vmem_parts`, `temporary_sizes`). For one generation and kernel this finds the coefficients
+(`kernels.tpu.config.vmem_parts`, `temporary_sizes`). For one generation, kernel and dtype (16-bit or 32-bit in
+the kernel: float32 temporaries follow other sizes than bfloat16 ones) this finds the coefficients
 (at least FLOOR each, so a size the sweep never saw large keeps an allowance) that keep blocks + temporaries at or
 above every figure the compiler reported in benchmarks/results/compile-sweep.jsonl, with the least total
 over-estimate relative to each figure (a linear program). The model's margin (`MARGIN`, `WIDE_F32_MARGIN`) then
@@ -23,18 +24,22 @@ from scipy.optimize import linprog
 
 from benchmarks.compile_tables import RESULTS, load
 from kernels import Problem
-from kernels.tpu.config import ROLES, Config, vmem_parts
+from kernels.tpu.config import ROLES, Config, kernel_itemsize, vmem_parts
 
 FLOOR = 0.05
 
 
-def points(target: str, role: str, labels: set[str] | None) -> list[tuple[int, tuple[int, ...], int]]:
-    """(fixed bytes, temporary sizes, compiler's figure) of every compile of `target` that reports `role`."""
+def points(target: str, role: str, itemsize: int, labels: set[str] | None) -> list[tuple[int, tuple[int, ...], int]]:
+    """(fixed bytes, temporary sizes, compiler's figure) of every compile of `target` whose kernels see `itemsize`
+    bytes per element and that reports `role`."""
     found = []
     for row in load(RESULTS / "compile-sweep.jsonl"):
         if row["target"] != target or (labels and row["label"] not in labels) or role not in row["kernels"]:
             continue
-        parts = vmem_parts(role, Config.from_dict(row["config"]), Problem.from_dict(row["problem"]))
+        problem = Problem.from_dict(row["problem"])
+        if kernel_itemsize(problem) != itemsize:
+            continue
+        parts = vmem_parts(role, Config.from_dict(row["config"]), problem)
         found.append((parts.fixed, parts.sizes, row["kernels"][role]["memory_bytes"]))
     return found
 
@@ -59,14 +64,15 @@ def main() -> None:
     args = parser.parse_args()
     labels = {label for label in args.labels.split(",") if label} or None
     for role in ROLES:
-        data = points(args.target, role, labels)
-        if not data:
-            print(f"{role}: no figures")
-            continue
-        coefficients = fit(data)
-        ratios = [(f + np.dot(coefficients, s)) / r for f, s, r in data]
-        print(f"{role}: {len(data)} kernels, coefficients {coefficients}, estimate / figure before the margin "
-              f"{min(ratios):.2f}..{max(ratios):.2f} (median {np.median(ratios):.2f})")
+        for itemsize in (2, 4):
+            data = points(args.target, role, itemsize, labels)
+            if not data:
+                print(f"{role} {8 * itemsize}-bit: no figures")
+                continue
+            coefficients = fit(data)
+            ratios = [(f + np.dot(coefficients, s)) / r for f, s, r in data]
+            print(f"{role} {8 * itemsize}-bit: {len(data)} kernels, coefficients {coefficients}, estimate / figure "
+                  f"before the margin {min(ratios):.2f}..{max(ratios):.2f} (median {np.median(ratios):.2f})")
 
 
 if __name__ == "__main__":

@@ -132,18 +132,23 @@ def _tile(rows: int, cols: int, itemsize: int) -> int:
     return round_up(rows, sublanes) * round_up(cols, LANES) * itemsize
 
 
-# Temporaries per kernel (forward, dq, dk/dv) and TPU generation: coefficients of six sizes (below), fitted as
-# upper bounds of the VMEM the compiler reports (libtpu 0.0.42) on v4, v5e and v6e. v4's forward was refit on the
-# 2026-12-05 sweep, after the figures became the use within the scoped region (benchmarks/fit_tpu_vmem.py: 96
-# kernels; it was 1.6-2.8x the need of large blocks); the others come from the first sweeps, the forward's sixth
-# (a kv block walked in several chunks keeps more score tiles live) set by hand above what those compiles needed.
+# Temporaries per TPU generation, kernel (forward, dq, dk/dv) and kernel dtype (16-bit, 32-bit): coefficients of six
+# sizes (`temporary_sizes`), fitted as upper bounds of the VMEM the compiler reports (libtpu 0.0.42) by a linear
+# program (benchmarks/fit_tpu_vmem.py). v4 was refit on all its sweeps (2026-12-05; the resweep after the figures
+# became the use within the scoped region): 96 forward and 59 dq and dk/dv kernels, each dtype apart (float32
+# temporaries follow the operand tiles, bfloat16 ones the score tile); its forward had been 1.6-2.8x the need of
+# large blocks and its dq below the need of two bfloat16 512-blocks. v5e and v6e keep the fits of the first sweeps
+# (one set for both dtypes; the forward's sixth, a kv block walked in chunks, set by hand above those compiles), v5e
+# raised where its estimate with the margin fell below a figure (bfloat16 forward d256 512-blocks by 1%, float32
+# dk/dv d256 by 4%).
+_V5E_V6E = ((0.05, 0.47, 0.05, 2.25, 0.05, 1.5), (0.05, 0.05, 0.13, 1.5, 0.05, 0.0), (0.05, 0.05, 0.05, 2.05, 0.05, 0.0))
 FITTED_TEMPORARIES = {
-    "v4": ((4.34, 0.05, 0.05, 0.05, 0.05, 0.05), (0.23, 0.05, 0.51, 2.52, 0.35, 0.0),
-           (1.8, 0.05, 0.05, 4.59, 0.09, 0.0)),
-    "v5e": ((0.05, 0.47, 0.05, 2.25, 0.05, 1.5), (0.05, 0.05, 0.13, 1.5, 0.05, 0.0),
-            (0.05, 0.05, 0.05, 2.05, 0.05, 0.0)),
-    "v6e": ((0.05, 0.47, 0.05, 2.25, 0.05, 1.5), (0.05, 0.05, 0.13, 1.5, 0.05, 0.0),
-            (0.05, 0.05, 0.05, 2.05, 0.05, 0.0)),
+    "v4": (((0.38, 1.07, 0.05, 1.23, 0.05, 0.05), (4.34, 0.05, 0.05, 0.05, 0.05, 0.05)),
+           ((0.92, 0.56, 0.05, 1.83, 0.05, 0.05), (0.05, 1.32, 0.5, 3.41, 0.05, 0.05)),
+           ((1.7, 0.48, 0.05, 0.65, 0.05, 0.05), (0.05, 0.05, 0.05, 0.05, 2.91, 0.05))),
+    "v5e": (((0.14, 0.47, 0.05, 2.25, 0.05, 1.5), _V5E_V6E[0]), (_V5E_V6E[1], _V5E_V6E[1]),
+            (_V5E_V6E[2], (0.05, 0.37, 0.05, 2.05, 0.05, 0.0))),
+    "v6e": tuple((kernel, kernel) for kernel in _V5E_V6E),
 }
 # v5p and TPU7x report VMEM in proportion to the limit a kernel sets, not to its need, so they (and unknown devices)
 # take the largest of the fitted generations' temporaries.
@@ -163,10 +168,17 @@ def temporary_sizes(problem: Problem, block_b: int, rows: int, cols: int, block_
             MIB, block_b * score * (chunks - 1))
 
 
-def _temporaries(device_kind: str | None, kernel: int, sizes: tuple[int, ...]) -> int:
+def temporary_coefficients(device_kind: str | None, kernel: int, itemsize: int) -> list[tuple[float, ...]]:
+    """The fitted coefficients that bound a kernel's temporaries on the device (every fitted generation's for one
+    that reports no need: the estimate is the largest)."""
     table = FITTED_TEMPORARIES.get(tpu_generation(device_kind))
-    tables = [table] if table is not None else FITTED_TEMPORARIES.values()
-    return int(max(sum(c * size for c, size in zip(t[kernel], sizes)) for t in tables))
+    tables = [table] if table is not None else list(FITTED_TEMPORARIES.values())
+    return [t[kernel][0 if itemsize == 2 else 1] for t in tables]
+
+
+def _temporaries(device_kind: str | None, kernel: int, sizes: tuple[int, ...], itemsize: int) -> int:
+    return int(max(sum(c * size for c, size in zip(coefficients, sizes))
+                   for coefficients in temporary_coefficients(device_kind, kernel, itemsize)))
 
 
 MARGIN = 1.10  # the fits are tight upper bounds of the problems they saw; other problems needed up to 3% more
@@ -226,7 +238,8 @@ def vmem_parts(role: str, config: Config, problem: Problem) -> VmemParts:
 def kernel_vmem_bytes(role: str, config: Config, problem: Problem, device_kind: str | None = None) -> int:
     """VMEM of one program of the forward, dq or dkv kernel: exact blocks and scratch, fitted temporaries, margin."""
     parts = vmem_parts(role, config, problem)
-    return _margin(parts.fixed + _temporaries(device_kind, ROLES.index(role), parts.sizes), problem, parts.widest)
+    temporaries = _temporaries(device_kind, ROLES.index(role), parts.sizes, kernel_itemsize(problem))
+    return _margin(parts.fixed + temporaries, problem, parts.widest)
 
 
 def forward_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
