@@ -44,8 +44,10 @@ def near_limit(target, rng: random.Random, accepted: bool) -> CompileJob | None:
 
     module = module_of(target)
     limit = target.memory_limit_bytes if target.platform == "gpu" else default_scoped_vmem(target.device_kind)
+    # float32 near a TPU's limit compiles for 25-35 s; its defaults are in the grid, its near-limit configs in the sweep
+    dtypes = ("bfloat16", "float32") if target.platform == "gpu" else ("bfloat16",)
     problems = [Problem(batch=4, q_len=1024, kv_len=1024, heads=2, kv_heads=2, head_dim=head_dim, dtype=dtype,
-                        causal=True) for head_dim in (64, 128, 256) for dtype in ("bfloat16", "float32")]
+                        causal=True) for head_dim in (64, 128, 256) for dtype in dtypes]
     spaces = {p: ci_space(module, p) for p in problems}
     defaults = {p: module.Config.default(p, device_kind=target.device_kind).to_dict() for p in problems}
     for _ in range(3000):
