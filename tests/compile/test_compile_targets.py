@@ -104,7 +104,7 @@ def plan() -> dict[tuple[str, str], list[CompileJob]]:
         if target.name in RAGGED_TARGETS:
             add("default", RAGGED, module.Config.default(RAGGED, device_kind=kind).to_dict())
         # and the default-grid problems the memory tests compile for this target (compiled once for both)
-        cases[(target.name, "default")] += memory_tests.plan().get((target.name, "default"), [])
+        cases.setdefault((target.name, "default"), []).extend(memory_tests.plan().get((target.name, "default"), []))
         for data in accepted_sample(target, BF16, rng, SAMPLES):
             add("sample", BF16, data)
         if too_big_in_ci(target):
