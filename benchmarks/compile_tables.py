@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+from collections import Counter
 from datetime import date
 from pathlib import Path
 
@@ -181,6 +182,10 @@ def render(target_name: str, rows: list[dict], defaults: list[dict], versions: s
         f"(**{100 * s['near_false_reject_rate']:.1f}%** false rejects; goal <= 10%); rejected but compiled "
         f"anywhere: {s['false_rejects']}. Other compile failures: {s['other_failures']}. Median compile "
         f"{s['median_seconds']:.1f} s.", "",
+        "Rows per run: " + ", ".join(f"{label} {count}" for label, count in sorted(Counter(r["label"] for r in rows)
+                                                                                   .items()))
+        + " (`resweep`: the current kernels, 2026-12-05; the others: earlier kernels, and on TPUs before a figure "
+        "was the use within the scoped region, so an older TPU figure above 32 MiB may be offset + use).", "",
         f"Default config of {len(defaults)} problems (head_dim 64/128/256, bf16/f32, plain or every feature; "
         f"gradient compiles, forward kernel included): {len(defaults) - len(bad_defaults)} compile"
         + (": " + "; ".join(f"{_problem_label(d['problem'])} {d['failure']}" for d in bad_defaults)

@@ -142,14 +142,15 @@ def _smem(fixed_rows: int, streamed_rows: int, m_rows: int, block_q: int, block_
     - `fixed_rows` of q/k/v-like tiles stay for the whole program; `streamed_rows` are loaded per loop step;
     - on Hopper with 4 or more warps (wgmma runs on whole warpgroups; with 1 or 2 Triton lays the dots out as on
       Ampere, and so does this model: measured on sm_90a), 16-bit dots whose M (`m_rows`) is 64 or more run on
-      wgmma, which reads both operands from shared memory: the pipeline keeps `stages` buffers of the streamed tiles, and dk/dv stages one [block_q, block_k]
-      tile for its transposed operand;
+      wgmma, which reads both operands from shared memory: the pipeline keeps `stages` buffers of the streamed
+      tiles, and dk/dv stages one [block_q, block_k] tile for its transposed operand;
     - elsewhere (Ampere's mma, float32, small M) it keeps `stages - 1` buffers (dk/dv on Hopper: at least 2); a
       single-stage loop of the forward or dq stages one of k and v at a time; a [block_q, block_k] probability tile
-      goes through shared memory on its way to the second dot (none in a single-stage Hopper float32 forward, one in other Hopper float32 forwards, two in its
-      float32 dq and dk/dv; on Ampere's forward for block_q <= 64, or 128 at head_dim 256), plus 1 KiB of
-      barriers and small scratch; on Hopper a float32 forward with 2 stages double-buffers k (not v), and a
-      float32 dk/dv with 3 stages keeps 3 buffers;
+      goes through shared memory on its way to the second dot (none in a single-stage Hopper float32 forward, one
+      in other Hopper float32 forwards, two in its float32 dq and dk/dv; on Ampere's forward for block_q <= 64, or
+      128 at head_dim 256), plus 1 KiB of barriers and small scratch; on Hopper a float32 forward with 2 stages
+      double-buffers k (not v), and a float32 dk/dv with 3 stages keeps 3 buffers; a float32 backward on mma
+      (Ampere, or Hopper with 1-2 warps) keeps one dk/dv buffer and one of k and v per dq stage, and no tile;
     - dk/dv also buffers the float32 lse and delta of its streamed query rows; with segment ids, the int32 ids of
       the streamed rows are buffered `stages` deep.
     """

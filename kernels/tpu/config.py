@@ -141,7 +141,8 @@ def _tile(rows: int, cols: int, itemsize: int) -> int:
 # (one set for both dtypes; the forward's sixth, a kv block walked in chunks, set by hand above those compiles), v5e
 # raised where its estimate with the margin fell below a figure (bfloat16 forward d256 512-blocks by 1%, float32
 # dk/dv d256 by 4%).
-_V5E_V6E = ((0.05, 0.47, 0.05, 2.25, 0.05, 1.5), (0.05, 0.05, 0.13, 1.5, 0.05, 0.0), (0.05, 0.05, 0.05, 2.05, 0.05, 0.0))
+_V5E_V6E = ((0.05, 0.47, 0.05, 2.25, 0.05, 1.5), (0.05, 0.05, 0.13, 1.5, 0.05, 0.0),
+            (0.05, 0.05, 0.05, 2.05, 0.05, 0.0))
 FITTED_TEMPORARIES = {
     "v4": (((0.38, 1.07, 0.05, 1.23, 0.05, 0.05), (4.34, 0.05, 0.05, 0.05, 0.05, 0.05)),
            ((0.92, 0.56, 0.05, 1.83, 0.05, 0.05), (0.05, 1.32, 0.5, 3.41, 0.05, 0.05)),
