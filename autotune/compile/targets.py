@@ -4,8 +4,8 @@ A target names a device the kernels are tuned for and what the deviceless compil
 device kind jax reports on the real device (what `Config.default` and `invalid_reasons` are given), the TPU
 topology name or the GPU description XLA compiles against, and the limits the validity checks judge configs by.
 The GPU descriptions are written here from published device figures (XLA's `GpuTargetConfigProto` text form); the
-memory limits come from kernels.devices, which the kernels' validity models read too, so the catalogue and the checks cannot
-disagree.
+memory limits come from kernels.devices, which the kernels' validity models read too, so the catalogue and the
+checks cannot disagree.
 """
 from __future__ import annotations
 
