@@ -17,6 +17,7 @@ from typing import Any
 from autotune.kernel_protocol import BUILTIN, load_kernel
 from autotune.keys import problem_of
 from db import ConfigCheck, TuningKey
+from kernels.devices import INTERPRET
 
 
 def check_with(kernel: ModuleType) -> ConfigCheck:
@@ -58,7 +59,7 @@ def _check(kernel: ModuleType, key: TuningKey, config: Mapping[str, Any]) -> Non
         raise ValueError(f"not a {kernel.NAME} config: {exc}") from None
     if key.kernel_version != kernel.VERSION:
         return
-    device_kind = None if key.platform == "cpu-interpret" else key.device_kind
+    device_kind = None if key.platform == INTERPRET else key.device_kind
     reasons = kernel.invalid_reasons(parsed, problem_of(key), device_kind=device_kind)
     if reasons:
         raise ValueError(f"{kernel.NAME} cannot run it for this key's problem: {'; '.join(reasons)}")

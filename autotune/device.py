@@ -7,26 +7,28 @@ from functools import lru_cache
 
 import jax
 
+from kernels.devices import INTERPRET, platform_of
+
 
 @dataclass(frozen=True)
 class DeviceInfo:
     """The hardware half of a tuning key. `interpret` is true where kernels can only run in interpret mode."""
 
-    platform: str  # "gpu", "tpu" or "cpu-interpret"
+    platform: str  # "gpu", "tpu" or kernels.devices.INTERPRET
     device_kind: str
     jax_version: str
     host: str
 
     @property
     def interpret(self) -> bool:
-        return self.platform == "cpu-interpret"
+        return self.platform == INTERPRET
 
 
 @lru_cache(maxsize=None)
 def current_device(backend: str | None = None) -> DeviceInfo:
     """Describe the default device (or the given backend's first device)."""
     device = jax.devices(backend)[0]
-    platform = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(device.platform, "cpu-interpret")
+    platform = platform_of(device.platform)
     return DeviceInfo(platform, str(device.device_kind), jax.__version__, socket.gethostname())
 
 

@@ -6,6 +6,7 @@ dotted module path, checked against the protocol before anything uses it, with a
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from types import ModuleType
@@ -48,6 +49,21 @@ class KernelModule(Protocol):
                         config: Any = None, interpret: bool = False): ...
 
 
+class TargetKernelModule(KernelModule, Protocol):
+    """What compiling for a named target (`autotune.compile`: `search --target`, `compile_many`) needs besides:
+    the memory each kernel is expected to need, set beside the compiler's figure, and `flash_attention` for a
+    device that is not `jax.devices()[0]` (a compile-only device). Within `kernels.entry.unchecked_configs()` the
+    kernel takes configs its checks reject (the compiler is the judge there)."""
+
+    def memory_estimate(self, config: Any, problem: Problem, *, device_kind: str | None = None) -> Mapping[str, int]:
+        """Bytes by kernel role ('forward', and 'dq' and 'dkv' for a backward problem), in the unit the compiler
+        reports: shared memory per block (GPU) or scoped VMEM (TPU)."""
+        ...
+
+    def flash_attention(self, q, k, v, *, causal: bool = False, segment_ids=None, sm_scale: float | None = None,
+                        config: Any = None, interpret: bool = False, device_kind: str | None = None): ...
+
+
 def _takes_keyword(function: Callable, name: str) -> bool:
     try:
         parameters = inspect.signature(function).parameters.values()
@@ -82,6 +98,33 @@ def protocol_gaps(module: Any) -> list[str]:
         if lacking:
             gaps.append(f"{function}() keyword(s) {', '.join(lacking)}")
     return gaps
+
+
+def target_gaps(module: Any) -> list[str]:
+    """What a module lacks of `TargetKernelModule` (the compile targets' surface), in words."""
+    gaps = protocol_gaps(module)
+    estimate = getattr(module, "memory_estimate", None)
+    if not callable(estimate):
+        gaps.append("memory_estimate()")
+    elif not _takes_keyword(estimate, "device_kind"):
+        gaps.append("memory_estimate() keyword(s) device_kind")
+    if callable(getattr(module, "flash_attention", None)) and not _takes_keyword(module.flash_attention,
+                                                                                 "device_kind"):
+        gaps.append("flash_attention() keyword(s) device_kind")
+    return gaps
+
+
+@functools.lru_cache(maxsize=None)
+def load_target_kernel(platform: str) -> TargetKernelModule:
+    """The built-in kernel of a compile target's platform, checked against `TargetKernelModule` (once: the estimates
+    of every compile job go through it)."""
+    path = BUILTIN[kernel_for_platform(platform)]
+    module = load_kernel(path)
+    gaps = target_gaps(module)
+    if gaps:
+        raise ValueError(f"kernel module {path!r} cannot be compiled for targets (autotune.kernel_protocol."
+                         f"TargetKernelModule): missing or wrong {'; '.join(gaps)}")
+    return module  # type: ignore[return-value]
 
 
 def check_kernel(module: Any, path: str) -> KernelModule:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+from collections import Counter
 from datetime import date
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import jax
 
 from autotune.compile.pool import CompileJob, CompileResult, estimated_bytes
 from autotune.compile.targets import get_target
+from db.figures import RESOURCE_EXHAUSTED, canonical_failure_kind
 from kernels import Problem
 from kernels import gpu as gpu_kernel
 from kernels import tpu as tpu_kernel
@@ -93,7 +95,7 @@ def judge(row: dict) -> dict:
 
 
 def verdict(row: dict) -> str:
-    compiled, resources = row["ok"], row["failure"] == "resources_exhausted"
+    compiled, resources = row["ok"], row["failure"] == RESOURCE_EXHAUSTED
     if row["accepted"] and resources:
         return "**ACCEPTED, COMPILER REJECTS**"
     if not row["accepted"] and compiled:
@@ -109,14 +111,14 @@ def summary(rows: list[dict]) -> dict:
     """Counts of a target's judged rows: false accepts anywhere; false rejects among compiled near-limit rows."""
     compiled = [r for r in rows if r["ok"]]
     near = [r for r in compiled if r["near"]]
-    false_accepts = [r for r in rows if r["accepted"] and r["failure"] == "resources_exhausted"]
+    false_accepts = [r for r in rows if r["accepted"] and r["failure"] == RESOURCE_EXHAUSTED]
     near_rejects = [r for r in near if not r["accepted"]]
     rate = len(near_rejects) / len(near) if near else 0.0
     return {"configs": len(rows), "compiled": len(compiled), "near_compiled": len(near),
             "false_accepts": len(false_accepts), "near_false_rejects": len(near_rejects),
             "near_false_reject_rate": rate, "false_rejects": sum(not r["accepted"] for r in compiled),
-            "refused": sum(r["failure"] == "resources_exhausted" for r in rows),
-            "other_failures": sum(not r["ok"] and r["failure"] != "resources_exhausted" for r in rows),
+            "refused": sum(r["failure"] == RESOURCE_EXHAUSTED for r in rows),
+            "other_failures": sum(not r["ok"] and r["failure"] != RESOURCE_EXHAUSTED for r in rows),
             "met": not false_accepts and rate <= 0.10,
             "median_seconds": sorted(r["seconds"] for r in rows)[len(rows) // 2] if rows else 0.0}
 
@@ -180,6 +182,10 @@ def render(target_name: str, rows: list[dict], defaults: list[dict], versions: s
         f"(**{100 * s['near_false_reject_rate']:.1f}%** false rejects; goal <= 10%); rejected but compiled "
         f"anywhere: {s['false_rejects']}. Other compile failures: {s['other_failures']}. Median compile "
         f"{s['median_seconds']:.1f} s.", "",
+        "Rows per run: " + ", ".join(f"{label} {count}" for label, count in sorted(Counter(r["label"] for r in rows)
+                                                                                   .items()))
+        + " (`resweep`: the current kernels, 2026-12-05; the others: earlier kernels, and on TPUs before a figure "
+        "was the use within the scoped region, so an older TPU figure above 32 MiB may be offset + use).", "",
         f"Default config of {len(defaults)} problems (head_dim 64/128/256, bf16/f32, plain or every feature; "
         f"gradient compiles, forward kernel included): {len(defaults) - len(bad_defaults)} compile"
         + (": " + "; ".join(f"{_problem_label(d['problem'])} {d['failure']}" for d in bad_defaults)
@@ -202,7 +208,9 @@ def render(target_name: str, rows: list[dict], defaults: list[dict], versions: s
 
 
 def load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The raw rows of a results file, failure kinds in today's spelling."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [{**row, "failure": canonical_failure_kind(row["failure"])} for row in rows]
 
 
 def render_all(names: list[str]) -> list[str]:

@@ -13,12 +13,19 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from db.records import RESOURCE_EXHAUSTED
 from db.validation import check_choice, check_int, check_name, check_time
 
 log = logging.getLogger(__name__)
 
 ROLES = ("forward", "dq", "dkv")  # the kernels of one compile, in this order
-FAILURE_KINDS = ("resources_exhausted", "lowering_error", "timeout", "other")
+FAILURE_KINDS = (RESOURCE_EXHAUSTED, "lowering_error", "timeout", "other")
+_LEGACY_FAILURE_KINDS = {"resources_exhausted": RESOURCE_EXHAUSTED}  # what versions before 2026-12 stored
+
+
+def canonical_failure_kind(kind: Any) -> Any:
+    """A stored failure kind in today's spelling (older rows and documents spell RESOURCE_EXHAUSTED otherwise)."""
+    return _LEGACY_FAILURE_KINDS.get(kind, kind) if isinstance(kind, str) else kind
 MAX_KERNELS = 16  # kernels in one compile: ours have at most three
 MAX_PARTS = 64  # named parts of a prediction
 MAX_BYTES = 2**40  # a memory, spill or stack figure: far past any chip's shared memory or VMEM
@@ -85,7 +92,8 @@ def check_figures(value: Any) -> dict[str, Any]:
     figures: dict[str, Any] = {"target": check_name("figures['target']", data["target"], limit=MAX_NAME),
                                "kernels": [_kernel(index, kernel) for index, kernel in enumerate(kernels)]}
     if any(name in data for name in _FAILURE_FIELDS):
-        figures["failure_kind"] = check_choice("figures['failure_kind']", data.get("failure_kind"), FAILURE_KINDS)
+        figures["failure_kind"] = check_choice("figures['failure_kind']",
+                                               canonical_failure_kind(data.get("failure_kind")), FAILURE_KINDS)
         for name in ("requested_bytes", "limit_bytes"):
             figures[name] = check_int(f"figures[{name!r}]", data.get(name), minimum=0, maximum=MAX_BYTES,
                                       optional=True)

@@ -20,7 +20,9 @@ from db.validation import (check_bool, check_choice, check_datetime, check_int, 
 PLATFORMS = ("gpu", "tpu", "cpu-interpret", "gpu-compile", "tpu-compile")
 COMPILE_PLATFORMS = ("gpu-compile", "tpu-compile")  # compile-only results for a target: never timed, never a best
 DTYPES = ("float32", "bfloat16", "float16")  # the kernels' dtypes (kernels.problem.DTYPES; a test keeps them equal)
-TRIAL_STATUSES = ("ok", "invalid", "compile_error", "resource_exhausted", "mismatch", "runtime_error", "timeout",
+# Out of shared memory or VMEM: a trial's status and a compile failure's kind, one spelling (XLA's RESOURCE_EXHAUSTED).
+RESOURCE_EXHAUSTED = "resource_exhausted"
+TRIAL_STATUSES = ("ok", "invalid", "compile_error", RESOURCE_EXHAUSTED, "mismatch", "runtime_error", "timeout",
                   "compiled")  # compiled: a compile-only trial that compiled (no time)
 RUN_STATUSES = ("running", "ok", "failed", "interrupted", "crashed")
 # What can win a key's final re-timing: our tuned kernel, or jax.nn.dot_product_attention's own implementations.

@@ -15,6 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+# jax.nn's finite "minus infinity" for float32 logits: a masked score never makes inf - inf = NaN in a softmax.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# The logsumexp the kernels store for a query row that sees no key (and for padded rows): exp(s - EMPTY_ROW_LSE)
+# is 0 for every score, so such a row has no gradient; the public lse turns it into -inf.
+EMPTY_ROW_LSE = 1e30
+
 
 @dataclass(frozen=True)
 class Band:

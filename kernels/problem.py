@@ -27,6 +27,14 @@ MAX_SOFTCAP = 2.0 ** 100
 MAX_SCALE = 1e4
 
 
+def check_heads(heads: int, kv_heads: int) -> None:
+    """ValueError unless kv_heads divides heads: under GQA/MQA each kv head serves a whole group of query heads (the
+    one statement of the rule, for a Problem, the kernels' inputs and the runtime's)."""
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"kv_heads must divide heads, got heads={heads} and kv_heads={kv_heads} (the kv heads of "
+                         "k and v each serve a whole group of query heads)")
+
+
 @dataclass(frozen=True)
 class Problem:
     """Static shape and flags of one attention call: what a tuned config is keyed on."""
@@ -52,8 +60,7 @@ class Problem:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, int(value))
-        if self.heads % self.kv_heads:
-            raise ValueError(f"kv_heads must divide heads, got heads={self.heads} and kv_heads={self.kv_heads}")
+        check_heads(self.heads, self.kv_heads)
         dtype = canonical_dtype(self.dtype, "dtype")
         object.__setattr__(self, "dtype", dtype)
         for name in ("causal", "segments", "backward", "lengths"):
@@ -213,8 +220,7 @@ def check_inputs(q, k, v, segment_ids=None, *, causal: bool = False, window=None
         raise ValueError(f"k and v must have the head_dim of q ({head_dim}), got {k.shape[3]}")
     if 0 in (batch, q_len, kv_len, heads, kv_heads, head_dim):
         raise ValueError(f"empty input: q has shape {tuple(q.shape)} and k has shape {tuple(k.shape)}")
-    if heads % kv_heads:
-        raise ValueError(f"the kv heads of k and v ({kv_heads}) must divide the heads of q ({heads})")
+    check_heads(heads, kv_heads)
 
     q_ids = kv_ids = None
     if segment_ids is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.masking import MASK_VALUE
 from kernels.problem import Problem
 
 BASELINES = ("xla", "cudnn")  # jax.nn's implementations (db.IMPLEMENTATIONS adds the kernel's; a test keeps them equal)
@@ -68,7 +69,7 @@ def xla_attention(query, key, value, bias, mask, *, scale, is_causal, q_lens, kv
         keep = keep & (jnp.arange(q_len)[None, None, :, None] < q_lens[:, None, None, None])
     if kv_lens is not None:
         keep = keep & (jnp.arange(kv_len)[None, None, None, :] < kv_lens[:, None, None, None])
-    logits = jnp.where(keep, logits, -0.7 * float(jnp.finfo(jnp.float32).max))
+    logits = jnp.where(keep, logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
     probs = probs.reshape(batch, kv_heads, groups, q_len, kv_len)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, value).reshape(query.shape)

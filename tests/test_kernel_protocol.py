@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from autotune.cli.app import main
-from autotune.kernel_protocol import load_kernel, protocol_gaps
+from autotune.kernel_protocol import load_kernel, load_target_kernel, protocol_gaps, target_gaps
 from kernels import Problem
 
 
@@ -48,6 +48,25 @@ def fake_kernel():
     sys.modules[module.__name__] = module
     yield module
     del sys.modules[module.__name__]
+
+
+@pytest.mark.parametrize("platform, roles", [("gpu", ("forward", "dq", "dkv")), ("tpu", ("forward", "dq", "dkv"))])
+def test_compile_targets_load_kernels_with_a_memory_estimate(platform, roles):
+    module = load_target_kernel(platform)
+    assert target_gaps(module) == []
+    problem = Problem(batch=1, q_len=256, kv_len=256, heads=2, kv_heads=1, head_dim=64, backward=True)
+    config = module.Config.default(problem, device_kind=None)
+    estimate = module.memory_estimate(config, problem, device_kind=None)
+    assert tuple(estimate) == roles and all(isinstance(v, int) and v > 0 for v in estimate.values())
+    assert tuple(module.memory_estimate(config, problem.replace(backward=False))) == ("forward",)
+
+
+def test_a_kernel_without_a_memory_estimate_cannot_be_compiled_for_targets(fake_kernel):
+    assert load_kernel("fake_kernel_for_protocol") is fake_kernel  # enough to search and run
+    assert target_gaps(fake_kernel) == ["memory_estimate()", "flash_attention() keyword(s) device_kind"]
+    fake_kernel.memory_estimate = lambda config, problem, *, device_kind=None: {"forward": 1}
+    fake_kernel.flash_attention = lambda q, k, v, *, device_kind=None, **kwargs: q
+    assert target_gaps(fake_kernel) == []
 
 
 def test_a_complete_module_loads(fake_kernel):

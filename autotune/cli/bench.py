@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import click
 
+from kernels.devices import INTERPRET
 from autotune.measure.cost import INTERPRET_CAVEAT, problem_flops
 
 from autotune.problem_fields import DEFAULT_DOCUMENTS
@@ -20,7 +21,7 @@ from autotune.cli.common import (database_errors, db_option, describe_problem, e
                                       problem_options, specs_from_flags)
 
 # Matmul edge per platform for the peak: big enough to saturate the device, quick on a CPU.
-PEAK_SIZE = {"gpu": 8192, "tpu": 8192, "cpu-interpret": 1024}
+PEAK_SIZE = {"gpu": 8192, "tpu": 8192, INTERPRET: 1024}
 
 
 @dataclass

@@ -8,12 +8,13 @@ import html
 from autotune.cli.block_cells import CHAR_W, block_cells
 from autotune.cli.common import describe_problem
 from autotune.compile.results import peak_bytes, trial_spills
+from db.records import RESOURCE_EXHAUSTED
 
-OUTCOME_COLORS = {"compiled": "#1a9850", "spilled": "#fdae61", "resource_exhausted": "#d73027",
+OUTCOME_COLORS = {"compiled": "#1a9850", "spilled": "#fdae61", RESOURCE_EXHAUSTED: "#d73027",
                   "failed": "#7570b3"}
-OUTCOME_WORDS = {"compiled": "compiled", "spilled": "compiled, spills", "resource_exhausted": "out of memory",
+OUTCOME_WORDS = {"compiled": "compiled", "spilled": "compiled, spills", RESOURCE_EXHAUSTED: "out of memory",
                  "failed": "failed otherwise"}
-SEVERITY = ("compiled", "spilled", "failed", "resource_exhausted")  # a cell shows its worst config's outcome
+SEVERITY = ("compiled", "spilled", "failed", RESOURCE_EXHAUSTED)  # a cell shows its worst config's outcome
 MAX_MAPS = 24
 
 
@@ -24,7 +25,7 @@ def esc(value) -> str:
 def outcome(trial) -> str:
     if trial.status == "compiled":
         return "spilled" if trial_spills(trial) else "compiled"
-    return "resource_exhausted" if trial.status == "resource_exhausted" else "failed"
+    return RESOURCE_EXHAUSTED if trial.status == RESOURCE_EXHAUSTED else "failed"
 
 
 def target_name(key, trials: list) -> str:

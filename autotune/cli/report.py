@@ -20,9 +20,10 @@ from autotune.cli.winners import others_text
 from autotune.compile.results import is_compile_only
 from autotune.cli.common import (database_errors, db_option, describe_problem, filter_options, first_line,
                                       key_filters, key_matches, open_existing, table_config, where)
+from db.records import RESOURCE_EXHAUSTED
 
 BASELINE_WON_COLOUR = "#f28e2b"  # a key where jax.nn's XLA or cuDNN attention beat the kernel
-FAILURE_COLORS = {"compile_error": "#d95f02", "resource_exhausted": "#7570b3", "mismatch": "#e7298a",
+FAILURE_COLORS = {"compile_error": "#d95f02", RESOURCE_EXHAUSTED: "#7570b3", "mismatch": "#e7298a",
                   "runtime_error": "#a6761d", "timeout": "#525252", "invalid": "#969696"}
 HEAT_STOPS = ((0.0, (26, 152, 80)), (0.5, (254, 224, 139)), (1.0, (215, 48, 39)))  # fast green .. slow red
 MAX_CONVERGENCE = 48

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from autotune.cli.common import format_ms
 from db import KERNEL_IMPLEMENTATION as KERNEL
+from kernels.devices import INTERPRET
 
 INTERPRET_NOTE = ("on the CPU interpret platform the kernel stays the winner: its interpret-mode times are never "
                   "compared with compiled XLA")
@@ -24,7 +25,7 @@ def winner_note(platform: str, winner: str, times: Mapping[str, float]) -> str:
     if not baselines:
         return (f"{KERNEL}: no baseline was timed beside the kernel (--no-xla, or a result from before baselines "
                 "competed)")
-    if platform == "cpu-interpret":
+    if platform == INTERPRET:
         return f"{KERNEL}: {' and '.join(baselines)} timed ({others_text(times, KERNEL)} ms); {INTERPRET_NOTE}"
     if winner == KERNEL:
         return (f"{KERNEL}: the kernel won against {others_text(times, KERNEL)} ms (a baseline wins only when it is "

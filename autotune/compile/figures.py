@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from db.figures import FAILURE_KINDS, ROLES  # noqa: F401  (the stored schema, defined once in db/figures.py)
+from db.figures import FAILURE_KINDS, RESOURCE_EXHAUSTED, ROLES  # noqa: F401  (the stored schema: db/figures.py)
 
 
 @dataclass(frozen=True)
@@ -122,13 +122,13 @@ def classify_failure(message: str) -> tuple[str, int | None, int | None]:
     for pattern in (_GPU_SMEM, _TPU_ALLOCATION):
         m = pattern.search(message)
         if m:
-            return "resources_exhausted", int(m[1]), int(m[2])
+            return RESOURCE_EXHAUSTED, int(m[1]), int(m[2])
     for pattern in (_TPU_SCOPED, _TPU_USED_OF):
         m = pattern.search(message)
         if m:
-            return "resources_exhausted", _bytes(m[1], m[2]), _bytes(m[3], m[4])
+            return RESOURCE_EXHAUSTED, _bytes(m[1], m[2]), _bytes(m[3], m[4])
     if "RESOURCE_EXHAUSTED" in message or "CompileTimeScopedVmemOom" in message or "out of memory" in message:
-        return "resources_exhausted", None, None
+        return RESOURCE_EXHAUSTED, None, None
     lowering = ("Mosaic", "MLIR", "lowering", "Lowering", "NotImplementedError", "Triton", "triton",
                 "not supported", "Unsupported", "unsupported")
     if any(word in message for word in lowering):

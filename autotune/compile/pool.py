@@ -3,7 +3,7 @@
 XLA:TPU with Mosaic (libtpu) and XLA:GPU with Triton and ptxas (the CUDA plugin) both compile for a device that is
 not there, given a compile-only device (`autotune.compile.targets`). A compile either succeeds, with the real figures of
 each kernel (shared memory, registers, spills, stack; or scoped VMEM), or fails with a classified reason
-(`resources_exhausted` is what the validity checks must foresee). Compiles run in worker processes
+(`resource_exhausted` is what the validity checks must foresee). Compiles run in worker processes
 (`autotune.compile.worker`): libtpu and XLA keep global state, a compile can take minutes or crash, and two cores
 compile twice as fast as one. Install the compilers with `pip install -e '.[compilers]'`.
 """
@@ -28,6 +28,7 @@ import jax
 
 from autotune.compile.figures import KernelFigures
 from autotune.compile.targets import Target, get_target
+from autotune.kernel_protocol import load_target_kernel
 from kernels import Problem
 
 INSTALL_HINT = "pip install -e '.[compilers]'"
@@ -66,7 +67,7 @@ class CompileResult:
     ok: bool
     seconds: float
     kernels: tuple[KernelFigures, ...] = ()
-    failure_kind: str | None = None  # resources_exhausted, lowering_error, timeout, other
+    failure_kind: str | None = None  # db.figures.FAILURE_KINDS: resource_exhausted, lowering_error, timeout, other
     message: str = ""
     requested_bytes: int | None = None
     limit_bytes: int | None = None
@@ -247,21 +248,6 @@ def estimated_bytes(target: str | Target, problem: Problem, config: dict[str, in
     """What the validity models expect each kernel (forward; dq and dkv for backward problems) to need, in the
     units the compiler reports (shared memory per block, or VMEM)."""
     target = get_target(target) if isinstance(target, str) else target
-    kind = target.device_kind
-    if target.platform == "gpu":
-        from kernels.gpu import config as gpu
-
-        c = config
-        found = {"forward": gpu.forward_smem_bytes(c["block_q"], c["block_k"], c["num_stages"], problem, kind)}
-        if problem.backward:
-            args = (c["bwd_block_q"], c["bwd_block_k"], c["bwd_num_stages"], problem, kind)
-            found.update(dq=gpu.dq_smem_bytes(*args), dkv=gpu.dkv_smem_bytes(*args))
-        return found
-    from kernels.tpu import config as tpu
-
-    c = tpu.Config.from_dict(config)
-    found = {"forward": tpu.forward_vmem_bytes(c, problem, kind)}
-    if problem.backward:
-        found.update(dq=tpu.dq_vmem_bytes(c, problem, kind), dkv=tpu.dkv_vmem_bytes(c, problem, kind))
-    return found
+    kernel = load_target_kernel(target.platform)
+    return dict(kernel.memory_estimate(kernel.Config.from_dict(config), problem, device_kind=target.device_kind))
 

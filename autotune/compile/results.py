@@ -17,10 +17,11 @@ from autotune.compile.targets import target_for_device_kind
 from autotune.keys import PROBLEM_FIELDS
 from autotune.space import config_text  # configs compare as the study compares them: canonical JSON
 from db import Store, TrialRecord, TuningKey
+from db.figures import RESOURCE_EXHAUSTED, canonical_failure_kind
 
 COMPILE_SUFFIX = "-compile"
 COMPILED = "compiled"  # the trial status of a config that compiled
-REJECTING_KINDS = ("resources_exhausted", "lowering_error")  # failures the device search trusts to skip a config
+REJECTING_KINDS = (RESOURCE_EXHAUSTED, "lowering_error")  # failures the device search trusts to skip a config
 SPILLS = "spills"
 REJECTED = "rejected"
 
@@ -63,7 +64,7 @@ def trial_verdict(trial: TrialRecord) -> str | None:
     """REJECTED, SPILLS or None (compiled cleanly, or failed in a way that says nothing of the config)."""
     if trial.status == COMPILED:
         return SPILLS if trial_spills(trial) else None
-    if trial.error_class in REJECTING_KINDS:
+    if canonical_failure_kind(trial.error_class) in REJECTING_KINDS:
         return REJECTED
     return None
 

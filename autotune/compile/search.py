@@ -25,10 +25,10 @@ from autotune.kernel_protocol import BUILTIN, kernel_for_platform, load_kernel
 from autotune.options import DEFAULT_TRIALS
 from autotune.shapes import ProblemSpec
 from autotune.space import Space
+from autotune.compile.figures import RESOURCE_EXHAUSTED
 from autotune.compile.targets import PLATFORMS, TARGETS, Target, get_target
 from db import Store, TuningKey
 
-FAILURE_STATUS = {"resources_exhausted": "resource_exhausted"}  # other failure kinds are stored as compile_error
 KIND = "compile_only"
 
 
@@ -147,7 +147,7 @@ class _Recorder:
         if result.ok:
             status, error_class, message = COMPILED, None, None
         else:
-            status = FAILURE_STATUS.get(result.failure_kind, "compile_error")
+            status = RESOURCE_EXHAUSTED if result.failure_kind == RESOURCE_EXHAUSTED else "compile_error"
             error_class, message = result.failure_kind, result.message
         space = plan.space
         distributions = {name: optuna.distributions.IntDistribution(0, len(values) - 1)

@@ -5,7 +5,7 @@ device kind jax reports on the real device (what `Config.default` and `invalid_r
 topology name or the GPU description XLA compiles against, and the limits the validity checks judge configs by.
 The GPU descriptions are written here from published device figures (XLA's `GpuTargetConfigProto` text form, as in
 XLA's own specs, xla/tools/hlo_opt/gpu_specs/*.txtpb, where it has one); the memory limits come from the kernels'
-own validity models, so the catalogue and the checks cannot disagree.
+validity models (which read kernels.devices), so the catalogue and the checks cannot disagree.
 
 A target's results apply on every device kind it covers (`device_kinds`: the strings jax reports for products that
 compile to the same code with the same limits, e.g. the 40 GB and 80 GB A100); `target_for_device_kind` is the one
@@ -16,8 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from kernels.gpu.config import smem_limit
-from kernels.tpu.config import vmem_limit
+from kernels.devices import smem_limit, vmem_limit
 
 PLATFORMS = ("gpu", "tpu")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import inspect
 import json
 import os
 import sys
@@ -33,7 +32,9 @@ from autotune.measure.kernel_call import feature_kwargs
 from autotune.compile.model.tpu_predict import DumpCollector, predict_tpu_compile
 from autotune.compile.figures import classify_failure, gpu_kernels, tpu_kernels
 from autotune.compile.targets import Target, get_target, gpu_target_config
+from autotune.kernel_protocol import TargetKernelModule, load_target_kernel
 from kernels import Problem
+from kernels.entry import unchecked_configs
 
 _DEVICES: dict[str, object] = {}
 _COLLECTOR = DumpCollector(_TPU_DUMP)
@@ -52,22 +53,11 @@ def device_for(target: Target):
     return _DEVICES[target.name]
 
 
-def _unchecked(module) -> None:
-    """Let the kernel wrappers compile configs their checks reject: the compiler is the judge here."""
-    for name, loaded in list(sys.modules.items()):
-        if name.startswith(module.__name__ + ".") and not name.endswith(".config") and \
-                hasattr(loaded, "invalid_reasons"):
-            loaded.invalid_reasons = lambda *args, **kwargs: []
-
-
-def _attention_fn(module, problem: Problem, config, device_kind: str):
-    takes_kind = "device_kind" in inspect.signature(module.flash_attention).parameters
-    extra = {"device_kind": device_kind} if takes_kind else {}
-
+def _attention_fn(module: TargetKernelModule, problem: Problem, config, device_kind: str):
     def attention(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
         ids = (q_ids, kv_ids) if problem.segments else None
-        return module.flash_attention(q, k, v, causal=problem.causal, segment_ids=ids, config=config, **extra,
-                                      **feature_kwargs(problem, q_lengths, kv_lengths))
+        return module.flash_attention(q, k, v, causal=problem.causal, segment_ids=ids, config=config,
+                                      device_kind=device_kind, **feature_kwargs(problem, q_lengths, kv_lengths))
 
     if not problem.backward:
         return attention
@@ -113,16 +103,15 @@ def run_job(job: dict) -> dict:
     """Compile one job; a dict with ok, seconds, kernels or failure (kind, message, requested/limit bytes)."""
     target = get_target(job["target"])
     problem = Problem.from_dict(job["problem"])
-    module = __import__(f"kernels.{target.platform}", fromlist=["Config"])
+    module = load_target_kernel(target.platform)
     config = module.Config.from_dict(job["config"])
-    _unchecked(module)
     jax.config.update("jax_enable_x64", bool(job.get("x64", False)))
     with tempfile.TemporaryDirectory(prefix="autotune-compile-") as folder:
         log = os.path.join(folder, "log.txt")
         dump = os.path.join(folder, "dump")
         start = time.perf_counter()
         try:
-            with _captured_stderr(log):
+            with _captured_stderr(log), unchecked_configs():  # the compiler judges every config here
                 device = device_for(target)
                 function = _attention_fn(module, problem, config, target.device_kind)
                 lowered = jax.jit(function).lower(*_specs(problem, device))

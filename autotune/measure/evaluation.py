@@ -14,6 +14,7 @@ from autotune.measure.checking import check_candidate
 from autotune.measure.inputs import random_lengths, random_qkv, random_segment_ids
 from autotune.options import SearchOptions
 from autotune.measure.timing import Timer, Timing
+from db.records import RESOURCE_EXHAUSTED
 from kernels import Problem
 
 
@@ -33,8 +34,8 @@ class TrialOutcome:
 
 def classify_error(exc: BaseException, stage: str) -> str:
     text = f"{type(exc).__name__}: {exc}".lower()
-    if "resource_exhausted" in text or "out of memory" in text or "shared memory" in text:
-        return "resource_exhausted"
+    if RESOURCE_EXHAUSTED in text or "out of memory" in text or "shared memory" in text:
+        return RESOURCE_EXHAUSTED
     return "compile_error" if stage == "compile" else "runtime_error"
 
 

@@ -20,8 +20,9 @@ from autotune.runtime.tuned_call import flash_attention as tuned_flash_attention
 from kernels.xla_attention import xla_attention
 from autotune.device import current_device
 from kernels import DTYPES, Problem
-from kernels.masking import Band
-from kernels.problem import check_lengths, check_softcap, check_window, resolve_scale
+from kernels.devices import INTERPRET
+from kernels.masking import MASK_VALUE, Band
+from kernels.problem import check_heads, check_lengths, check_softcap, check_window, resolve_scale
 
 KERNEL_IMPLEMENTATIONS = ("pallas", "gpu", "tpu")
 IMPLEMENTATIONS = (None, "xla", "cudnn") + KERNEL_IMPLEMENTATIONS
@@ -108,9 +109,7 @@ def _arrays(query, key, value):
         raise ValueError(f"query {tuple(query.shape)} must share batch and head_dim with key {tuple(key.shape)}")
     if not (query.dtype == key.dtype == value.dtype):
         raise ValueError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-    if key.shape[2] == 0 or query.shape[2] % key.shape[2]:
-        raise ValueError(f"the heads of query ({query.shape[2]}) must be a multiple of the kv heads of key "
-                         f"({key.shape[2]})")
+    check_heads(query.shape[2], key.shape[2])
     return query, key, value, batched
 
 
@@ -131,7 +130,7 @@ def _kernel_name(implementation) -> str | None:
     if implementation in (None, "pallas"):
         return None
     platform = current_device().platform
-    if platform not in ("cpu-interpret", implementation):
+    if platform not in (INTERPRET, implementation):
         raise ValueError(f"implementation={implementation!r} cannot run on {platform} (only there or in interpret "
                          f"mode on a CPU); use 'pallas' for this platform's kernel")
     return implementation
@@ -150,7 +149,6 @@ def _record_fallback(query, key, *, is_causal, window, cap, lengths, why) -> Non
 
 # ---- the two paths ------------------------------------------------------------------------------------------------
 
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # jax.nn's finite mask value for float32 logits
 
 
 def _tuned(query, key, value, *, scale, is_causal, q_lens, kv_lens, window, cap, return_residual, kernel,

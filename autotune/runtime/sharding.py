@@ -21,8 +21,8 @@ import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from autotune.device import DeviceInfo
+from kernels.devices import INTERPRET, platform_of
 
-_PLATFORMS = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
 _declared: contextvars.ContextVar[tuple[Any, PartitionSpec] | None] = contextvars.ContextVar(
     "autotune_sharded_as", default=None)
 
@@ -92,8 +92,8 @@ def _device_of_mesh(mesh) -> DeviceInfo | None:
     device = getattr(abstract, "abstract_device", None)
     if device is None:
         return None
-    platform = _PLATFORMS.get(device.platform, "cpu-interpret")
-    if platform == "cpu-interpret" or device.platform == jax.default_backend():
+    platform = platform_of(device.platform)
+    if platform == INTERPRET or device.platform == jax.default_backend():
         return None
     return DeviceInfo(platform, str(device.device_kind), jax.__version__, socket.gethostname())
 

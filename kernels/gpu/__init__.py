@@ -5,10 +5,10 @@
 from pathlib import Path
 
 from kernels.gpu.attention import flash_attention
-from kernels.gpu.config import Config, invalid_reasons, search_space
+from kernels.gpu.config import Config, invalid_reasons, memory_estimate, search_space
 from kernels.versioning import source_version
 
 NAME = "flash_attention_gpu"
 VERSION = source_version(Path(__file__).parent)
 
-__all__ = ["NAME", "VERSION", "Config", "flash_attention", "invalid_reasons", "search_space"]
+__all__ = ["NAME", "VERSION", "Config", "flash_attention", "invalid_reasons", "memory_estimate", "search_space"]

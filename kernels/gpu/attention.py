@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from kernels.devices import is_hopper
 from kernels.entry import checked_config, prepare
 from kernels.gpu.backward import backward
-from kernels.gpu.common import LOG2E, LSE_EMPTY, Masking, wgmma_device
+from kernels.gpu.common import LOG2E, LSE_EMPTY, Masking
 from kernels.gpu.config import Config, invalid_reasons
 from kernels.gpu.forward import forward
 
@@ -94,6 +95,6 @@ def flash_attention(
     config = checked_config(config, Config, invalid_reasons, problem, kind, "kernels.gpu.Config")
     masking = Masking(band=call.band, softcap=problem.softcap, lengths=problem.lengths)
     static = _Static(scale=call.scale, masking=masking, config=config, interpret=call.interpret,
-                     one_loop=wgmma_device(kind))
+                     one_loop=is_hopper(kind))
     return _attention_jit(call.q, call.k, call.v, call.q_ids, call.kv_ids, call.q_lengths, call.kv_lengths, static,
                           call.return_lse)

@@ -26,15 +26,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.masking import Band, ceildiv, floordiv, maximum, minimum, select
+from kernels.masking import EMPTY_ROW_LSE, Band, ceildiv, floordiv, maximum, minimum, select
 from kernels.masking import visible as visible_pairs
 
 LOG2E = math.log2(math.e)
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 # Start of the running max: finite, so `m_prev - m_new` is never inf - inf.
 M_INIT = -0.5 * float(jnp.finfo(jnp.float32).max)
-# logsumexp stored for rows that see no key (and for padded rows): exp2(s - BIG) == 0 for every score.
-LSE_EMPTY = 1e30
+LSE_EMPTY = EMPTY_ROW_LSE  # stored in base 2 here: exp2(s - LSE_EMPTY) == 0 for every score too
 
 
 def tile_mask(start, block: int, length: int | None, width: int = 0, head_dim: int = 0):
@@ -143,12 +142,6 @@ def kv_ranges(i, *, block_q: int, block_k: int, kv_len: int, masking: Masking, o
         plain_start = minimum(maximum(start, ceildiv(maximum(end_row - (left + 1), 0), block_k)), stop)
         plain_stop = minimum(maximum(plain_stop, plain_start), stop)
     return [(start, plain_start, True), (plain_start, plain_stop, False), (plain_stop, stop, True)]
-
-
-def wgmma_device(device_kind: str | None) -> bool:
-    """Whether the GPU is a Hopper (wgmma) one; None (interpret mode) counts as Hopper, as in the config checks."""
-    kind = (device_kind or "h100").lower()
-    return any(tag in kind for tag in ("h100", "h200", "h800", "gh200", "h20"))
 
 
 def q_ranges(j, *, block_q: int, block_k: int, q_len: int, masking: Masking, q_len_b=None,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from kernels.configs import IntConfig
+from kernels.devices import is_hopper, smem_limit
 from kernels.problem import Problem
 
 WARPS = (1, 2, 4, 8)
@@ -17,6 +18,7 @@ STAGES = (1, 2, 3, 4)
 MAX_STAGES = 8
 MIN_BLOCK = 16
 KIB = 1024
+WGMMA_WARPS = 4  # Hopper's wgmma runs on whole warpgroups: with fewer warps Triton lays dots out as on Ampere
 
 
 def next_pow2(n: int) -> int:
@@ -63,11 +65,11 @@ class Config(IntConfig):
         band = 1 << 30 if span is None else max(32, floor_pow2(span) // 2)
         fwd = _fit(
             min(128, band, block_cap(problem.q_len)), min(64, band, block_cap(problem.kv_len)), 2,
-            lambda bq, bk, s: forward_smem_bytes(bq, bk, s, problem, device_kind), device_kind,
+            lambda bq, bk, s: forward_smem_bytes(bq, bk, s, problem, device_kind, warps), device_kind,
         )
         bwd = _fit(
             min(bwd_block, band, block_cap(problem.q_len)), min(bwd_block, band, block_cap(problem.kv_len)), 2,
-            lambda bq, bk, s: backward_smem_bytes(bq, bk, s, problem, device_kind), device_kind,
+            lambda bq, bk, s: backward_smem_bytes(bq, bk, s, problem, device_kind, warps), device_kind,
         )
         return cls(
             block_q=fwd[0], block_k=fwd[1], num_warps=warps, num_stages=fwd[2],
@@ -128,75 +130,57 @@ def _plain_blocks(length: int, *, big: bool) -> tuple[int, ...]:
     return tuple(b for b in (16, 32, 64, 128, 256) if b <= cap)
 
 
-# Opt-in shared memory per block (bytes) by GPU; an unknown GPU gets the smallest current figure (99 KiB: sm_86/89).
-SMEM_PER_BLOCK = (
-    (("h100", "h200", "h800", "h20", "gh200"), 232448),
-    (("a100", "a800", "a30"), 166912),
-    (("l4", "l40", "4090", "4080", "a10", "a40", "3090", "a6000", "ada"), 101376),
-)
-HOPPER = ("h100", "h200", "h800", "h20", "gh200")
-SMALL_SMEM = 101376
-
-
-def smem_limit(device_kind: str | None) -> int:
-    """Shared memory a program may use, in bytes; interpret mode (None or CPU) is treated as Hopper."""
-    kind = (device_kind or "cpu").lower()
-    if "cpu" in kind:
-        return 232448
-    words = kind.replace("-", " ").split()
-    for names, limit in SMEM_PER_BLOCK:
-        if any(name in words or (len(name) > 3 and name in kind) for name in names):
-            return limit
-    return SMALL_SMEM
-
-
-def is_hopper(device_kind: str | None) -> bool:
-    """Hopper (sm_90): Triton feeds 16-bit dots with 64+ rows to wgmma, which reads both operands from shared
-    memory; interpret mode (None or CPU) is treated as Hopper, like its limit."""
-    kind = (device_kind or "cpu").lower()
-    return "cpu" in kind or any(name in kind for name in HOPPER)
-
-
 def _tile_bytes(problem: Problem) -> int:
     """Bytes of one row of a q/k/v tile: padded head_dim in the input dtype."""
     return padded_head_dim(problem.head_dim) * jnp.dtype(problem.dtype).itemsize
 
 
 def _smem(fixed_rows: int, streamed_rows: int, m_rows: int, block_q: int, block_k: int, stages: int,
-          problem: Problem, device_kind: str | None, *, forward: bool = False, dkv: bool = False) -> int:
+          problem: Problem, device_kind: str | None, warps: int, *, forward: bool = False, dkv: bool = False) -> int:
     """Shared memory of one kernel as Triton lays it out (calibrated on deviceless compiles for sm_90a and sm_80):
 
     - `fixed_rows` of q/k/v-like tiles stay for the whole program; `streamed_rows` are loaded per loop step;
-    - on Hopper, 16-bit dots whose M (`m_rows`) is 64 or more run on wgmma, which reads both operands from shared
-      memory: the pipeline keeps `stages` buffers of the streamed tiles, and dk/dv stages one [block_q, block_k]
-      tile for its transposed operand;
+    - on Hopper with 4 or more warps (wgmma runs on whole warpgroups; with 1 or 2 Triton lays the dots out as on
+      Ampere, and so does this model: measured on sm_90a), 16-bit dots whose M (`m_rows`) is 64 or more run on
+      wgmma, which reads both operands from shared memory: the pipeline keeps `stages` buffers of the streamed
+      tiles, and dk/dv stages one [block_q, block_k] tile for its transposed operand;
     - elsewhere (Ampere's mma, float32, small M) it keeps `stages - 1` buffers (dk/dv on Hopper: at least 2); a
       single-stage loop of the forward or dq stages one of k and v at a time; a [block_q, block_k] probability tile
-      goes through shared memory on its way to the second dot (none in a single-stage Hopper float32 forward, one in other Hopper float32 forwards, two in its
-      float32 dq and dk/dv; on Ampere's forward for block_q <= 64, or 128 at head_dim 256), plus 1 KiB of
-      barriers and small scratch; on Hopper a float32 forward with 2 stages double-buffers k (not v), and a
-      float32 dk/dv with 3 stages keeps 3 buffers;
+      goes through shared memory on its way to the second dot (none in a single-stage Hopper float32 forward, one
+      in other Hopper float32 forwards, two in its float32 dq and dk/dv; on Ampere's forward for block_q <= 64, or
+      128 at head_dim 256), plus 1 KiB of barriers and small scratch; on Hopper a float32 forward with 2 stages
+      double-buffers k (not v), and a float32 dk/dv with 3 stages keeps 3 buffers; a float32 backward on mma
+      (Ampere, or Hopper with 1-2 warps) keeps one dk/dv buffer and one of k and v per dq stage, and no tile;
     - dk/dv also buffers the float32 lse and delta of its streamed query rows; with segment ids, the int32 ids of
       the streamed rows are buffered `stages` deep.
     """
     row = _tile_bytes(problem)
     itemsize = jnp.dtype(problem.dtype).itemsize
-    hopper = is_hopper(device_kind)
+    hopper = is_hopper(device_kind) and warps >= WGMMA_WARPS
     wgmma = hopper and itemsize == 2 and m_rows >= 64
     tile = block_q * block_k * itemsize
     stats = 2 * block_q * 4 if dkv else 0
     extra_k = 0
+    mma_f32_backward = not hopper and itemsize == 4 and not forward
     if wgmma:
         buffers = 2 if dkv and stages == 1 and block_q < 64 else stages
     elif hopper and dkv and itemsize == 4:
         buffers = max(min(stages, 3), stages - 1, 2)  # 3 stages keep 3 buffers (d128 64x64: 280 KiB)
+    elif mma_f32_backward:
+        # float32 backward on mma: dk/dv keeps one buffer of its streamed rows at any depth (d64 128x64, 4 stages:
+        # 100.5 KiB), dq one of k and v per stage (d128 32x64, 4 stages: 161 KiB); neither stages a score tile
+        buffers = 1 if dkv else stages
+        if not dkv:
+            streamed_rows //= 2
     else:
         buffers = max(stages - 1, 2 if dkv and hopper else 1)
         if hopper and forward and itemsize == 4 and stages == 2:
             extra_k = block_k  # k double-buffered, v not (d256 64x64: 256 KiB; d128 256x32: 176 KiB)
-    if stages == 1 and not dkv and not wgmma and (forward or itemsize == 4):
+    if stages == 1 and not dkv and not wgmma and not mma_f32_backward and (forward or itemsize == 4):
         streamed_rows //= 2  # one of k and v at a time
-    if wgmma:
+    if mma_f32_backward:
+        tiles = 0  # no probability tile through shared memory
+    elif wgmma:
         tiles = 1 if dkv else 0
     elif hopper and forward and itemsize == 4:
         tiles = 0 if stages == 1 else 1
@@ -207,30 +191,45 @@ def _smem(fixed_rows: int, streamed_rows: int, m_rows: int, block_q: int, block_
     else:
         tiles = 1
     ids = 4 * (block_q if dkv else block_k) * stages if problem.segments else 0  # streamed segment ids
-    return (fixed_rows + streamed_rows * buffers + extra_k) * row + stats * buffers + tile * tiles + ids + KIB
+    stat_buffers = 2 if mma_f32_backward else buffers  # its lse and delta rows stay double-buffered
+    return (fixed_rows + streamed_rows * buffers + extra_k) * row + stats * stat_buffers + tile * tiles + ids + KIB
 
 
 def forward_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem,
-                       device_kind: str | None = None) -> int:
+                       device_kind: str | None = None, warps: int = WGMMA_WARPS) -> int:
     """The forward kernel: q stays, k and v stream."""
-    return _smem(block_q, 2 * block_k, block_q, block_q, block_k, stages, problem, device_kind, forward=True)
+    return _smem(block_q, 2 * block_k, block_q, block_q, block_k, stages, problem, device_kind, warps, forward=True)
 
 
-def dq_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem, device_kind: str | None = None) -> int:
+def dq_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem, device_kind: str | None = None,
+                  warps: int = WGMMA_WARPS) -> int:
     """The dq kernel: q and do stay, k and v stream."""
-    return _smem(2 * block_q, 2 * block_k, block_q, block_q, block_k, stages, problem, device_kind)
+    return _smem(2 * block_q, 2 * block_k, block_q, block_q, block_k, stages, problem, device_kind, warps)
 
 
-def dkv_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem, device_kind: str | None = None) -> int:
+def dkv_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem, device_kind: str | None = None,
+                   warps: int = WGMMA_WARPS) -> int:
     """The dk/dv kernel: k and v stay; q, do and their lse and delta rows stream; M of its dots is block_k."""
-    return _smem(2 * block_k, 2 * block_q, block_k, block_q, block_k, stages, problem, device_kind, dkv=True)
+    return _smem(2 * block_k, 2 * block_q, block_k, block_q, block_k, stages, problem, device_kind, warps, dkv=True)
 
 
 def backward_smem_bytes(block_q: int, block_k: int, stages: int, problem: Problem,
-                        device_kind: str | None = None) -> int:
+                        device_kind: str | None = None, warps: int = WGMMA_WARPS) -> int:
     """The larger of the two backward kernels (dq, and dk/dv)."""
-    return max(dq_smem_bytes(block_q, block_k, stages, problem, device_kind),
-               dkv_smem_bytes(block_q, block_k, stages, problem, device_kind))
+    return max(dq_smem_bytes(block_q, block_k, stages, problem, device_kind, warps),
+               dkv_smem_bytes(block_q, block_k, stages, problem, device_kind, warps))
+
+
+def memory_estimate(config: Config, problem: Problem, *, device_kind: str | None = None) -> dict[str, int]:
+    """Shared memory per block each kernel of the problem needs, in bytes, by role: the forward, and dq and dkv when
+    the problem has a backward (what the checks judge, and what compile targets set beside the compiler's figure)."""
+    found = {"forward": forward_smem_bytes(config.block_q, config.block_k, config.num_stages, problem, device_kind,
+                                           config.num_warps)}
+    if problem.backward:
+        args = (config.bwd_block_q, config.bwd_block_k, config.bwd_num_stages, problem, device_kind,
+                config.bwd_num_warps)
+        found.update(dq=dq_smem_bytes(*args), dkv=dkv_smem_bytes(*args))
+    return found
 
 
 def invalid_reasons(config: Config, problem: Problem, *, device_kind: str | None = None) -> list[str]:
@@ -259,15 +258,15 @@ def invalid_reasons(config: Config, problem: Problem, *, device_kind: str | None
     if reasons:
         return reasons
     limit = smem_limit(device_kind)
-    used = forward_smem_bytes(config.block_q, config.block_k, config.num_stages, problem, device_kind)
+    need = memory_estimate(config, problem, device_kind=device_kind)
+    used = need["forward"]
     if used > limit:
         reasons.append(
             f"forward tiles need about {used // KIB} KiB of shared memory (block_q={config.block_q}, "
             f"block_k={config.block_k}, num_stages={config.num_stages}), over the {limit // KIB} KiB limit"
         )
     if problem.backward:
-        used = backward_smem_bytes(config.bwd_block_q, config.bwd_block_k, config.bwd_num_stages, problem,
-                                   device_kind)
+        used = max(need["dq"], need["dkv"])
         if used > limit:
             reasons.append(
                 f"backward tiles need about {used // KIB} KiB of shared memory (bwd_block_q={config.bwd_block_q}, "

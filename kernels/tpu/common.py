@@ -11,13 +11,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels import masking
 from kernels.cost import estimate
-from kernels.masking import Band
+from kernels.masking import EMPTY_ROW_LSE, MASK_VALUE, Band  # noqa: F401 (MASK_VALUE: the kernels')
 from kernels.tpu.config import LANES, SUBLANES
 
-# A finite "minus infinity": masked scores never produce inf - inf = NaN in the online softmax.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-# Logsumexp stored for a query row that sees no key: exp(s - lse) is 0 for it in the backward pass.
-NO_KEY_LSE = 1e30
+NO_KEY_LSE = EMPTY_ROW_LSE
 
 SQUEEZED = getattr(pl, "squeezed", None)  # a block dim of size 1, dropped from the kernel's view
 

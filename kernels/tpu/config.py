@@ -8,14 +8,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-
 from kernels.configs import IntConfig
+from kernels.devices import MIB, default_scoped_vmem, tpu_generation, vmem_limit
 from kernels.problem import Problem
 
 LANES = 128  # TPU vreg lane count: minor block dims are multiples of this
 SUBLANES = 8  # TPU vreg sublane count: second-minor block dims are multiples of this
-MIB = 1 << 20
-DEFAULT_VMEM_LIMIT = 16 * MIB  # the scoped VMEM default of the smallest current TPUs
 
 
 @dataclass(frozen=True)
@@ -123,32 +121,6 @@ def search_space(problem: Problem) -> dict[str, tuple[int, ...]]:
     return space
 
 
-# Per TPU generation, measured with deviceless compiles (libtpu 0.0.42): the scoped VMEM limit the compiler applies
-# when a kernel sets none, and the VMEM a kernel may use when it raises the limit (`vmem_limit_bytes`).
-DEFAULT_SCOPED_VMEM = {"v4": 16 * MIB, "v5e": 16 * MIB, "v5p": 16 * MIB, "v6e": 32 * MIB, "7x": 32 * MIB}
-# v5p's capacity is 62915 B short of 64 MiB ("Used 64.83M of 63.94M vmem").
-VMEM_CAPACITY = {"v4": 16 * MIB, "v5e": 128 * MIB, "v5p": 67045949, "v6e": 128 * MIB, "7x": 64 * MIB}
-
-
-def tpu_generation(device_kind: str | None) -> str | None:
-    """'v4', 'v5e', 'v5p', 'v6e' or '7x' from a device kind as jax reports it ('TPU v5 lite', 'TPU7x'...)."""
-    kind = " ".join((device_kind or "").lower().replace("tpu", " ").split())
-    table = {"v4": "v4", "v5 lite": "v5e", "v5e": "v5e", "v5litepod": "v5e", "v5": "v5p", "v5p": "v5p",
-             "v6 lite": "v6e", "v6e": "v6e", "7x": "7x", "v7x": "7x", "v7": "7x", "7": "7x"}
-    return table.get(kind)
-
-
-def default_scoped_vmem(device_kind: str | None) -> int:
-    """The scoped VMEM limit the compiler applies by default (16 MiB for an unknown device: the smallest)."""
-    return DEFAULT_SCOPED_VMEM.get(tpu_generation(device_kind), DEFAULT_VMEM_LIMIT)
-
-
-def vmem_limit(device_kind: str | None) -> int:
-    """VMEM one kernel may use on the device (the kernels raise the scoped limit to their need, up to this);
-    16 MiB, the smallest chip's, for an unknown device or interpret mode."""
-    return VMEM_CAPACITY.get(tpu_generation(device_kind), DEFAULT_VMEM_LIMIT)
-
-
 def kernel_itemsize(problem: Problem) -> int:
     """Bytes per element the kernels see: float16 is widened to float32 before the kernels (no f16 MXU path)."""
     return {"float32": 4, "bfloat16": 2, "float16": 4}[problem.dtype]
@@ -160,24 +132,27 @@ def _tile(rows: int, cols: int, itemsize: int) -> int:
     return round_up(rows, sublanes) * round_up(cols, LANES) * itemsize
 
 
-# Temporaries per kernel (forward, dq, dk/dv) and TPU generation: coefficients of six sizes (below), fitted as
-# upper bounds of the VMEM the compiler reports (libtpu 0.0.42; benchmarks/compile_sweep.py --fit) on v4, v5e and
-# v6e. The sixth (a forward walking its kv block in several chunks keeps more score tiles live: block_q 512 with
-# 4 chunks of 128 used 4.86 MB on v4, 3.63 MB on v5e, against 2.9 MB and 1.2-1.5 MB in one chunk) was set by hand
-# from those compiles, above what they need. v5p and TPU7x report VMEM in proportion to the limit a kernel sets, not to its need, so they take the
-# largest coefficient of the others (they have 64 MiB: the margin costs nothing); so do unknown devices.
-TEMPORARIES = {
-    "v4": ((0.26, 3.03, 0.05, 1.97, 0.05, 1.5), (0.23, 0.05, 0.51, 2.52, 0.35, 0.0),
-           (1.8, 0.05, 0.05, 4.59, 0.09, 0.0)),
-    "v5e": ((0.05, 0.47, 0.05, 2.25, 0.05, 1.5), (0.05, 0.05, 0.13, 1.5, 0.05, 0.0),
-            (0.05, 0.05, 0.05, 2.05, 0.05, 0.0)),
-    "v5p": ((0.26, 3.03, 0.05, 2.25, 0.05, 1.5), (0.23, 0.05, 0.51, 2.52, 0.35, 0.0),
-            (1.8, 0.05, 0.05, 4.59, 0.09, 0.0)),
-    "v6e": ((0.05, 0.47, 0.05, 2.25, 0.05, 1.5), (0.05, 0.05, 0.13, 1.5, 0.05, 0.0),
-            (0.05, 0.05, 0.05, 2.05, 0.05, 0.0)),
-    "7x": ((0.26, 3.03, 0.05, 2.25, 0.05, 1.5), (0.23, 0.05, 0.51, 2.52, 0.35, 0.0),
-           (1.8, 0.05, 0.05, 4.59, 0.09, 0.0)),
+# Temporaries per TPU generation, kernel (forward, dq, dk/dv) and kernel dtype (16-bit, 32-bit): coefficients of six
+# sizes (`temporary_sizes`), fitted as upper bounds of the VMEM the compiler reports (libtpu 0.0.42) by a linear
+# program (benchmarks/fit_tpu_vmem.py). v4 was refit on all its sweeps (2026-12-05; the resweep after the figures
+# became the use within the scoped region): 96 forward and 59 dq and dk/dv kernels, each dtype apart (float32
+# temporaries follow the operand tiles, bfloat16 ones the score tile); its forward had been 1.6-2.8x the need of
+# large blocks and its dq below the need of two bfloat16 512-blocks. v5e and v6e keep the fits of the first sweeps
+# (one set for both dtypes; the forward's sixth, a kv block walked in chunks, set by hand above those compiles), v5e
+# raised where its estimate with the margin fell below a figure (bfloat16 forward d256 512-blocks by 1%, float32
+# dk/dv d256 by 4%).
+_V5E_V6E = ((0.05, 0.47, 0.05, 2.25, 0.05, 1.5), (0.05, 0.05, 0.13, 1.5, 0.05, 0.0),
+            (0.05, 0.05, 0.05, 2.05, 0.05, 0.0))
+FITTED_TEMPORARIES = {
+    "v4": (((0.38, 1.07, 0.05, 1.23, 0.05, 0.05), (4.34, 0.05, 0.05, 0.05, 0.05, 0.05)),
+           ((0.92, 0.56, 0.05, 1.83, 0.05, 0.05), (0.05, 1.32, 0.5, 3.41, 0.05, 0.05)),
+           ((1.7, 0.48, 0.05, 0.65, 0.05, 0.05), (0.05, 0.05, 0.05, 0.05, 2.91, 0.05))),
+    "v5e": (((0.14, 0.47, 0.05, 2.25, 0.05, 1.5), _V5E_V6E[0]), (_V5E_V6E[1], _V5E_V6E[1]),
+            (_V5E_V6E[2], (0.05, 0.37, 0.05, 2.05, 0.05, 0.0))),
+    "v6e": tuple((kernel, kernel) for kernel in _V5E_V6E),
 }
+# v5p and TPU7x report VMEM in proportion to the limit a kernel sets, not to its need, so they (and unknown devices)
+# take the largest of the fitted generations' temporaries.
 
 
 def temporary_sizes(problem: Problem, block_b: int, rows: int, cols: int, block_major: int,
@@ -194,13 +169,17 @@ def temporary_sizes(problem: Problem, block_b: int, rows: int, cols: int, block_
             MIB, block_b * score * (chunks - 1))
 
 
-def _temporaries(device_kind: str | None, kernel: int, sizes: tuple[int, ...]) -> int:
-    table = TEMPORARIES.get(tpu_generation(device_kind))
-    if table is None:
-        coefficients = [max(TEMPORARIES[g][kernel][i] for g in TEMPORARIES) for i in range(len(sizes))]
-    else:
-        coefficients = table[kernel]
-    return int(sum(c * size for c, size in zip(coefficients, sizes)))
+def temporary_coefficients(device_kind: str | None, kernel: int, itemsize: int) -> list[tuple[float, ...]]:
+    """The fitted coefficients that bound a kernel's temporaries on the device (every fitted generation's for one
+    that reports no need: the estimate is the largest)."""
+    table = FITTED_TEMPORARIES.get(tpu_generation(device_kind))
+    tables = [table] if table is not None else list(FITTED_TEMPORARIES.values())
+    return [t[kernel][0 if itemsize == 2 else 1] for t in tables]
+
+
+def _temporaries(device_kind: str | None, kernel: int, sizes: tuple[int, ...], itemsize: int) -> int:
+    return int(max(sum(c * size for c, size in zip(coefficients, sizes))
+                   for coefficients in temporary_coefficients(device_kind, kernel, itemsize)))
 
 
 MARGIN = 1.10  # the fits are tight upper bounds of the problems they saw; other problems needed up to 3% more
@@ -214,48 +193,83 @@ def _margin(nbytes: int, problem: Problem | None = None, widest: int = 0) -> int
     return int((WIDE_F32_MARGIN if wide else MARGIN) * nbytes)
 
 
-def forward_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
-    """VMEM of one forward program: its blocks twice (the pipeline double-buffers them), scratch, temporaries."""
+ROLES = ("forward", "dq", "dkv")  # the kernels, in the order of TEMPORARIES' rows
+
+
+@dataclass(frozen=True)
+class VmemParts:
+    """One kernel's VMEM before the fitted temporaries: its blocks (double-buffered by the pipeline) and scratch,
+    exact; the sizes its temporaries scale with (`temporary_sizes`); the widest block (it picks the margin)."""
+
+    fixed: int
+    sizes: tuple[int, ...]
+    widest: int
+
+
+def vmem_parts(role: str, config: Config, problem: Problem) -> VmemParts:
+    """The parts of the forward, dq or dkv kernel's VMEM (what `benchmarks/fit_tpu_vmem.py` fits against)."""
     it, d, bb = kernel_itemsize(problem), problem.head_dim, config.block_b
-    bq, bkm, bk = config.block_q, config.block_k_major, config.block_k
-    # q, out; k, v; the logsumexp (saved for the backward, or returned by `return_lse`, which no Problem names)
-    blocks = bb * (2 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + _tile(bq, LANES, 4))
-    if problem.segments:
-        blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
-    scratch = bb * (2 * _tile(bq, LANES, 4) + _tile(bq, d, 4))  # running max and sum, accumulator
-    return _margin(2 * blocks + scratch
-                   + _temporaries(device_kind, 0, temporary_sizes(problem, bb, bq, bk, bkm, bkm // bk)),
-                   problem, max(bq, bkm))
+    if role == "forward":
+        bq, bkm, bk = config.block_q, config.block_k_major, config.block_k
+        # q, out; k, v; the logsumexp (saved for the backward, or returned by `return_lse`, which no Problem names)
+        blocks = bb * (2 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + _tile(bq, LANES, 4))
+        if problem.segments:
+            blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
+        scratch = bb * (2 * _tile(bq, LANES, 4) + _tile(bq, d, 4))  # running max and sum, accumulator
+        sizes = temporary_sizes(problem, bb, bq, bk, bkm, bkm // bk)
+    elif role == "dq":  # q, do, k, v, lse, delta (and ids) blocks and dq; an accumulator
+        bq, bkm, bk = config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k
+        blocks = bb * (3 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + 2 * _tile(bq, LANES, 4))
+        if problem.segments:
+            blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
+        scratch = bb * _tile(bq, d, 4)
+        sizes = temporary_sizes(problem, bb, bq, bk, bkm, bkm // bk)
+    elif role == "dkv":  # q, do, k, v, dk, dv, lse and delta rows (and ids); two accumulators over the kv block
+        bq, bkm, bk = config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k
+        blocks = bb * (2 * _tile(bq, d, it) + 4 * _tile(bkm, d, it) + 2 * _tile(SUBLANES, bq, 4))
+        if problem.segments:
+            blocks += bb * (_tile(SUBLANES, bq, 4) + _tile(bkm, LANES, 4))
+        scratch = 2 * bb * _tile(bkm, d, 4)
+        sizes = temporary_sizes(problem, bb, bk, bq, bkm, bkm // bk)
+    else:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    return VmemParts(fixed=2 * blocks + scratch, sizes=sizes, widest=max(bq, bkm))
+
+
+def kernel_vmem_bytes(role: str, config: Config, problem: Problem, device_kind: str | None = None) -> int:
+    """VMEM of one program of the forward, dq or dkv kernel: exact blocks and scratch, fitted temporaries, margin."""
+    parts = vmem_parts(role, config, problem)
+    temporaries = _temporaries(device_kind, ROLES.index(role), parts.sizes, kernel_itemsize(problem))
+    return _margin(parts.fixed + temporaries, problem, parts.widest)
+
+
+def forward_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
+    """VMEM of one forward program."""
+    return kernel_vmem_bytes("forward", config, problem, device_kind)
 
 
 def dq_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
-    """VMEM of one dq program: q, do, k, v, lse, delta (and ids) blocks and dq, double-buffered; an accumulator."""
-    it, d, bb = kernel_itemsize(problem), problem.head_dim, config.block_b
-    bq, bkm, bk = config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k
-    blocks = bb * (3 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + 2 * _tile(bq, LANES, 4))
-    if problem.segments:
-        blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
-    return _margin(2 * blocks + bb * _tile(bq, d, 4)
-                   + _temporaries(device_kind, 1, temporary_sizes(problem, bb, bq, bk, bkm, bkm // bk)),
-                   problem, max(bq, bkm))
+    """VMEM of one dq program."""
+    return kernel_vmem_bytes("dq", config, problem, device_kind)
 
 
 def dkv_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
-    """VMEM of one dk/dv program: q, do, k, v, dk, dv, lse and delta rows (and ids), double-buffered; two
-    accumulators over the kv block."""
-    it, d, bb = kernel_itemsize(problem), problem.head_dim, config.block_b
-    bq, bkm, bk = config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k
-    blocks = bb * (2 * _tile(bq, d, it) + 4 * _tile(bkm, d, it) + 2 * _tile(SUBLANES, bq, 4))
-    if problem.segments:
-        blocks += bb * (_tile(SUBLANES, bq, 4) + _tile(bkm, LANES, 4))
-    return _margin(2 * blocks + 2 * bb * _tile(bkm, d, 4)
-                   + _temporaries(device_kind, 2, temporary_sizes(problem, bb, bk, bq, bkm, bkm // bk)),
-                   problem, max(bq, bkm))
+    """VMEM of one dk/dv program."""
+    return kernel_vmem_bytes("dkv", config, problem, device_kind)
 
 
 def backward_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
     """VMEM of the larger of the two backward kernels (dq, and dk/dv)."""
     return max(dq_vmem_bytes(config, problem, device_kind), dkv_vmem_bytes(config, problem, device_kind))
+
+
+def memory_estimate(config: Config, problem: Problem, *, device_kind: str | None = None) -> dict[str, int]:
+    """VMEM each kernel of the problem needs, in bytes, by role: the forward, and dq and dkv when the problem has a
+    backward (what the checks judge, and what compile targets set beside the compiler's figure)."""
+    found = {"forward": forward_vmem_bytes(config, problem, device_kind)}
+    if problem.backward:
+        found.update(dq=dq_vmem_bytes(config, problem, device_kind), dkv=dkv_vmem_bytes(config, problem, device_kind))
+    return found
 
 
 def _block_reasons(prefix: str, bq: int, bkm: int, bk: int, problem: Problem) -> list[str]:

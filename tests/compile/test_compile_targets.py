@@ -3,11 +3,12 @@
 Interpret mode accepts far more than the compilers do, so this is where the validity checks meet the truth: for
 each target the default config and a sample of accepted configs compile (forward and gradients; ragged lengths,
 GQA, segment ids, head_dim 72, float32 and bfloat16), a config the compiler rejects is one the checks reject too,
-and compile failures come back classified, never raised. All compiles of the module share one run of parallel
-compile processes (a module fixture). Skipped, naming the install, where the compilers are absent.
+and compile failures come back classified, never raised. All compiles share the session's one run of parallel compile
+processes (tests/compile/conftest.py). Skipped, naming the install, where the compilers are absent.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -18,8 +19,11 @@ import pytest
 from click.testing import CliRunner
 
 from autotune.cli.targets import targets_command
-from autotune.compile.pool import INSTALL_HINT, CompileJob, compile_many, compilers_missing, estimated_bytes
+from autotune.compile.pool import INSTALL_HINT, CompileJob, compilers_missing, estimated_bytes
 from autotune.compile.targets import TARGETS, get_target
+from db.records import RESOURCE_EXHAUSTED
+from tests.compile import test_memory_compiles as memory_tests
+from tests.compile.conftest import ci_space, results_by_case
 from kernels import Problem
 from kernels import gpu as gpu_kernel
 from kernels import tpu as tpu_kernel
@@ -32,6 +36,9 @@ RAGGED = Problem(batch=2, q_len=200, kv_len=328, heads=4, kv_heads=2, head_dim=7
 BF16 = Problem(batch=1, q_len=512, kv_len=512, heads=4, kv_heads=4, head_dim=128, dtype="bfloat16", causal=True,
                backward=True)
 SAMPLES = 1
+# One target per compiler (sm_90a, sm_80, v4's and v5e's Mosaic) compiles RAGGED's default; the others compile the
+# memory tests' grid of defaults, which has the features but not the ragged lengths.
+RAGGED_TARGETS = ("h100", "a100", "v4", "v5e")
 # TPUs whose compiler reports the VMEM a kernel needs (v5p and TPU7x report in proportion to the limit it sets).
 TPU_VMEM_REPORTS_NEED = ("v4", "v5e", "v6e")
 # Configs the compilers reject (more shared memory / VMEM than the chip has), with the problem they run. On TPUs
@@ -76,7 +83,7 @@ def skip_unless_compilers(target) -> None:
 def accepted_sample(target, problem: Problem, rng: random.Random, count: int) -> list[dict]:
     """`count` distinct random configs of the search space that the checks accept for the target."""
     module = module_of(target)
-    space = module.search_space(problem)
+    space = ci_space(module, problem)
     base = module.Config.default(problem, device_kind=target.device_kind).to_dict()
     found: dict[str, dict] = {}
     for _ in range(2000):
@@ -89,11 +96,13 @@ def accepted_sample(target, problem: Problem, rng: random.Random, count: int) ->
     return list(found.values())
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    """Every compile of this module in one parallel run: {(target, case): [(job, result), ...]}."""
-    seed = random.randrange(1 << 30)
-    rng = random.Random(seed)
+SEED = random.randrange(1 << 30)  # a new sample of accepted configs each session, named by any failure
+
+
+@functools.cache
+def plan() -> dict[tuple[str, str], list[CompileJob]]:
+    """Every compile of this module: {(target, case): [job, ...]}."""
+    rng = random.Random(SEED)
     cases: dict[tuple[str, str], list[CompileJob]] = {}
     for target in TARGETS.values():
         if MISSING[target.platform]:
@@ -102,8 +111,10 @@ def compiled():
         kind = target.device_kind
         add = lambda case, problem, data, x64=False: cases.setdefault((target.name, case), []).append(  # noqa: E731
             CompileJob(target.name, problem, data, x64))
-        for problem in (RAGGED, BF16):
-            add("default", problem, module.Config.default(problem, device_kind=kind).to_dict())
+        if target.name in RAGGED_TARGETS:
+            add("default", RAGGED, module.Config.default(RAGGED, device_kind=kind).to_dict())
+        # and the default-grid problems the memory tests compile for this target (compiled once for both)
+        cases.setdefault((target.name, "default"), []).extend(memory_tests.plan().get((target.name, "default"), []))
         for data in [] if same_chip_as_earlier(target) else accepted_sample(target, BF16, rng, SAMPLES):
             add("sample", BF16, data)
         if too_big_in_ci(target):
@@ -115,9 +126,13 @@ def compiled():
         if target.name == "h100":
             add("spills", BF16.replace(backward=False), {**module.Config.default(BF16, device_kind=kind).to_dict(),
                                                          **SPILLS})
-    jobs = [job for group in cases.values() for job in group]
-    results = iter(compile_many(jobs, processes=2, timeout_s=400) if jobs else [])
-    return seed, {key: [(job, next(results)) for job in group] for key, group in cases.items()}
+    return cases
+
+
+@pytest.fixture(scope="module")
+def compiled(compiled_jobs):
+    """(seed, {(target, case): [(job, result), ...]})."""
+    return SEED, results_by_case(plan(), compiled_jobs)
 
 
 def results_of(compiled, target, case):
@@ -167,7 +182,7 @@ def test_config_over_the_memory_is_rejected_by_compiler_and_checks(compiled, nam
         pytest.skip(f"a config over {target.memory_limit_bytes >> 20} MiB of VMEM takes minutes to be refused; "
                     "set AUTOTUNE_SLOW_COMPILES=1 to run it")
     _, [(job, result)] = results_of(compiled, target, "too_big")
-    assert not result.ok and result.failure_kind == "resources_exhausted", describe(job, result)
+    assert not result.ok and result.failure_kind == RESOURCE_EXHAUSTED, describe(job, result)
     module = module_of(target)
     reasons = module.invalid_reasons(module.Config.from_dict(job.config), job.problem,
                                      device_kind=target.device_kind)

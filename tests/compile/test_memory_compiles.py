@@ -1,15 +1,19 @@
 """The memory checks against live deviceless compiles on all 7 targets: near-limit configs the checks accept must
 compile (the rate of near-limit configs they reject yet compile is recorded), and the default config of a grid of
-problems compiles everywhere. One parallel run of every compile (a module fixture), sampled to fit the suite's time;
-benchmarks/compile_sweep.py runs the full sweep and grid. Skipped where the compilers are absent."""
+problems compiles everywhere. Sampled to fit the suite's time, compiled in the session's one run of compile processes
+(tests/compile/conftest.py); benchmarks/compile_sweep.py runs the full sweep and grid. Skipped where the compilers
+are absent."""
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
 
-from autotune.compile.pool import CompileJob, compile_many, compilers_missing, estimated_bytes
+from autotune.compile.pool import CompileJob, compilers_missing, estimated_bytes
 from autotune.compile.targets import TARGETS, get_target
+from db.records import RESOURCE_EXHAUSTED
+from tests.compile.conftest import ci_space, results_by_case
 from kernels import Problem
 from kernels import gpu as gpu_kernel
 from kernels import tpu as tpu_kernel
@@ -40,12 +44,16 @@ def near_limit(target, rng: random.Random, accepted: bool) -> CompileJob | None:
 
     module = module_of(target)
     limit = target.memory_limit_bytes if target.platform == "gpu" else default_scoped_vmem(target.device_kind)
+    # float32 near a TPU's limit compiles for 25-35 s; its defaults are in the grid, its near-limit configs in the sweep
+    dtypes = ("bfloat16", "float32") if target.platform == "gpu" else ("bfloat16",)
+    problems = [Problem(batch=4, q_len=1024, kv_len=1024, heads=2, kv_heads=2, head_dim=head_dim, dtype=dtype,
+                        causal=True) for head_dim in (64, 128, 256) for dtype in dtypes]
+    spaces = {p: ci_space(module, p) for p in problems}
+    defaults = {p: module.Config.default(p, device_kind=target.device_kind).to_dict() for p in problems}
     for _ in range(3000):
-        problem = Problem(batch=4, q_len=1024, kv_len=1024, heads=2, kv_heads=2, head_dim=rng.choice((64, 128, 256)),
-                          dtype=rng.choice(("bfloat16", "float32")), causal=True)
-        space = module.search_space(problem)
-        data = {**module.Config.default(problem, device_kind=target.device_kind).to_dict(),
-                **{f: rng.choice(v) for f, v in space.items() if not f.startswith("bwd_")}}
+        problem = rng.choice(problems)
+        data = {**defaults[problem], **{f: rng.choice(v) for f, v in spaces[problem].items()
+                                         if not f.startswith("bwd_")}}
         reasons = module.invalid_reasons(module.Config.from_dict(data), problem, device_kind=target.device_kind)
         memory_only = all(any(w in r for w in MEMORY_WORDS) for r in reasons)
         ratio = estimated_bytes(target, problem, data)["forward"] / limit
@@ -54,11 +62,10 @@ def near_limit(target, rng: random.Random, accepted: bool) -> CompileJob | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    """{(target, case): [(job, result)]}: a near-limit config the checks accept (and on every other target one they
-    reject) and two default-grid
-    problems per target, rotating so that the targets together cover the whole grid."""
+@functools.cache
+def plan() -> dict[tuple[str, str], list[CompileJob]]:
+    """{(target, case): [job]}: a near-limit config the checks accept (and on every other target one they reject)
+    and two default-grid problems per target, rotating so that the targets together cover the whole grid."""
     rng = random.Random(23)
     problems = grid()
     cases: dict[tuple[str, str], list[CompileJob]] = {}
@@ -72,9 +79,13 @@ def compiled():
         for problem in (problems[(2 * i) % len(problems)], problems[(2 * i + 7) % len(problems)]):
             config = module_of(target).Config.default(problem, device_kind=target.device_kind).to_dict()
             cases.setdefault((target.name, "default"), []).append(CompileJob(target.name, problem, config))
-    jobs = [job for group in cases.values() for job in group]
-    results = iter(compile_many(jobs, processes=2, timeout_s=300) if jobs else [])
-    return {key: [(job, next(results)) for job in group] for key, group in cases.items()}
+    return cases
+
+
+@pytest.fixture(scope="module")
+def compiled(compiled_jobs):
+    """{(target, case): [(job, result)]}."""
+    return results_by_case(plan(), compiled_jobs)
 
 
 def skip_unless_compilers(target) -> None:
@@ -92,7 +103,7 @@ def test_near_limit_configs_the_checks_accept_compile(compiled, name, record_pro
     rejected = compiled.get((name, "rejected"), [])
     compiles = [job for job, result in rejected if result.ok]
     for job, result in rejected:
-        assert result.ok or result.failure_kind == "resources_exhausted", result.message[:400]
+        assert result.ok or result.failure_kind == RESOURCE_EXHAUSTED, result.message[:400]
     record_property("near_limit_rejected_but_compiles", f"{len(compiles)} of {len(rejected)}")
 
 

@@ -28,6 +28,7 @@ from autotune.compile.search import TargetPlan, run_plans
 from autotune.compile.targets import get_target
 from autotune.options import TimingPolicy
 from db import SCHEMA_VERSION, Store
+from db.records import RESOURCE_EXHAUSTED
 from kernels import Problem, gpu
 
 H100 = get_target("h100")
@@ -232,8 +233,8 @@ def test_a_config_the_compiler_rejected_is_skipped_as_rejected(tmp_path):
     with Store(tmp_path / "r.db") as store:
         [summary] = run_plans([TargetPlan(H100, ProblemSpec(problem), key, space, (config,))], store)
         [trial] = store.trials(key)
-        assert summary.failed == {"resources_exhausted": 1}
-        assert trial.status == "resource_exhausted" and trial.error_class == "resources_exhausted"
+        assert summary.failed == {RESOURCE_EXHAUSTED: 1}
+        assert trial.status == trial.error_class == RESOURCE_EXHAUSTED
         assert trial.figures["requested_bytes"] > trial.figures["limit_bytes"] == H100.memory_limit_bytes
         ahead = ahead_of_time(store, make_key(kernel, problem, h100_double()))
     assert ahead is not None and ahead.skip_reason(config.to_dict()) == REJECTED

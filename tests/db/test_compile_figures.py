@@ -17,7 +17,8 @@ from autotune.compile.results import figures_of
 from autotune.config_check import check_any_kernel, check_fields_any_kernel
 from db import ImportValidationError, Store, export_document
 from db.compile_transfer import merge_compile_trials, parse_compile_trials
-from db.figures import KERNEL_FIELDS, check_figures
+from autotune.compile.results import REJECTED, trial_verdict
+from db.figures import KERNEL_FIELDS, RESOURCE_EXHAUSTED, check_figures
 from db.transfer import read_document
 from tests.db.test_db import make_key
 
@@ -34,7 +35,7 @@ def compiled_figures() -> dict:
 
 
 def failed_figures() -> dict:
-    return figures_of(SimpleNamespace(kernels=(), ok=False, failure_kind="resources_exhausted",
+    return figures_of(SimpleNamespace(kernels=(), ok=False, failure_kind=RESOURCE_EXHAUSTED,
                                       requested_bytes=300_000, limit_bytes=232_448), "h100")
 
 
@@ -42,6 +43,14 @@ def test_the_compile_paths_own_figures_fit_the_schema() -> None:
     assert KERNEL_FIELDS == tuple(field.name for field in dataclasses.fields(KernelFigures))
     for figures in (compiled_figures(), failed_figures(), {**compiled_figures(), "prediction": PREDICTION}):
         assert check_figures(json.loads(json.dumps(figures))) == figures
+
+
+def test_figures_and_trials_stored_with_the_old_spelling_read_as_out_of_memory() -> None:
+    # versions before 2026-12 stored the failure kind as 'resources_exhausted' (the trial status had one 's' less)
+    old = {**failed_figures(), "failure_kind": "resources_exhausted"}
+    assert check_figures(old) == failed_figures()
+    trial = SimpleNamespace(status=RESOURCE_EXHAUSTED, error_class="resources_exhausted", figures=old)
+    assert trial_verdict(trial) == REJECTED
 
 
 @pytest.mark.parametrize("change, named", [

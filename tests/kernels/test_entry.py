@@ -11,7 +11,8 @@ import autotune
 from autotune.runtime import tuned_call
 from db import records
 from kernels import attention_reference, gpu, tpu
-from kernels.entry import prepare
+from kernels.entry import prepare, unchecked_configs
+from kernels.problem import Problem
 from kernels.masking import Band
 from kernels.problem import MAX_SCALE, MAX_SOFTCAP
 
@@ -89,3 +90,38 @@ def test_the_largest_cap_and_scales_compute_right(kernel):
 
 def test_the_database_refuses_the_caps_the_kernels_refuse():
     assert records.MAX_SOFTCAP == MAX_SOFTCAP
+
+
+@pytest.mark.parametrize("kernel", [gpu, tpu], ids=["gpu", "tpu"])
+def test_a_config_the_checks_reject_passes_only_within_unchecked_configs(kernel):
+    # what the compile targets use, so the compiler judges what the checks reject (no patching of the kernels)
+    import jax
+
+    length = 256 if kernel is gpu else 1024
+    q, k, v = arrays(np.random.default_rng(), q_len=length, kv_len=length, head_dim=256)
+    problem = Problem(batch=2, q_len=length, kv_len=length, heads=4, kv_heads=2, head_dim=256)
+    kind = "NVIDIA A100-SXM4-80GB" if kernel is gpu else "TPU v4"
+    fields = kernel.Config.default(problem, device_kind=kind).to_dict()
+    big = {"block_q": 256, "block_k": 256, "num_stages": 4} if kernel is gpu else \
+        {"block_b": 2, "block_q": 1024, "block_k_major": 1024, "block_k": 1024}
+    config = kernel.Config.from_dict({**fields, **big})
+    assert kernel.invalid_reasons(config, problem, device_kind=kind)  # over the device's memory
+    with pytest.raises(ValueError, match="config cannot run this problem"):
+        kernel.flash_attention(q, k, v, config=config, device_kind=kind, interpret=True)
+    with unchecked_configs():
+        out = jax.eval_shape(lambda q, k, v: kernel.flash_attention(q, k, v, config=config, device_kind=kind,
+                                                                      interpret=True), q, k, v)
+    assert out.shape == q.shape
+    with pytest.raises(ValueError, match="config cannot run this problem"):  # the switch does not outlive it
+        kernel.flash_attention(q, k, v, config=config, device_kind=kind, interpret=True)
+
+
+def test_heads_that_kv_heads_does_not_divide_are_refused_in_one_wording_everywhere():
+    q, k, v = arrays(np.random.default_rng(), heads=3, kv_heads=2)
+    wording = "kv_heads must divide heads, got heads=3 and kv_heads=2"
+    with pytest.raises(ValueError, match=wording):
+        Problem(batch=1, q_len=8, kv_len=8, heads=3, kv_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match=wording):
+        prepare(q, k, v)
+    with pytest.raises(ValueError, match=wording):
+        autotune.dot_product_attention(q, k, v)

@@ -9,6 +9,7 @@ from autotune.compile.figures import scoped_use, tpu_kernels
 from kernels import Problem
 from kernels.gpu import Config as GpuConfig
 from kernels.gpu import invalid_reasons as gpu_reasons
+from kernels.gpu import memory_estimate as gpu_memory_estimate
 from kernels.gpu.config import dkv_smem_bytes, forward_smem_bytes
 from kernels.tpu import Config as TpuConfig
 from kernels.tpu.config import forward_vmem_bytes, vmem_limit
@@ -32,6 +33,28 @@ def test_h100_float32_dkv_three_stages_keeps_three_buffers():
     assert dkv_smem_bytes(64, 64, 3, problem, H100) >= 280 * 1024
     assert dkv_smem_bytes(64, 64, 4, problem, H100) >= 294912  # refused at 294912 B
     assert dkv_smem_bytes(64, 64, 2, problem, H100) >= 213504  # compiles at 213504 B
+
+
+@pytest.mark.parametrize("kind, problem, blocks, warps, stages, role, compiled", [
+    # one or two warps: no wgmma on Hopper, dots laid out as on Ampere (rejected at 273 KiB when staged for wgmma)
+    (H100, D256_F32.replace(head_dim=128, dtype="bfloat16"), (64, 128), 2, 4, "forward", 229376),
+    # float32 backward on mma: one dk/dv buffer at any depth, one of k and v per dq stage
+    (H100, D256_F32.replace(head_dim=64, kv_heads=2, segments=True, backward=True), (128, 64), 2, 4, "dq", 131840),
+    (H100, D256_F32.replace(head_dim=64, kv_heads=2, segments=True, backward=True), (128, 64), 1, 4, "dkv", 102912),
+    (A100, D256_F32.replace(head_dim=64, kv_heads=2, segments=True, backward=True), (128, 64), 8, 3, "dkv", 101376),
+    (A100, D256_F32.replace(head_dim=128, kv_heads=2, segments=True, backward=True), (32, 64), 1, 3, "dq", 131584),
+])
+def test_gpu_estimate_covers_what_compiled_and_accepts_it(kind, problem, blocks, warps, stages, role, compiled):
+    fields = dict(block_q=blocks[0], block_k=blocks[1], num_warps=warps, num_stages=stages)
+    if role != "forward":
+        fields = {"block_q": 64, "block_k": 64, "num_warps": 4, "num_stages": 1,
+                  **{f"bwd_{name}": value for name, value in fields.items()}}
+    else:
+        fields.update(bwd_block_q=32, bwd_block_k=32, bwd_num_warps=4, bwd_num_stages=1)
+    config = GpuConfig(**fields)
+    estimate = gpu_memory_estimate(config, problem, device_kind=kind)[role]
+    assert compiled <= estimate <= 1.1 * compiled, estimate
+    assert gpu_reasons(config, problem, device_kind=kind) == []
 
 
 def test_a100_d256_block_q_128_counts_the_probability_tile():

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels import Problem
-from kernels.gpu.common import Masking, kv_ranges, q_ranges, wgmma_device
+from kernels.devices import is_hopper
+from kernels.gpu.common import Masking, kv_ranges, q_ranges
 
 Trips = tuple[tuple[int, ...], ...]  # per grid x index: iterations of each lowered loop, in program order
 
@@ -51,7 +52,7 @@ def _itemsize(problem: Problem) -> int:
 def ours(problem: Problem, block_q: int, block_k: int, role: str, device_kind: str) -> Work:
     """Our kernel's `role` ('forward', 'dq', 'dkv') at these blocks: trips per program and its minimum work."""
     masking = _masking(problem)
-    one_loop = wgmma_device(device_kind)
+    one_loop = is_hopper(device_kind)
     size = _itemsize(problem)
     d = problem.head_dim
     q_bytes = problem.batch * problem.q_len * problem.heads * d * size
