@@ -39,6 +39,8 @@ def print_targets() -> None:
 def run_target_command(*, target_text: str, kernel: str | None, shapes: str | None, flags: dict, tune_misses: bool,
                        allow_spills: bool, trials: int | None, sampler: str, seed: int | None,
                        trial_timeout: float, quiet: bool, db: str | None) -> None:
+    from autotune.cli.predicted_listing import print_ranking
+    from autotune.compile.ranking import rank_trials
     from autotune.compile.search import plan_searches, resolve_targets
 
     if target_text.strip() == "list":
@@ -70,9 +72,13 @@ def run_target_command(*, target_text: str, kernel: str | None, shapes: str | No
                 plans = claim_plans(plans, claims)
                 summaries = _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet, claims,
                                      config.claim_beat_s)
+            rankings = [(s.plan.target.name, rank_trials(s.plan.key, store.trials(s.plan.key))) for s in summaries]
     finally:
         store.close()
     print_compile_summary(summaries)
+    for target_name, ranking in rankings:
+        if ranking is not None:
+            print_ranking(ranking, target_name)
 
 
 def _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet, claims, beat_s):
@@ -134,6 +140,13 @@ def print_compile_summary(summaries) -> None:
     compiled = sum(s.compiled for s in summaries)
     failed = sum(sum(s.failed.values()) for s in summaries)
     spilled = sum(s.spilled for s in summaries)
-    click.echo(f"\n{plural(compiled + failed, 'compile')}: {compiled} compiled ({spilled} spilling registers), "
-               f"{failed} failed. No time is claimed and no best stored: a device search for the same device kind "
+    predicted = sum(s.predicted for s in summaries)
+    click.echo(f"\n{plural(compiled + failed, 'compile')}: {compiled} compiled ({spilled} spilling registers, "
+               f"{predicted} with a predicted time), {failed} failed. Nothing was timed: the configs are ranked by "
+               f"predicted time below; a device search for the same device kind starts from the predicted best and "
                f"skips the rejected and spilling configs (see `autotune show --target NAME ...`).")
+    compile_s = sum(s.compile_s for s in summaries)
+    predict_s = sum(s.predict_s for s in summaries)
+    if predicted and compile_s:
+        click.echo(f"Predicting took {predict_s:.2f} s on top of {compile_s:.1f} s of compiling "
+                   f"({predict_s / compile_s:.1%}).")

@@ -4,10 +4,17 @@ For each problem and target, the valid configs (by the kernel's checks for the t
 the target's real compiler in parallel worker processes (`autotune.compile.pool`): forward, and with a backward
 problem the gradient's kernels too. Every outcome becomes a trial under the target's compile-only key
 (`autotune.compile.results`): `compiled` with the figures of each kernel (shared memory or VMEM bytes, registers,
-spills, compile seconds), or a failure with its class. No time is claimed and no best is stored. Each trial also goes
-into the key's Optuna study (named by the key's digest, as the device search's), with the same parameters, as a
-pruned trial (compiled) or a failed one, marked `kind = compile_only`, so a dashboard never shows a value for it.
+spills, compile seconds) and the static model's predicted time (`autotune.compile.model`), or a failure with its
+class. No time is measured: the configs are ranked by predicted time (`autotune.compile.ranking`), and the fastest
+predicted one is the key's predicted best. Each trial also goes into the key's Optuna study (named by the key's
+digest, as the device search's), with the same parameters: a compiled and predicted trial is COMPLETE with the
+predicted seconds as its value (so a sampler's objective is the predicted time), user attrs `kind = compile_only`
+and `value = predicted seconds (model ...)`; one the model could not predict is PRUNED; a failure is FAIL.
 A second run of the same command resumes: configs already recorded for a key are not compiled again.
+
+No static filter skips configs before compiling: both models hold their predictions above a roofline of useful
+FLOPs and minimum bytes, which is the same for every config of a problem, so no config's roofline can exceed
+another's prediction; only a compile tells them apart.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from dataclasses import dataclass, field
 import optuna
 
 from autotune import optuna_storage as adapter
+from autotune.compile.ranking import PREDICTED
 from autotune.compile.results import COMPILED, compile_key, config_text, figures_of
 from autotune.compile.pool import CompileJob, CompileResult, compile_many, compilers_missing
 from autotune.kernel_protocol import BUILTIN, kernel_for_platform, load_kernel
@@ -117,6 +125,8 @@ class TargetSummary:
     spilled: int = 0
     failed: Counter = field(default_factory=Counter)
     compile_s: float = 0.0
+    predicted: int = 0  # compiled configs the model predicted
+    predict_s: float = 0.0  # seconds the workers spent predicting, beyond `compile_s`
 
 
 class _Recorder:
@@ -134,6 +144,7 @@ class _Recorder:
                                                 direction="minimize", load_if_exists=True)
                     study.set_user_attr("key", plan.key.to_dict())
                     study.set_user_attr("kind", KIND)
+                    study.set_user_attr("values", f"{PREDICTED} seconds (static model), not timings")
                     self.studies[plan.key.digest()] = self.storage.get_study_id_from_name(plan.key.digest())
         except BaseException:
             self.close()
@@ -152,13 +163,22 @@ class _Recorder:
         space = plan.space
         distributions = {name: optuna.distributions.IntDistribution(0, len(values) - 1)
                          for name, values in space.choices.items()}
-        note = (f"compiled for {plan.target.name}, not timed (compile-only)" if result.ok
-                else f"the {plan.target.name} compiler failed: {result.failure_kind}")
-        frozen = optuna.trial.create_trial(
-            state=optuna.trial.TrialState.PRUNED if result.ok else optuna.trial.TrialState.FAIL,
-            params=space.params(config), distributions=distributions,
-            user_attrs={"config": config.to_dict(), "kind": KIND, "note": note, "figures": figures,
-                        "compile_s": result.seconds})
+        prediction = figures.get("prediction")
+        attrs = {"config": config.to_dict(), "kind": KIND, "figures": figures, "compile_s": result.seconds}
+        if not result.ok:
+            state, value = optuna.trial.TrialState.FAIL, None
+            attrs["note"] = f"the {plan.target.name} compiler failed: {result.failure_kind}"
+        elif prediction is None:
+            state, value = optuna.trial.TrialState.PRUNED, None
+            attrs["note"] = (f"compiled for {plan.target.name}, not timed (compile-only); no prediction"
+                             + (f": {result.prediction_error}" if result.prediction_error else ""))
+        else:  # the sampler's objective: the predicted time, labelled so no dashboard takes it for a timing
+            state, value = optuna.trial.TrialState.COMPLETE, prediction["seconds"]
+            attrs.update(note=f"compiled for {plan.target.name}, not timed (compile-only): the value is a "
+                              f"predicted time", value=f"{PREDICTED} seconds (model {prediction['model_version']})",
+                         predicted=True)
+        frozen = optuna.trial.create_trial(state=state, value=value, params=space.params(config),
+                                           distributions=distributions, user_attrs=attrs)
         with self.lock:
             trial_id = self.storage.create_new_trial(self.studies[plan.key.digest()], template_trial=frozen)
             number = self.storage.get_trial_number_from_id(trial_id)
@@ -192,6 +212,8 @@ def run_plans(plans: list[TargetPlan], store: Store, *, run_id: int | None = Non
         if result.ok:
             summary.compiled += 1
             summary.spilled += result.spills
+            summary.predicted += result.prediction is not None
+            summary.predict_s += result.prediction_seconds or 0.0
         else:
             summary.failed[result.failure_kind] += 1
         if on_result is not None:
