@@ -3,7 +3,9 @@
 The lookup happens once per key per process (results kept in memory behind a lock), at trace time, so a jitted
 call costs what the kernel with a fixed config costs. On a miss the policy decides: `heuristic` (the default
 config, one warning naming the command that would tune it), `nearest` (the best of the nearest tuned problem, if
-valid here), `error`, or `tune` (a short search now). A missing, read-only or locked database never breaks
+valid here), `error`, or `tune` (a short search now). A key with no measured best whose problem a compile-only
+search ranked for this device kind runs its predicted best instead (source "predicted", said once:
+autotune/runtime/predicted.py). A missing, read-only or locked database never breaks
 inference: the lookup falls back to the heuristic with one warning. Warnings point at the user's call (the
 first frame outside jax, flax and this project: autotune/runtime/notices.py). `lookup()` only inspects: it records
 no miss, warns nothing and tunes nothing; the kernel calls do. With the verbose switch each kernel call traced
@@ -28,6 +30,7 @@ from autotune.keys import make_key, shape_distance
 from autotune.kernel_protocol import device_kind_of, kernel_for_platform, load_kernel, refusals
 from autotune.problem_fields import command_flags
 from autotune.runtime import notices
+from autotune.runtime.predicted import device_for_kind, predicted_choice
 from autotune.settings import MISS_POLICIES, RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
 from db import KERNEL_IMPLEMENTATION as KERNEL, BestRecord, Store, TuningKey, default_url, resolve_url
 from db.urls import PASSWORD_HINT, display_url, scrub, shareable_url, sqlite_file
@@ -76,10 +79,11 @@ class Settings:
 
 @dataclass(frozen=True)
 class Lookup:
-    """The config a call will use and where it came from: 'tuned', 'nearest' or 'heuristic'; and which
-    implementation `dot_product_attention(implementation=None)` runs: 'pallas' (the kernel with `config`), or
-    jax.nn's 'xla' or 'cudnn' where that won the key's final re-timing and can run it here (`flash_attention` always
-    runs the kernel)."""
+    """The config a call will use and where it came from: 'tuned' (measured), 'predicted' (the static model's
+    best of a compile-only search: never a timing), 'nearest' or 'heuristic'; and which implementation
+    `dot_product_attention(implementation=None)` runs: 'pallas' (the kernel with `config`), or jax.nn's 'xla' or
+    'cudnn' where that won the key's final re-timing and can run it here (`flash_attention` always runs the
+    kernel)."""
 
     config: Any
     source: str
@@ -87,6 +91,7 @@ class Lookup:
     detail: str = ""
     refused: bool = False  # the kernel cannot run the problem with any config: not a miss, tuning cannot help
     implementation: str = KERNEL
+    prediction: Any = None  # source 'predicted': the model's Prediction (predicted seconds, bound, model version)
 
 
 _settings = Settings()
@@ -241,6 +246,12 @@ def _resolve(kernel: ModuleType, problem: Problem, device: DeviceInfo, settings:
     if refused:  # no config can run it: not a miss (tuning cannot help); the kernel's call says why
         return Lookup(kernel.Config.default(problem, device_kind=device_kind_of(device)), "heuristic", key,
                       "; ".join(refused), refused=True)
+    if store is not None:  # no measured best: a compile-only search's predicted best before any guess
+        with contextlib.suppress(Exception):
+            chosen = predicted_choice(store, kernel, key,
+                                      lambda data: _stored_config(kernel, problem, data, device))
+            if chosen is not None:
+                return Lookup(chosen.config, "predicted", key, chosen.detail, prediction=chosen.prediction)
     why = why or f"no tuned config for this problem on {device.device_kind}"
     if settings.policy() == "nearest" and store is not None:
         with contextlib.suppress(Exception):
@@ -316,20 +327,26 @@ def use(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup:
     if found.source == "heuristic":
         notices.warn_once(("miss", url, key), f"{found.detail}: using the heuristic default config. "
                                               f"Tune it with: {tune_command(key, url)}")
+    elif found.source == "predicted":
+        notices.warn_once(("predicted", url, key), f"{found.detail}: using that predicted config (not timed "
+                                                   f"here). Measure it on the device with: {tune_command(key, url)}")
     return found
 
 
 def lookup(q_shape, k_shape, dtype, *, causal: bool = False, segments: bool = False, backward: bool = False,
-           window=None, softcap: float | None = None, lengths: bool = False, kernel: str | None = None) -> Lookup:
-    """The config `flash_attention` would use for inputs of these shapes on the current device, and where it comes
-    from ('tuned', 'nearest' or 'heuristic', with `detail` saying why it missed), and the `implementation`
-    `dot_product_attention` would run (a baseline that won the key, or 'pallas'). Only inspects: no miss is
-    recorded, nothing is warned or tuned (under on_miss='error' a miss raises TuningMissError, as the call would).
-    The keywords are the problem's fields (autotune/problem_fields.py) other than the shapes and dtype."""
+           window=None, softcap: float | None = None, lengths: bool = False, kernel: str | None = None,
+           device_kind: str | None = None) -> Lookup:
+    """The config `flash_attention` would use for inputs of these shapes on the current device (or on a device of
+    `device_kind`: a compile target's, e.g. 'TPU v5 lite', to see what the runtime would pick on hardware this
+    machine lacks), and where it comes from ('tuned', 'predicted', 'nearest' or 'heuristic', with `detail` saying
+    why it missed), and the `implementation` `dot_product_attention` would run (a baseline that won the key, or
+    'pallas'). Only inspects: no miss is recorded, nothing is warned or tuned (under on_miss='error' a miss raises
+    TuningMissError, as the call would). The keywords are the problem's fields (autotune/problem_fields.py) other
+    than the shapes and dtype."""
     q_shape, k_shape = tuple(q_shape), tuple(k_shape)
     window = check_window(window)
     fast_key = (_override.get() or _settings, q_shape, k_shape, dtype, causal, segments, backward, window, softcap,
-                lengths, kernel)
+                lengths, kernel, device_kind)
     found = _fast.get(fast_key)
     if found is None:
         if len(q_shape) != 4 or len(k_shape) != 4:
@@ -340,7 +357,7 @@ def lookup(q_shape, k_shape, dtype, *, causal: bool = False, segments: bool = Fa
                           kv_heads=k_shape[2], head_dim=q_shape[3], dtype=canonical_dtype(dtype), causal=causal,
                           segments=segments, backward=backward, **window_fields(window), softcap=softcap,
                           lengths=lengths)
-        found = find(problem, kernel, current_device())
+        found = find(problem, kernel, device_for_kind(device_kind, kernel))
         _fast[fast_key] = found
     settings = _override.get() or _settings
     if found.source != "tuned" and settings.policy() == "error":
@@ -350,7 +367,8 @@ def lookup(q_shape, k_shape, dtype, *, causal: bool = False, segments: bool = Fa
 
 
 def peek_tuned(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup | None:
-    """The tuned lookup for a problem if there is one, without applying the miss policy or counting a miss."""
+    """The tuned lookup for a problem if there is one (else its predicted best, source 'predicted', if a
+    compile-only search ranked it), without applying the miss policy or counting a miss."""
     settings = _override.get() or _settings
     cache_key = (settings.url(), "peek", kernel_name, device, problem)
     with _lock:
@@ -369,5 +387,11 @@ def peek_tuned(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup
                         else:
                             notices.warn_once(("invalid", settings.url(), key),
                                               f"ignoring the stored backward config {best.config}: {invalid}")
+                    if found is None:  # no measured backward: a compile-only search's predicted best, if any
+                        chosen = predicted_choice(store, kernel, key,
+                                                  lambda data: _stored_config(kernel, problem, data, device))
+                        if chosen is not None:
+                            found = Lookup(chosen.config, "predicted", key, chosen.detail,
+                                           prediction=chosen.prediction)
             _cache[cache_key] = found  # type: ignore[assignment]
         return _cache[cache_key]
