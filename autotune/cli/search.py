@@ -254,6 +254,8 @@ def print_summary(results, db: str | None, kernel: str | None = None) -> None:
         if r.ahead_of_time:
             click.echo(f"{describe_problem(r.problem)}: {r.ahead_of_time}")
         click.echo(f"{label}: winner {winner_note(r.key.platform, r.implementation, r.times)}")
+        if r.predicted_rank:
+            click.echo(f"{describe_problem(r.problem)}: {r.predicted_rank}")
         if r.budget_met_before:
             click.echo(f"{label}: the study already has its {r.trials_run} trials; nothing searched. Shown: the best "
                        "stored before (raise --trials to search further).")
