@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from autotune.cli.common import describe_problem, print_table, table_config
+from autotune.compile.targets import target_for_device_kind
 from autotune.compile.ranking import PREDICTED, RankedConfig, Ranking, describe_prediction
 from autotune.problem_fields import lookup_arguments
 
@@ -22,6 +23,18 @@ def ranked_row(entry: RankedConfig, key) -> list[str]:
     p = entry.prediction
     return [f"#{entry.rank}", table_config(entry.config, key), predicted_ms(p.seconds), f"{p.roofline_fraction:.0%}",
             p.bound, p.model_version, "spills: never the predicted best" if entry.spills else ""]
+
+
+PREDICTED_HEADERS = ["predicted rank", "predicted ms", "% of roofline", "bound", "model"]
+
+
+def predicted_cells(ranking: Ranking | None, trial) -> list[str]:
+    """A trial's cells under PREDICTED_HEADERS: its rank and the model's figures, or dashes when not ranked."""
+    entry = None if ranking is None else next((e for e in ranking.entries if e.trial_id == trial.id), None)
+    if entry is None:
+        return ["-"] * len(PREDICTED_HEADERS)
+    p = entry.prediction
+    return [f"#{entry.rank}", predicted_ms(p.seconds), f"{p.roofline_fraction:.0%}", p.bound, p.model_version]
 
 
 def prediction_json(entry: RankedConfig | None) -> dict[str, Any] | None:
@@ -65,3 +78,33 @@ def print_ranking(ranking: Ranking, target_name: str, *, shown: int | None = SHO
     click.echo(f"predicted best: {table_config(best.config, key)}, {describe_prediction(best.prediction)}")
     click.echo(f"On a {key.device_kind} with no measured best the runtime uses it (and says so); see it with "
                f"autotune.lookup({lookup_arguments(key)}, device_kind={key.device_kind!r})")
+
+
+def predicted_best_json(ranking: Ranking) -> dict[str, Any]:
+    """A predicted best as a `list --json` entry: the fields of a measured entry, with no time (None), and the
+    predicted figures under names of their own, `source` "predicted"."""
+    best = ranking.best
+    key = ranking.key
+    return {"source": PREDICTED, "id": None, "digest": key.digest(), "key": key.to_dict(),
+            "problem": describe_problem(key), "config": best.config, "time_s": None, "default_time_s": None,
+            "speedup": None, "trials": len(ranking.entries), "predicted_s": best.prediction.seconds,
+            "roofline_fraction": best.prediction.roofline_fraction, "bound": best.prediction.bound,
+            "model_version": ranking.model_version, "rank": best.rank}
+
+
+def print_predicted_bests(rankings: list[Ranking], *, after_measured: bool) -> None:
+    """`list`'s table of predicted bests, apart from the measured ones and labelled as predicted."""
+    if after_measured:
+        click.echo()
+    click.echo("Predicted bests (compile-only searches: the static model's fastest config, NOT timed; the runtime "
+               "uses one only where its device kind has no measured best):")
+    rows = []
+    for ranking in rankings:
+        key, best = ranking.key, ranking.best
+        target = target_for_device_kind(key.device_kind)
+        rows.append([target.name if target else "-", key.device_kind, f"{key.kernel}@{key.kernel_version}",
+                     describe_problem(key), table_config(best.config, key), predicted_ms(best.prediction.seconds),
+                     f"{best.prediction.roofline_fraction:.0%}", best.prediction.bound, ranking.model_version,
+                     str(len(ranking.entries))])
+    print_table(["target", "device", "kernel", "problem", "predicted best config", "predicted ms", "% of roofline",
+                 "bound", "model", "ranked"], rows)

@@ -120,6 +120,21 @@ def predicted_ranking(store: Store, key: TuningKey) -> Ranking | None:
     return None
 
 
+def predicted_bests(store: Store, filters: dict[str, Any]) -> list[Ranking]:
+    """The rankings of every compile-only key whose fields match `filters` (e.g. device_kind, kernel, dtype,
+    causal; None matches anything) and that has a predicted best, oldest key first: what `list` shows."""
+    rankings = []
+    for platform in COMPILE_PLATFORMS:
+        for key in store.keys(platform=platform, kernel=filters.get("kernel"),
+                              device_kind=filters.get("device_kind")):
+            if any(value is not None and getattr(key, name) != value for name, value in filters.items()):
+                continue
+            ranking = rank_trials(key, store.trials(key))
+            if ranking is not None and ranking.best is not None:
+                rankings.append(ranking)
+    return rankings
+
+
 def describe_prediction(prediction: Prediction) -> str:
     """'1.234 ms predicted (62% of roofline, compute-bound, model tpu-1)': how every reader prints one."""
     return (f"{prediction.seconds * 1e3:.4g} ms predicted ({prediction.roofline_fraction:.0%} of roofline, "
