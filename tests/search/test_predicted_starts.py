@@ -118,3 +118,29 @@ def test_lookup_refuses_an_unknown_device_kind_and_a_kernel_of_another_platform(
         autotune.lookup((1, 32, 2, 16), (1, 32, 1, 16), "float32", device_kind="TPU v9")
     with pytest.raises(ValueError, match="kernel 'gpu' does not run on TPU v5 lite"):
         autotune.lookup((1, 32, 2, 16), (1, 32, 1, 16), "float32", device_kind="TPU v5 lite", kernel="gpu")
+
+
+def test_a_predicted_backward_key_runs_both_directions_and_is_said_once(tmp_path, capsys):
+    db = tmp_path / "results.db"
+    backward = PROBLEM.replace(backward=True)
+    with Store(db) as store:
+        stored = store_predictions(store, backward)
+    autotune.configure(db=str(db), verbose=True)
+    try:
+        keys = jax.random.split(jax.random.key(random.randrange(2**31)), 3)
+        q = jax.random.normal(keys[0], (1, 32, 2, 16))
+        k, v = (jax.random.normal(key, (1, 32, 1, 16)) for key in keys[1:])
+        loss = lambda q, k, v: autotune.flash_attention(q, k, v, causal=True).sum()  # noqa: E731
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        said = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+        assert len(said) == 1 and "predicted" in said[0] and "--backward" in said[0], said
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("autotune: ")]
+        assert len(lines) == 2 and all("(predicted: " in line for line in lines), lines
+        best = stored["best"]
+        assert all(f"{name}={best[name]}" in lines[name.startswith("bwd_")] for name in best), (lines, best)
+        found = autotune.lookup((1, 32, 2, 16), (1, 32, 1, 16), "float32", causal=True, backward=True)
+        assert found.source == "predicted" and found.config.to_dict() == best
+    finally:
+        autotune.configure()
