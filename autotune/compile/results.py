@@ -48,9 +48,10 @@ def figures_of(result, target_name: str) -> dict[str, Any]:
     kind and the bytes the compiler named."""
     data: dict[str, Any] = {"target": target_name,
                             "kernels": [dataclasses.asdict(k) for k in result.kernels]}
-    if result.ok and result.prediction is not None:
+    prediction = getattr(result, "prediction", None)
+    if result.ok and prediction is not None:
         try:  # stored only in the schema's shape (db/figures.py); a prediction that does not fit is left out
-            data["prediction"] = check_figures({**data, "prediction": result.prediction})["prediction"]
+            data["prediction"] = check_figures({**data, "prediction": prediction})["prediction"]
         except (ValueError, TypeError):
             pass
     if not result.ok:
