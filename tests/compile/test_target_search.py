@@ -146,6 +146,8 @@ def test_report_maps_each_target_and_export_import_carry_the_trials(swept, tmp_p
     text = page.read_text()
     assert "What compiles, per target" in text and "NVIDIA H100 80GB HBM3 [gpu-compile]" in text
     assert 'data-chart="compile-' in text and "Trial times by block_q and block_k" in text
+    predicted = text.split("Predicted times, per target (static model, not timed)")[1]
+    assert "ranked by PREDICTED time" in predicted and "<th>predicted ms</th>" in predicted
     assert "compiled" not in text.split("<h2>Failure classes</h2>")[1].split("<h2>")[0]  # not a failure class
 
     exported = tmp_path / "sweep.json"
