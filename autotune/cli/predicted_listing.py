@@ -76,7 +76,8 @@ def print_ranking(ranking: Ranking, target_name: str, *, shown: int | None = SHO
         click.echo("predicted best: none (every ranked config spills registers)")
         return
     click.echo(f"predicted best: {table_config(best.config, key)}, {describe_prediction(best.prediction)}")
-    click.echo(f"On a {key.device_kind} with no measured best the runtime uses it (and says so); see it with "
+    click.echo(f"On a device of kind {key.device_kind!r} with no measured best the runtime uses it (and says so); "
+               f"see it with "
                f"autotune.lookup({lookup_arguments(key)}, device_kind={key.device_kind!r})")
 
 
