@@ -41,7 +41,7 @@ def run_target_command(*, target_text: str, kernel: str | None, shapes: str | No
                        trial_timeout: float, quiet: bool, db: str | None) -> None:
     from autotune.cli.predicted_listing import print_ranking
     from autotune.compile.ranking import rank_trials
-    from autotune.compile.search import plan_searches, resolve_targets
+    from autotune.compile.search import first_round, plan_searches, resolve_targets
 
     if target_text.strip() == "list":
         print_targets()
@@ -66,12 +66,20 @@ def run_target_command(*, target_text: str, kernel: str | None, shapes: str | No
     try:
         with database_errors(store):
             plans = plan_searches(specs, targets, store, trials=trials, grid_all=sampler == "grid", seed=seed,
-                                  jax_version=device.jax_version)
+                                  jax_version=device.jax_version, steer=sampler == "tpe")
+            # tpe (the default): half of a large budget at random, then the configs their predictions steer to
+            first = first_round(plans) if sampler == "tpe" else plans
+            steer = any(len(a.configs) < len(b.configs) for a, b in zip(first, plans))
+            planned = sum(len(p.configs) for p in plans)
             # Concurrent runs on one database share each key's budget and configs (autotune/compile/claims.py).
             with ConfigClaims(store, owner, ttl_s=config.claim_ttl_s, beat_s=config.claim_beat_s) as claims:
-                plans = claim_plans(plans, claims)
-                summaries = _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet, claims,
-                                     config.claim_beat_s)
+                rounds = [lambda: claim_plans(first, claims)]
+                if steer:
+                    rounds.append(lambda: claim_plans(plan_searches(
+                        specs, targets, store, trials=trials, grid_all=False, seed=seed,
+                        jax_version=device.jax_version, steer=True), claims))
+                summaries = _compile(rounds, planned, store, device, target_text, trials, seed, trial_timeout, quiet,
+                                     claims, config.claim_beat_s)
             rankings = [(s.plan.target.name, rank_trials(s.plan.key, store.trials(s.plan.key))) for s in summaries]
     finally:
         store.close()
@@ -81,15 +89,18 @@ def run_target_command(*, target_text: str, kernel: str | None, shapes: str | No
             print_ranking(ranking, target_name)
 
 
-def _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet, claims, beat_s):
+def _compile(rounds, planned, store, device, target_text, trials, seed, trial_timeout, quiet, claims, beat_s):
+    """Compile round after round (each a callable that plans and claims its configs: a steered search's second
+    round is planned from the first one's predictions) under one run row; the summaries of all rounds."""
     from tqdm import tqdm
 
-    from autotune.compile.search import run_plans
+    from autotune.compile.search import merge_summaries, run_plans
     from autotune.heartbeat import Heartbeat
 
-    total = sum(len(p.configs) for p in plans)
+    plans = rounds[0]()
+    total = sum(len(p.configs) for p in plans) if len(rounds) == 1 else planned
     names = ", ".join(dict.fromkeys(p.target.name for p in plans))
-    click.echo(f"Compiling {plural(total, 'config')} for {names} ({plural(len({p.spec for p in plans}), 'problem')}; "
+    click.echo(f"Compiling {'up to ' if len(rounds) > 1 else ''}{plural(total, 'config')} for {names} ({plural(len({p.spec for p in plans}), 'problem')}; "
                f"compile-only: nothing is timed), results in {where(store)}", err=True)
     run_id = store.start_run(host=device.host, device_kind=", ".join(dict.fromkeys(p.target.device_kind
                                                                                for p in plans)),
@@ -110,6 +121,12 @@ def _compile(plans, store, device, target_text, trials, seed, trial_timeout, qui
     try:
         summaries = run_plans(plans, store, run_id=run_id, processes=COMPILE_PROCESSES, timeout_s=trial_timeout,
                               on_result=on_result, claims=claims)
+        for next_round in rounds[1:]:
+            plans = next_round()
+            summaries = merge_summaries(summaries, run_plans(
+                plans, store, run_id=run_id, processes=COMPILE_PROCESSES, timeout_s=trial_timeout,
+                on_result=on_result, claims=claims))
+        bar.total = bar.n  # what was compiled (fewer than planned where other processes took configs)
         status = "ok"
     except KeyboardInterrupt:
         status = "interrupted"
