@@ -30,7 +30,7 @@ from autotune.keys import make_key, shape_distance
 from autotune.kernel_protocol import device_kind_of, kernel_for_platform, load_kernel, refusals
 from autotune.problem_fields import command_flags
 from autotune.runtime import notices
-from autotune.runtime.predicted import device_for_kind, predicted_choice
+from autotune.runtime.predicted import device_for_kind, predicted_choice, predicted_warning
 from autotune.settings import MISS_POLICIES, RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
 from db import KERNEL_IMPLEMENTATION as KERNEL, BestRecord, Store, TuningKey, default_url, resolve_url
 from db.urls import PASSWORD_HINT, display_url, scrub, shareable_url, sqlite_file
@@ -226,6 +226,19 @@ def _tuned(config, key: TuningKey, best: BestRecord, problem: Problem, device: D
                   implementation=best.implementation)
 
 
+def _predicted(store: Store | None, kernel: ModuleType, problem: Problem, device: DeviceInfo,
+               key: TuningKey) -> Lookup | None:
+    """The key's predicted best (a compile-only search's for its device kind) if it can run here, else None."""
+    if store is None:
+        return None
+    try:
+        chosen = predicted_choice(store, kernel, key, lambda data: _stored_config(kernel, problem, data, device))
+    except Exception:  # noqa: BLE001 - a locked or broken database: the lookup goes on without a prediction
+        return None
+    return None if chosen is None else Lookup(chosen.config, "predicted", key, chosen.detail,
+                                              prediction=chosen.prediction)
+
+
 def _resolve(kernel: ModuleType, problem: Problem, device: DeviceInfo, settings: Settings) -> Lookup:
     """The uncached lookup, without side effects: one indexed query, then, on a miss, the nearest tuned problem
     (policy `nearest`) or the heuristic default; `detail` says why it missed."""
@@ -246,12 +259,9 @@ def _resolve(kernel: ModuleType, problem: Problem, device: DeviceInfo, settings:
     if refused:  # no config can run it: not a miss (tuning cannot help); the kernel's call says why
         return Lookup(kernel.Config.default(problem, device_kind=device_kind_of(device)), "heuristic", key,
                       "; ".join(refused), refused=True)
-    if store is not None:  # no measured best: a compile-only search's predicted best before any guess
-        with contextlib.suppress(Exception):
-            chosen = predicted_choice(store, kernel, key,
-                                      lambda data: _stored_config(kernel, problem, data, device))
-            if chosen is not None:
-                return Lookup(chosen.config, "predicted", key, chosen.detail, prediction=chosen.prediction)
+    predicted = _predicted(store, kernel, problem, device, key)  # no measured best: the model's before any guess
+    if predicted is not None:
+        return predicted
     why = why or f"no tuned config for this problem on {device.device_kind}"
     if settings.policy() == "nearest" and store is not None:
         with contextlib.suppress(Exception):
@@ -328,8 +338,7 @@ def use(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup:
         notices.warn_once(("miss", url, key), f"{found.detail}: using the heuristic default config. "
                                               f"Tune it with: {tune_command(key, url)}")
     elif found.source == "predicted":
-        notices.warn_once(("predicted", url, key), f"{found.detail}: using that predicted config (not timed "
-                                                   f"here). Measure it on the device with: {tune_command(key, url)}")
+        notices.warn_once(("predicted", url, key), predicted_warning(found.detail, tune_command(key, url)))
     return found
 
 
@@ -388,10 +397,6 @@ def peek_tuned(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup
                             notices.warn_once(("invalid", settings.url(), key),
                                               f"ignoring the stored backward config {best.config}: {invalid}")
                     if found is None:  # no measured backward: a compile-only search's predicted best, if any
-                        chosen = predicted_choice(store, kernel, key,
-                                                  lambda data: _stored_config(kernel, problem, data, device))
-                        if chosen is not None:
-                            found = Lookup(chosen.config, "predicted", key, chosen.detail,
-                                           prediction=chosen.prediction)
+                        found = _predicted(store, kernel, problem, device, key)
             _cache[cache_key] = found  # type: ignore[assignment]
         return _cache[cache_key]

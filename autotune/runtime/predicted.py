@@ -68,3 +68,8 @@ def predicted_choice(store: Store, kernel: ModuleType, key: TuningKey, check) ->
               f"({target.name if target else ranking.key.platform} compile-only search, jax "
               f"{ranking.key.jax_version}), {describe_prediction(best.prediction)}")
     return PredictedChoice(config, best.prediction, detail)
+
+
+def predicted_warning(detail: str, command: str) -> str:
+    """The one warning a key that runs its predicted best gives (forward, backward, or both through --backward)."""
+    return f"{detail}: using that predicted config (not timed here). Measure it on the device with: {command}"

@@ -22,6 +22,7 @@ from autotune.measure.kernel_call import feature_kwargs
 from autotune.problem_fields import describe
 from autotune.runtime import notices
 from autotune.runtime.lookup import Lookup, count_miss, current_settings, find, peek_tuned, tune_command, use
+from autotune.runtime.predicted import predicted_warning
 from db import TuningKey
 from kernels.entry import prepare
 
@@ -111,8 +112,7 @@ def _from_backward(backward: Lookup, forward_key: TuningKey) -> Lookup:
     settings = current_settings()
     count_miss(settings.url(), backward.key)
     notices.warn_once(("predicted", settings.url(), backward.key),
-                      f"{backward.detail}: using that predicted config (not timed here). Measure it on the device "
-                      f"with: {tune_command(backward.key, settings.url())}")
+                      predicted_warning(backward.detail, tune_command(backward.key, settings.url())))
     return Lookup(backward.config, "predicted", forward_key,
                   f"the forward fields of the --backward key's predicted best ({backward.detail})",
                   prediction=backward.prediction)
@@ -181,8 +181,7 @@ def _on_backward(note: _BackwardNote) -> None:
     count_miss(note.url, note.key)
     if note.source == "predicted":
         notices.warn_once(("predicted", note.url, note.key),
-                          f"{note.detail}: using that predicted config (not timed here). Measure it on the device "
-                          f"with: {tune_command(note.key, note.url)}")
+                          predicted_warning(note.detail, tune_command(note.key, note.url)))
     elif note.warn:
         notices.warn_once(("backward", note.url, note.key),
                           f"the forward of {describe(note.key)} is tuned but its backward is not: jax.grad runs "
