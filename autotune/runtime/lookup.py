@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Iterator
 
-
 from autotune import settings as environment
 from autotune.device import DeviceInfo, current_device
 from autotune.keys import make_key, shape_distance
@@ -37,7 +36,6 @@ from db.urls import PASSWORD_HINT, display_url, scrub, shareable_url, sqlite_fil
 from kernels import Problem, canonical_dtype
 from kernels.problem import check_window, window_fields
 from kernels.xla_attention import baseline_refusal
-
 
 
 class TuningMissError(LookupError):
