@@ -8,6 +8,7 @@ import click
 
 from autotune.cli.common import describe_problem, print_table, table_config
 from autotune.compile.targets import target_for_device_kind
+from db import KERNEL_IMPLEMENTATION
 from autotune.compile.ranking import PREDICTED, RankedConfig, Ranking, describe_prediction
 from autotune.problem_fields import lookup_arguments
 
@@ -82,13 +83,14 @@ def print_ranking(ranking: Ranking, target_name: str, *, shown: int | None = SHO
 
 
 def predicted_best_json(ranking: Ranking) -> dict[str, Any]:
-    """A predicted best as a `list --json` entry: the fields of a measured entry, with no time (None), and the
-    predicted figures under names of their own, `source` "predicted"."""
+    """A predicted best as a `list --json` entry: the fields of a measured entry, with no time (None, no `times`),
+    the kernel as its implementation, and the predicted figures under names of their own, `source` "predicted"."""
     best = ranking.best
     key = ranking.key
     return {"source": PREDICTED, "id": None, "digest": key.digest(), "key": key.to_dict(),
             "problem": describe_problem(key), "config": best.config, "time_s": None, "default_time_s": None,
-            "speedup": None, "trials": len(ranking.entries), "predicted_s": best.prediction.seconds,
+            "speedup": None, "trials": len(ranking.entries), "implementation": KERNEL_IMPLEMENTATION, "times": {},
+            "predicted_s": best.prediction.seconds,
             "roofline_fraction": best.prediction.roofline_fraction, "bound": best.prediction.bound,
             "model_version": ranking.model_version, "rank": best.rank}
 

@@ -71,6 +71,7 @@ def test_list_and_show_label_the_predicted_best_apart_from_timings(predicted_db)
     assert f"{best_s * 1e3:.4g}" in row and TPU_MODEL_VERSION in row and " 4" in row
     [entry] = json.loads(invoke("list", "--json", "--db", db).output)
     assert entry["source"] == "predicted" and entry["time_s"] is None and entry["speedup"] is None
+    assert entry["times"] == {} and entry["implementation"] == "pallas"  # no timing of anything, the kernel runs
     assert entry["config"] == best and entry["predicted_s"] == best_s and entry["model_version"] == TPU_MODEL_VERSION
     assert invoke("list", "--device", "TPU v4", "--db", db).exit_code == 1
 
