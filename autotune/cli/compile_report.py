@@ -7,6 +7,7 @@ import html
 
 from autotune.cli.block_cells import CHAR_W, block_cells
 from autotune.cli.common import describe_problem
+from autotune.compile.ranking import rank_trials
 from autotune.compile.results import peak_bytes, trial_spills
 from db.records import RESOURCE_EXHAUSTED
 
@@ -16,6 +17,7 @@ OUTCOME_WORDS = {"compiled": "compiled", "spilled": "compiled, spills", RESOURCE
                  "failed": "failed otherwise"}
 SEVERITY = ("compiled", "spilled", "failed", RESOURCE_EXHAUSTED)  # a cell shows its worst config's outcome
 MAX_MAPS = 24
+RANKED_ROWS = 10  # configs per key in the predicted-time tables
 
 
 def esc(value) -> str:
@@ -118,4 +120,31 @@ def compile_section(trials: list) -> str:
             maps.append(drawn)
     if maps:
         parts.append("<div class='multiples'>" + "".join(maps) + "</div>")
+    parts.append(predicted_tables([kt for kt in keys[:MAX_MAPS]]))
     return "".join(parts)
+
+
+def predicted_tables(keys: list[tuple]) -> str:
+    """Per compile-only key with predictions, its configs ranked by predicted time (the fastest RANKED_ROWS), every
+    figure labelled predicted with the model version; '' when no key has predictions."""
+    tables = []
+    for key, trials in keys:
+        ranking = rank_trials(key, trials)
+        if ranking is None:
+            continue
+        rows = "".join(
+            f"<tr><td>#{e.rank}</td><td>{esc(' '.join(f'{n}={v}' for n, v in sorted(e.config.items())))}</td>"
+            f"<td>{e.prediction.seconds * 1e3:.4g}</td><td>{e.prediction.roofline_fraction:.0%}</td>"
+            f"<td>{esc(e.prediction.bound)}</td><td>{'spills' if e.spills else ''}</td></tr>"
+            for e in ranking.entries[:RANKED_ROWS])
+        best = ranking.best
+        best_text = ("none (every ranked config spills)" if best is None else
+                     f"#{best.rank}, {best.prediction.seconds * 1e3:.4g} ms predicted")
+        tables.append(f"<h3>{esc(key.device_kind)}: {esc(describe_problem(key))}</h3>"
+                      f"<p class='note'>{len(ranking.entries)} compiled configs ranked by PREDICTED time (static "
+                      f"model {esc(ranking.model_version)}; nothing was timed). Predicted best: {esc(best_text)}.</p>"
+                      "<table class='predicted'><tr><th>predicted rank</th><th>config</th><th>predicted ms</th>"
+                      f"<th>% of roofline</th><th>bound</th><th>note</th></tr>{rows}</table>")
+    if not tables:
+        return ""
+    return "<h2>Predicted times, per target (static model, not timed)</h2>" + "".join(tables)

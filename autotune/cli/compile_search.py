@@ -40,7 +40,9 @@ def print_targets() -> None:
 def run_target_command(*, target_text: str, kernel: str | None, shapes: str | None, flags: dict, tune_misses: bool,
                        allow_spills: bool, trials: int | None, sampler: str, seed: int | None,
                        trial_timeout: float, quiet: bool, db: str | None) -> None:
-    from autotune.compile.search import plan_searches, resolve_targets
+    from autotune.cli.predicted_listing import print_ranking
+    from autotune.compile.ranking import rank_trials
+    from autotune.compile.search import first_round, plan_searches, resolve_targets
 
     if target_text.strip() == "list":
         print_targets()
@@ -65,36 +67,52 @@ def run_target_command(*, target_text: str, kernel: str | None, shapes: str | No
     try:
         with database_errors(store):
             plans = plan_searches(specs, targets, store, trials=trials, grid_all=sampler == "grid", seed=seed,
-                                  jax_version=device.jax_version)
+                                  jax_version=device.jax_version, steer=sampler == "tpe")
+            # tpe (the default): half of a large budget at random, then the configs their predictions steer to
+            first = first_round(plans) if sampler == "tpe" else plans
+            steer = any(len(a.configs) < len(b.configs) for a, b in zip(first, plans))
+            planned = sum(len(p.configs) for p in plans)
             # Concurrent runs on one database share each key's budget and configs (autotune/compile/claims.py).
             with ConfigClaims(store, owner, ttl_s=config.claim_ttl_s, beat_s=config.claim_beat_s) as claims:
-                plans = claim_plans(plans, claims)
-                empty = not any(p.configs for p in plans)  # nothing left to compile: say why, no bars
-                click.echo(nothing_left_line(plans) if empty else estimate_line(plans, store, COMPILE_PROCESSES),
+                claimed = claim_plans(first, claims)
+                empty = not steer and not any(p.configs for p in claimed)  # nothing left to compile: say why
+                click.echo(nothing_left_line(claimed) if empty else estimate_line(plans, store, COMPILE_PROCESSES),
                            err=True)
-                summaries = _compile(plans, store, device, target_text, trials, seed, trial_timeout,
+                rounds = [lambda: claimed]
+                if steer:
+                    rounds.append(lambda: claim_plans(plan_searches(
+                        specs, targets, store, trials=trials, grid_all=False, seed=seed,
+                        jax_version=device.jax_version, steer=True), claims))
+                summaries = _compile(rounds, planned, store, device, target_text, trials, seed, trial_timeout,
                                      quiet or empty, claims, config.claim_beat_s)
+            rankings = [(s.plan.target.name, rank_trials(s.plan.key, store.trials(s.plan.key))) for s in summaries]
     finally:
         store.close()
     if not empty:
         print_compile_summary(summaries)
+    for target_name, ranking in rankings:
+        if ranking is not None:
+            print_ranking(ranking, target_name)
     click.echo()
     for line in next_steps(plans, db=db, shapes=shapes, given_flags=given_flag_texts(flags)):
         click.echo(line)
 
 
-def _compile(plans, store, device, target_text, trials, seed, trial_timeout, quiet, claims, beat_s):
+def _compile(rounds, planned, store, device, target_text, trials, seed, trial_timeout, quiet, claims, beat_s):
+    """Compile round after round (each a callable that plans and claims its configs: a steered search's second
+    round is planned from the first one's predictions) under one run row; the summaries of all rounds."""
     from tqdm import tqdm
 
-    from autotune.compile.search import run_plans
+    from autotune.compile.search import merge_summaries, run_plans
     from autotune.heartbeat import Heartbeat
 
-    total = sum(len(p.configs) for p in plans)
+    plans = rounds[0]()
+    total = sum(len(p.configs) for p in plans) if len(rounds) == 1 else planned
     names = ", ".join(dict.fromkeys(p.target.name for p in plans))
     problems = plural(len({p.spec for p in plans}), 'problem')
     if total:
-        click.echo(f"Compiling {plural(total, 'config')} for {names} ({problems}; compile-only: nothing is timed), "
-                   f"results in {where(store)}", err=True)
+        click.echo(f"Compiling {'up to ' if len(rounds) > 1 else ''}{plural(total, 'config')} for {names} "
+                   f"({problems}; compile-only: nothing is timed), results in {where(store)}", err=True)
     run_id = store.start_run(host=device.host, device_kind=", ".join(dict.fromkeys(p.target.device_kind
                                                                                for p in plans)),
                              platform="compile-only", jax_version=device.jax_version,
@@ -114,6 +132,12 @@ def _compile(plans, store, device, target_text, trials, seed, trial_timeout, qui
     try:
         summaries = run_plans(plans, store, run_id=run_id, processes=COMPILE_PROCESSES, timeout_s=trial_timeout,
                               on_result=on_result, claims=claims)
+        for next_round in rounds[1:]:
+            plans = next_round()
+            summaries = merge_summaries(summaries, run_plans(
+                plans, store, run_id=run_id, processes=COMPILE_PROCESSES, timeout_s=trial_timeout,
+                on_result=on_result, claims=claims))
+        bar.total = bar.n  # what was compiled (fewer than planned where other processes took configs)
         status = "ok"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -144,6 +168,13 @@ def print_compile_summary(summaries) -> None:
     compiled = sum(s.compiled for s in summaries)
     failed = sum(sum(s.failed.values()) for s in summaries)
     spilled = sum(s.spilled for s in summaries)
-    click.echo(f"\n{plural(compiled + failed, 'compile')}: {compiled} compiled ({spilled} spilling registers), "
-               f"{failed} failed. No time is claimed and no best stored: a device search for the same device kind "
+    predicted = sum(s.predicted for s in summaries)
+    click.echo(f"\n{plural(compiled + failed, 'compile')}: {compiled} compiled ({spilled} spilling registers, "
+               f"{predicted} with a predicted time), {failed} failed. Nothing was timed: the configs are ranked by "
+               f"predicted time below; a device search for the same device kind starts from the predicted best and "
                f"skips the rejected and spilling configs (see `autotune show --target NAME ...`).")
+    compile_s = sum(s.compile_s for s in summaries)
+    predict_s = sum(s.predict_s for s in summaries)
+    if predicted and compile_s:
+        click.echo(f"Predicting took {predict_s:.2f} s on top of {compile_s:.1f} s of compiling "
+                   f"({predict_s / compile_s:.1%}).")

@@ -18,12 +18,16 @@ from autotune.cli.common import (SHAPE_FLAGS, database_errors, db_option, descri
                                       problem_options, require_bests, specs_from_flags, table_config, when, where)
 from autotune.cli.compile_listing import compile_status, figures_heading, figures_text, target_key
 from autotune.cli.winners import others_text, winner_note
+from autotune.cli.predicted_listing import (PREDICTED_HEADERS, predicted_best_json, predicted_cells,
+                                            print_predicted_bests, ranking_json)
+from autotune.compile.ranking import describe_prediction, predicted_bests, rank_trials
 from autotune.keys import PROBLEM_FIELDS
 
 
 def best_json(best) -> dict[str, Any]:
     return {
-        "id": best.id, "digest": best.key.digest(), "key": best.key.to_dict(), "problem": describe_problem(best.key),
+        "source": "measured", "id": best.id, "digest": best.key.digest(), "key": best.key.to_dict(),
+        "problem": describe_problem(best.key),
         "config": ordered_config(best.config), "time_s": best.time_s, "default_time_s": best.default_time_s,
         "speedup": best.speedup, "trials": best.trials, "run_id": best.run_id,
         "updated_at": best.updated_at.isoformat(), "implementation": best.implementation, "times": best.times,
@@ -61,16 +65,23 @@ def list_command(device_kind, kernel_filter, dtype_filter, causal_filter, show_m
     if show_misses:
         list_misses(store, key_filters(device_kind, kernel_filter, dtype_filter, causal_filter), as_json)
         return
-    bests = require_bests(store, key_filters(device_kind, kernel_filter, dtype_filter, causal_filter))
+    filters = key_filters(device_kind, kernel_filter, dtype_filter, causal_filter)
+    with database_errors(store):
+        bests, predicted = store.bests(**filters), predicted_bests(store, filters)
+    if not bests and not predicted:
+        require_bests(store, filters)  # the one "nothing there" message, exit 1
     if as_json:
-        echo_json([best_json(b) for b in bests])
+        echo_json([best_json(b) for b in bests] + [predicted_best_json(r) for r in predicted])
         return
     rows = [[str(b.id), b.key.device_kind, f"{b.key.kernel}@{b.key.kernel_version}", describe_problem(b.key),
              b.implementation, table_config(b.config, b.key), format_ms(b.time_s), format_ms(b.default_time_s),
              f"{b.speedup:.2f}x" if b.speedup else "-", others_text(b.times, b.implementation), str(b.trials),
              when(b.updated_at)] for b in bests]
-    print_table(["id", "device", "kernel", "problem", "winner", "best config", "best ms", "default ms", "speedup",
-                 "others ms", "trials", "updated (UTC)"], rows)
+    if rows:
+        print_table(["id", "device", "kernel", "problem", "winner", "best config", "best ms", "default ms",
+                     "speedup", "others ms", "trials", "updated (UTC)"], rows)
+    if predicted:
+        print_predicted_bests(predicted, after_measured=bool(rows))
 
 
 def list_misses(store, filters: dict[str, Any], as_json: bool) -> None:
@@ -193,12 +204,19 @@ def show_command(kernel, best_id, target_name, as_json, db, **flags):
         if best is None and not trials:
             raise click.ClickException(no_results_message(store, key))
     trials.sort(key=lambda t: (t.number is None, t.number if t.number is not None else 0, t.id))
+    ranking = rank_trials(key, trials) if target_name is not None else None
+    if ranking is not None:  # the compile-only trials by predicted time, unranked ones after them
+        ranks = {entry.trial_id: entry.rank for entry in ranking.entries}
+        trials.sort(key=lambda t: ranks.get(t.id, len(ranks) + 1))
     statuses = Counter(t.status for t in trials)
     failures = {status: n for status, n in statuses.items() if status not in ("ok", "compiled")}
     if as_json:
-        echo_json({"digest": key.digest(), "key": key.to_dict(), "problem": describe_problem(key),
-                   "best": best_json(best) if best else None, "trials": [trial_json(t) for t in trials],
-                   "status_counts": dict(statuses), "failures": failures})
+        shown = {"digest": key.digest(), "key": key.to_dict(), "problem": describe_problem(key),
+                 "best": best_json(best) if best else None, "trials": [trial_json(t) for t in trials],
+                 "status_counts": dict(statuses), "failures": failures}
+        if target_name is not None:
+            shown["predicted"] = ranking_json(ranking)
+        echo_json(shown)
         return
     click.echo(f"key        {key.digest()}" + (f"  (id {best.id})" if best else ""))
     click.echo(printable(f"kernel     {key.kernel} @ {key.kernel_version}"))
@@ -206,8 +224,12 @@ def show_command(kernel, best_id, target_name, as_json, db, **flags):
     click.echo(f"problem    {describe_problem(key)}")
     compile_only = any(t.figures is not None for t in trials)
     if compile_only:
-        click.echo("best       none: compile-only results (nothing was timed; the device search skips the configs "
-                   "the compiler rejected and, by default, those that spill)")
+        click.echo("best       none measured: compile-only results (nothing was timed; the device search skips the "
+                   "configs the compiler rejected and, by default, those that spill)")
+        if ranking is not None and ranking.best is not None:
+            click.echo(printable(f"predicted  {table_config(ranking.best.config, key)}"))
+            click.echo(f"           {describe_prediction(ranking.best.prediction)}; best of "
+                       f"{len(ranking.entries)} ranked by PREDICTED time")
     elif best:
         speedup = f", {best.speedup:.2f}x" if best.speedup else ""
         kernel_config = table_config(best.config, key)
@@ -228,9 +250,10 @@ def show_command(kernel, best_id, target_name, as_json, db, **flags):
              "-" if t.max_error is None else f"{t.max_error:.2g}",
              first_line(f"{t.error_class}: {t.error_message}" if t.error_class else t.error_message, width=None)]
             for t in trials]
-    if rows and compile_only:  # no times: the compiler's figures per kernel instead
-        rows = [row[:2] + row[2:3] + [row[5], figures_text(t.figures), row[7]] for row, t in zip(rows, trials)]
-        print_table(["#", "status", "config", "compile s", figures_heading(key), "error"], rows)
+    if rows and compile_only:  # no times: the compiler's figures per kernel and the predicted time instead
+        rows = [row[:2] + row[2:3] + predicted_cells(ranking, t) + [row[5], figures_text(t.figures), row[7]]
+                for row, t in zip(rows, trials)]
+        print_table(["#", "status", "config", *PREDICTED_HEADERS, "compile s", figures_heading(key), "error"], rows)
     elif rows:
         print_table(["#", "status", "config", "ms", "spread ms", "compile s", "max err", "error"], rows)
     summary = ", ".join(f"{status} {n}" for status, n in sorted(failures.items(), key=lambda x: -x[1]))

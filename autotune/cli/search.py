@@ -266,6 +266,8 @@ def print_summary(results, db: str | None, kernel: str | None = None) -> None:
             click.echo(f"{describe_problem(r.problem)}: {r.ahead_of_time}")
         label = f"#{r.best_id}" if r.best_id is not None else describe_problem(r.problem)
         click.echo(f"{label}: winner {winner_note(r.key.platform, r.implementation, r.times)}")
+        if r.predicted_rank:
+            click.echo(f"{describe_problem(r.problem)}: {r.predicted_rank}")
     if any(r.stored for r in results):
         click.echo("Stored: the winner of the final re-timing, where the top configs and the default ran interleaved "
                    "on the same inputs; the trial times, measured while other candidates compiled, are what the "

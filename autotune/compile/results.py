@@ -17,7 +17,7 @@ from autotune.compile.targets import target_for_device_kind
 from autotune.keys import PROBLEM_FIELDS
 from autotune.space import config_text  # configs compare as the study compares them: canonical JSON
 from db import Store, TrialRecord, TuningKey
-from db.figures import RESOURCE_EXHAUSTED, canonical_failure_kind
+from db.figures import RESOURCE_EXHAUSTED, canonical_failure_kind, check_figures
 
 COMPILE_SUFFIX = "-compile"
 COMPILED = "compiled"  # the trial status of a config that compiled
@@ -44,10 +44,17 @@ def compile_key(kernel_name: str, kernel_version: str, platform: str, device_kin
 
 
 def figures_of(result, target_name: str) -> dict[str, Any]:
-    """The JSON stored in a compile-only trial's `figures`: the target, each kernel's figures, and for a failure
-    its kind and the bytes the compiler named."""
+    """The JSON stored in a compile-only trial's `figures`: the target, each kernel's figures, the static model's
+    prediction when it made one (a predicted time with its model version, never a timing), and for a failure its
+    kind and the bytes the compiler named."""
     data: dict[str, Any] = {"target": target_name,
                             "kernels": [dataclasses.asdict(k) for k in result.kernels]}
+    prediction = getattr(result, "prediction", None)
+    if result.ok and prediction is not None:
+        try:  # stored only in the schema's shape (db/figures.py); a prediction that does not fit is left out
+            data["prediction"] = check_figures({**data, "prediction": prediction})["prediction"]
+        except (ValueError, TypeError):
+            pass
     if not result.ok:
         data.update(failure_kind=result.failure_kind, requested_bytes=result.requested_bytes,
                     limit_bytes=result.limit_bytes)

@@ -4,13 +4,27 @@ For each problem and target, the valid configs (by the kernel's checks for the t
 the target's real compiler in parallel worker processes (`autotune.compile.pool`): forward, and with a backward
 problem the gradient's kernels too. Every outcome becomes a trial under the target's compile-only key
 (`autotune.compile.results`): `compiled` with the figures of each kernel (shared memory or VMEM bytes, registers,
-spills, compile seconds), or a failure with its class. No time is claimed and no best is stored. Each trial also goes
-into the key's Optuna study (named by the key's digest, as the device search's), with the same parameters, as a
-pruned trial (compiled) or a failed one, marked `kind = compile_only`, so a dashboard never shows a value for it.
+spills, compile seconds) and the static model's predicted time (`autotune.compile.model`), or a failure with its
+class. No time is measured: the configs are ranked by predicted time (`autotune.compile.ranking`), and the fastest
+predicted one is the key's predicted best. Each trial also goes into the key's Optuna study (named by the key's
+digest, as the device search's), with the same parameters: a compiled and predicted trial is COMPLETE with the
+predicted seconds as its value (so a sampler's objective is the predicted time), user attrs `kind = compile_only`
+and `value = predicted seconds (model ...)`; one the model could not predict is PRUNED; a failure is FAIL.
 A second run of the same command resumes: configs already recorded for a key are not compiled again.
+
+The predictions steer what is compiled (`autotune.compile.steering`): with the tpe sampler (the default), a key
+with room for at least 2 * STEER_AFTER configs and too few predictions is compiled in two rounds, the first half
+(the default and a seeded random sample), then the configs Optuna's TPE proposes given their predicted times; a key
+that already holds enough predictions (an earlier run) is steered from the start. `--sampler random` keeps the
+seeded random order, `--sampler grid` compiles every valid config.
+
+No static filter skips configs before compiling: both models hold their predictions above a roofline of useful
+FLOPs and minimum bytes, which is the same for every config of a problem, so no config's roofline can exceed
+another's prediction; only a compile tells them apart.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 from collections import Counter
@@ -19,6 +33,8 @@ from dataclasses import dataclass, field
 import optuna
 
 from autotune import optuna_storage as adapter
+from autotune.compile.ranking import PREDICTED, rank_trials
+from autotune.compile.steering import STEER_AFTER, steered_order
 from autotune.compile.results import COMPILED, compile_key, config_text, figures_of
 from autotune.compile.pool import CompileJob, CompileResult, compile_many, compilers_missing
 from autotune.kernel_protocol import BUILTIN, kernel_for_platform, load_kernel
@@ -77,13 +93,16 @@ class TargetPlan:
     recorded: int = 0  # configs the key already had trials for (an earlier run): not compiled again
     limit: int = 0  # the key's total of configs (--trials, at most the valid ones): budget slots recorded..limit-1
     candidates: tuple = ()  # every config not recorded yet, in the planned order (what claim_plans claims from)
+    steered: bool = False  # the order came from the sampler, given the key's predictions (autotune.compile.steering)
 
 
 def plan_searches(specs: list[ProblemSpec], targets: list[Target], store: Store, *, trials: int | None,
-                  grid_all: bool, seed: int | None, jax_version: str) -> list[TargetPlan]:
+                  grid_all: bool, seed: int | None, jax_version: str, steer: bool = False) -> list[TargetPlan]:
     """What to compile for every (target, problem): the default config first, then the valid configs in a seeded
-    random order, up to `trials` per key counting what the key already holds (all of them with `grid_all`). With
-    other processes on the same keys, `autotune.compile.claims.claim_plans` picks from every candidate left."""
+    random order, up to `trials` per key counting what the key already holds (all of them with `grid_all`); with
+    `steer`, a key that holds enough predictions has the configs its sampler proposes first
+    (`autotune.compile.steering`). With other processes on the same keys,
+    `autotune.compile.claims.claim_plans` picks from every candidate left."""
     plans = []
     for target in targets:
         kernel = load_kernel(kernel_for_platform(target.platform))
@@ -95,7 +114,8 @@ def plan_searches(specs: list[ProblemSpec], targets: list[Target], store: Store,
             grid = 1
             for values in space.choices.values():
                 grid *= len(values)
-            seen = {config_text(t.config) for t in store.trials(key)}
+            recorded = store.trials(key)
+            seen = {config_text(t.config) for t in recorded}
             budget = len(valid) if grid_all else (trials or DEFAULT_TRIALS)
             rest = [c for c in valid if c != space.default]
             random.Random(seed if seed is not None else 0).shuffle(rest)
@@ -103,9 +123,44 @@ def plan_searches(specs: list[ProblemSpec], targets: list[Target], store: Store,
             todo = [c for c in ordered if config_text(c.to_dict()) not in seen]
             limit = min(budget, len(valid))
             room = max(0, limit - len(seen))
+            ranking = rank_trials(key, recorded) if steer and todo else None
+            steered = ranking is not None and len(ranking.entries) >= STEER_AFTER
+            if steered:
+                first = todo[:1] if todo[0] == space.default else []
+                todo = first + steered_order(space, ranking, todo[len(first):], room - len(first), seed)
             plans.append(TargetPlan(target, spec, key, space, tuple(todo[:room]), grid, len(valid), len(seen), limit,
-                                    tuple(todo)))
+                                    tuple(todo), steered))
     return plans
+
+
+def first_round(plans: list[TargetPlan]) -> list[TargetPlan]:
+    """The plans of a steered search's first round: where a key's order is not steered yet (too few predictions)
+    and it has room for at least 2 * STEER_AFTER configs, the first half of them (the default and a random sample,
+    whose predictions then steer the second round, `plan_searches(..., steer=True)`); the whole plan otherwise."""
+    firsts = []
+    for plan in plans:
+        room = len(plan.configs)
+        if not plan.steered and room >= 2 * STEER_AFTER:
+            half = -(-room // 2)
+            plan = dataclasses.replace(plan, configs=plan.configs[:half], limit=plan.recorded + half)
+        firsts.append(plan)
+    return firsts
+
+
+def merge_summaries(earlier: list[TargetSummary], later: list[TargetSummary]) -> list[TargetSummary]:
+    """One summary per key over both rounds: the later plan (its configs after the earlier's) and summed counts."""
+    merged = {s.plan.key.digest(): s for s in earlier}
+    for s in later:
+        before = merged.get(s.plan.key.digest())
+        if before is None:
+            merged[s.plan.key.digest()] = s
+            continue
+        plan = dataclasses.replace(s.plan, configs=before.plan.configs + s.plan.configs,
+                                   recorded=before.plan.recorded)
+        merged[s.plan.key.digest()] = TargetSummary(
+            plan, before.compiled + s.compiled, before.spilled + s.spilled, before.failed + s.failed,
+            before.compile_s + s.compile_s, before.predicted + s.predicted, before.predict_s + s.predict_s)
+    return list(merged.values())
 
 
 @dataclass
@@ -117,6 +172,8 @@ class TargetSummary:
     spilled: int = 0
     failed: Counter = field(default_factory=Counter)
     compile_s: float = 0.0
+    predicted: int = 0  # compiled configs the model predicted
+    predict_s: float = 0.0  # seconds the workers spent predicting, beyond `compile_s`
 
 
 class _Recorder:
@@ -134,6 +191,7 @@ class _Recorder:
                                                 direction="minimize", load_if_exists=True)
                     study.set_user_attr("key", plan.key.to_dict())
                     study.set_user_attr("kind", KIND)
+                    study.set_user_attr("values", f"{PREDICTED} seconds (static model), not timings")
                     self.studies[plan.key.digest()] = self.storage.get_study_id_from_name(plan.key.digest())
         except BaseException:
             self.close()
@@ -152,13 +210,22 @@ class _Recorder:
         space = plan.space
         distributions = {name: optuna.distributions.IntDistribution(0, len(values) - 1)
                          for name, values in space.choices.items()}
-        note = (f"compiled for {plan.target.name}, not timed (compile-only)" if result.ok
-                else f"the {plan.target.name} compiler failed: {result.failure_kind}")
-        frozen = optuna.trial.create_trial(
-            state=optuna.trial.TrialState.PRUNED if result.ok else optuna.trial.TrialState.FAIL,
-            params=space.params(config), distributions=distributions,
-            user_attrs={"config": config.to_dict(), "kind": KIND, "note": note, "figures": figures,
-                        "compile_s": result.seconds})
+        prediction = figures.get("prediction")
+        attrs = {"config": config.to_dict(), "kind": KIND, "figures": figures, "compile_s": result.seconds}
+        if not result.ok:
+            state, value = optuna.trial.TrialState.FAIL, None
+            attrs["note"] = f"the {plan.target.name} compiler failed: {result.failure_kind}"
+        elif prediction is None:
+            state, value = optuna.trial.TrialState.PRUNED, None
+            attrs["note"] = (f"compiled for {plan.target.name}, not timed (compile-only); no prediction"
+                             + (f": {result.prediction_error}" if result.prediction_error else ""))
+        else:  # the sampler's objective: the predicted time, labelled so no dashboard takes it for a timing
+            state, value = optuna.trial.TrialState.COMPLETE, prediction["seconds"]
+            attrs.update(note=f"compiled for {plan.target.name}, not timed (compile-only): the value is a "
+                              f"predicted time", value=f"{PREDICTED} seconds (model {prediction['model_version']})",
+                         predicted=True)
+        frozen = optuna.trial.create_trial(state=state, value=value, params=space.params(config),
+                                           distributions=distributions, user_attrs=attrs)
         with self.lock:
             trial_id = self.storage.create_new_trial(self.studies[plan.key.digest()], template_trial=frozen)
             number = self.storage.get_trial_number_from_id(trial_id)
@@ -192,6 +259,8 @@ def run_plans(plans: list[TargetPlan], store: Store, *, run_id: int | None = Non
         if result.ok:
             summary.compiled += 1
             summary.spilled += result.spills
+            summary.predicted += result.prediction is not None
+            summary.predict_s += result.prediction_seconds or 0.0
         else:
             summary.failed[result.failure_kind] += 1
         if on_result is not None:

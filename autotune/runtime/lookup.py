@@ -3,7 +3,9 @@
 The lookup happens once per key per process (results kept in memory behind a lock), at trace time, so a jitted
 call costs what the kernel with a fixed config costs. On a miss the policy decides: `heuristic` (the default
 config, one warning naming the command that would tune it), `nearest` (the best of the nearest tuned problem, if
-valid here), `error`, or `tune` (a short search now). A missing, read-only or locked database never breaks
+valid here), `error`, or `tune` (a short search now). A key with no measured best whose problem a compile-only
+search ranked for this device kind runs its predicted best instead (source "predicted", said once:
+autotune/runtime/predicted.py). A missing, read-only or locked database never breaks
 inference: the lookup falls back to the heuristic with one warning. Warnings point at the user's call (the
 first frame outside jax, flax and this project: autotune/runtime/notices.py). `lookup()` only inspects: it records
 no miss, warns nothing and tunes nothing; the kernel calls do. With the verbose switch each kernel call traced
@@ -21,20 +23,19 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Iterator
 
-
 from autotune import settings as environment
 from autotune.device import DeviceInfo, current_device
 from autotune.keys import make_key, shape_distance
 from autotune.kernel_protocol import device_kind_of, kernel_for_platform, load_kernel, refusals
 from autotune.problem_fields import command_flags
 from autotune.runtime import notices
+from autotune.runtime.predicted import device_for_kind, predicted_choice, predicted_warning
 from autotune.settings import MISS_POLICIES, RUNTIME_BUSY_TIMEOUT_S, busy_timeout_s
 from db import KERNEL_IMPLEMENTATION as KERNEL, BestRecord, Store, TuningKey, default_url, resolve_url
 from db.urls import PASSWORD_HINT, display_url, scrub, shareable_url, sqlite_file
 from kernels import Problem, canonical_dtype
 from kernels.problem import check_window, window_fields
 from kernels.xla_attention import baseline_refusal
-
 
 
 class TuningMissError(LookupError):
@@ -76,10 +77,11 @@ class Settings:
 
 @dataclass(frozen=True)
 class Lookup:
-    """The config a call will use and where it came from: 'tuned', 'nearest' or 'heuristic'; and which
-    implementation `dot_product_attention(implementation=None)` runs: 'pallas' (the kernel with `config`), or
-    jax.nn's 'xla' or 'cudnn' where that won the key's final re-timing and can run it here (`flash_attention` always
-    runs the kernel)."""
+    """The config a call will use and where it came from: 'tuned' (measured), 'predicted' (the static model's
+    best of a compile-only search: never a timing), 'nearest' or 'heuristic'; and which implementation
+    `dot_product_attention(implementation=None)` runs: 'pallas' (the kernel with `config`), or jax.nn's 'xla' or
+    'cudnn' where that won the key's final re-timing and can run it here (`flash_attention` always runs the
+    kernel)."""
 
     config: Any
     source: str
@@ -87,6 +89,7 @@ class Lookup:
     detail: str = ""
     refused: bool = False  # the kernel cannot run the problem with any config: not a miss, tuning cannot help
     implementation: str = KERNEL
+    prediction: Any = None  # source 'predicted': the model's Prediction (predicted seconds, bound, model version)
 
 
 _settings = Settings()
@@ -221,6 +224,19 @@ def _tuned(config, key: TuningKey, best: BestRecord, problem: Problem, device: D
                   implementation=best.implementation)
 
 
+def _predicted(store: Store | None, kernel: ModuleType, problem: Problem, device: DeviceInfo,
+               key: TuningKey) -> Lookup | None:
+    """The key's predicted best (a compile-only search's for its device kind) if it can run here, else None."""
+    if store is None:
+        return None
+    try:
+        chosen = predicted_choice(store, kernel, key, lambda data: _stored_config(kernel, problem, data, device))
+    except Exception:  # noqa: BLE001 - a locked or broken database: the lookup goes on without a prediction
+        return None
+    return None if chosen is None else Lookup(chosen.config, "predicted", key, chosen.detail,
+                                              prediction=chosen.prediction)
+
+
 def _resolve(kernel: ModuleType, problem: Problem, device: DeviceInfo, settings: Settings) -> Lookup:
     """The uncached lookup, without side effects: one indexed query, then, on a miss, the nearest tuned problem
     (policy `nearest`) or the heuristic default; `detail` says why it missed."""
@@ -241,6 +257,9 @@ def _resolve(kernel: ModuleType, problem: Problem, device: DeviceInfo, settings:
     if refused:  # no config can run it: not a miss (tuning cannot help); the kernel's call says why
         return Lookup(kernel.Config.default(problem, device_kind=device_kind_of(device)), "heuristic", key,
                       "; ".join(refused), refused=True)
+    predicted = _predicted(store, kernel, problem, device, key)  # no measured best: the model's before any guess
+    if predicted is not None:
+        return predicted
     why = why or f"no tuned config for this problem on {device.device_kind}"
     if settings.policy() == "nearest" and store is not None:
         with contextlib.suppress(Exception):
@@ -316,20 +335,25 @@ def use(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup:
     if found.source == "heuristic":
         notices.warn_once(("miss", url, key), f"{found.detail}: using the heuristic default config. "
                                               f"Tune it with: {tune_command(key, url)}")
+    elif found.source == "predicted":
+        notices.warn_once(("predicted", url, key), predicted_warning(found.detail, tune_command(key, url)))
     return found
 
 
 def lookup(q_shape, k_shape, dtype, *, causal: bool = False, segments: bool = False, backward: bool = False,
-           window=None, softcap: float | None = None, lengths: bool = False, kernel: str | None = None) -> Lookup:
-    """The config `flash_attention` would use for inputs of these shapes on the current device, and where it comes
-    from ('tuned', 'nearest' or 'heuristic', with `detail` saying why it missed), and the `implementation`
-    `dot_product_attention` would run (a baseline that won the key, or 'pallas'). Only inspects: no miss is
-    recorded, nothing is warned or tuned (under on_miss='error' a miss raises TuningMissError, as the call would).
-    The keywords are the problem's fields (autotune/problem_fields.py) other than the shapes and dtype."""
+           window=None, softcap: float | None = None, lengths: bool = False, kernel: str | None = None,
+           device_kind: str | None = None) -> Lookup:
+    """The config `flash_attention` would use for inputs of these shapes on the current device (or on a device of
+    `device_kind`: a compile target's, e.g. 'TPU v5 lite', to see what the runtime would pick on hardware this
+    machine lacks), and where it comes from ('tuned', 'predicted', 'nearest' or 'heuristic', with `detail` saying
+    why it missed), and the `implementation` `dot_product_attention` would run (a baseline that won the key, or
+    'pallas'). Only inspects: no miss is recorded, nothing is warned or tuned (under on_miss='error' a miss raises
+    TuningMissError, as the call would). The keywords are the problem's fields (autotune/problem_fields.py) other
+    than the shapes and dtype."""
     q_shape, k_shape = tuple(q_shape), tuple(k_shape)
     window = check_window(window)
     fast_key = (_override.get() or _settings, q_shape, k_shape, dtype, causal, segments, backward, window, softcap,
-                lengths, kernel)
+                lengths, kernel, device_kind)
     found = _fast.get(fast_key)
     if found is None:
         if len(q_shape) != 4 or len(k_shape) != 4:
@@ -340,7 +364,7 @@ def lookup(q_shape, k_shape, dtype, *, causal: bool = False, segments: bool = Fa
                           kv_heads=k_shape[2], head_dim=q_shape[3], dtype=canonical_dtype(dtype), causal=causal,
                           segments=segments, backward=backward, **window_fields(window), softcap=softcap,
                           lengths=lengths)
-        found = find(problem, kernel, current_device())
+        found = find(problem, kernel, device_for_kind(device_kind, kernel))
         _fast[fast_key] = found
     settings = _override.get() or _settings
     if found.source != "tuned" and settings.policy() == "error":
@@ -350,7 +374,8 @@ def lookup(q_shape, k_shape, dtype, *, causal: bool = False, segments: bool = Fa
 
 
 def peek_tuned(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup | None:
-    """The tuned lookup for a problem if there is one, without applying the miss policy or counting a miss."""
+    """The tuned lookup for a problem if there is one (else its predicted best, source 'predicted', if a
+    compile-only search ranked it), without applying the miss policy or counting a miss."""
     settings = _override.get() or _settings
     cache_key = (settings.url(), "peek", kernel_name, device, problem)
     with _lock:
@@ -369,5 +394,7 @@ def peek_tuned(problem: Problem, kernel_name: str, device: DeviceInfo) -> Lookup
                         else:
                             notices.warn_once(("invalid", settings.url(), key),
                                               f"ignoring the stored backward config {best.config}: {invalid}")
+                    if found is None:  # no measured backward: a compile-only search's predicted best, if any
+                        found = _predicted(store, kernel, problem, device, key)
             _cache[cache_key] = found  # type: ignore[assignment]
         return _cache[cache_key]

@@ -22,6 +22,7 @@ from autotune.measure.kernel_call import feature_kwargs
 from autotune.problem_fields import describe
 from autotune.runtime import notices
 from autotune.runtime.lookup import Lookup, count_miss, current_settings, find, peek_tuned, tune_command, use
+from autotune.runtime.predicted import predicted_warning
 from db import TuningKey
 from kernels.entry import prepare
 
@@ -52,8 +53,10 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale
     kernel = load_kernel(kernel_name)
     backward = peek_tuned(problem.replace(backward=True), kernel_name, device)
     forward = find(problem, kernel_name, device)
-    if backward is not None and forward.source != "tuned":  # the --backward key's config runs both: not a miss
-        forward = Lookup(backward.config, "tuned", forward.key, "the forward fields of the key tuned with --backward")
+    if backward is not None and forward.source != "tuned" and (backward.source == "tuned"
+                                                               or forward.source != "predicted"):
+        # the --backward key's config (measured, else predicted) runs both: the forward key is not a miss
+        forward = _from_backward(backward, forward.key)
         config = backward.config
     else:
         forward = use(problem, kernel_name, device)
@@ -101,6 +104,20 @@ def stored_winner(q, k, v, *, causal: bool, sm_scale: float | None, window, soft
     return found.implementation
 
 
+def _from_backward(backward: Lookup, forward_key: TuningKey) -> Lookup:
+    """The forward's lookup when the --backward key's config runs both directions; a predicted one is said once
+    (as `use` says it for a forward key) and counted as the backward key's miss, so `search --misses` measures it."""
+    if backward.source == "tuned":
+        return Lookup(backward.config, "tuned", forward_key, "the forward fields of the key tuned with --backward")
+    settings = current_settings()
+    count_miss(settings.url(), backward.key)
+    notices.warn_once(("predicted", settings.url(), backward.key),
+                      predicted_warning(backward.detail, tune_command(backward.key, settings.url())))
+    return Lookup(backward.config, "predicted", forward_key,
+                  f"the forward fields of the --backward key's predicted best ({backward.detail})",
+                  prediction=backward.prediction)
+
+
 def _log(kernel: ModuleType, direction: str, key: TuningKey, config, source: str, detail: str) -> None:
     """The verbose log's line for one direction: the forward's fields, or the backward's (bwd_*)."""
     backward = set(_backward_fields(kernel))
@@ -127,7 +144,7 @@ class _BackwardNote:
 def _backward_note(kernel, problem, kernel_name, device, config, forward, backward, settings) -> _BackwardNote:
     key = make_key(kernel, problem.replace(backward=True), device)
     if backward is not None:
-        source, detail = "tuned", ""
+        source, detail = backward.source, "" if backward.source == "tuned" else backward.detail
     else:
         source = "heuristic"
         detail = (f"no backward tuned for this problem: the default backward blocks"
@@ -162,7 +179,10 @@ def _on_backward(note: _BackwardNote) -> None:
     if note.source == "tuned":
         return
     count_miss(note.url, note.key)
-    if note.warn:
+    if note.source == "predicted":
+        notices.warn_once(("predicted", note.url, note.key),
+                          predicted_warning(note.detail, tune_command(note.key, note.url)))
+    elif note.warn:
         notices.warn_once(("backward", note.url, note.key),
                           f"the forward of {describe(note.key)} is tuned but its backward is not: jax.grad runs "
                           f"the default backward blocks. Tune it with: {tune_command(note.key, note.url)}")

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from autotune.measure.kernel_call import compile_candidate
+from autotune.compile.ranking import Ranking, predicted_ranking
 from autotune.compile.results import ahead_of_time
 from autotune.device import DeviceInfo
 from autotune.measure.evaluation import TrialOutcome, evaluate_compiling, timing_inputs
@@ -89,6 +90,7 @@ class Search:
         if self.space.invalid_reasons(self.space.default):
             raise ValueError(f"the kernel's default config is invalid for {problem}: "
                              f"{self.space.invalid_reasons(self.space.default)}")
+        self.ranking = _ranking(store, self.key)  # a compile-only search's predictions for this device kind
         self.started = time.perf_counter()
         self._skips = 0  # asks in a row that gave no candidate
 
@@ -97,7 +99,9 @@ class Search:
         self.started = time.perf_counter()
         study = SharedStudy(self.key, self.store, self.space, self.options, run_id=self.run_id)
         try:
-            return dataclasses.replace(self._run(study), ahead_of_time=self.skip_note)
+            result = self._run(study)
+            return dataclasses.replace(result, ahead_of_time=self.skip_note,
+                                       predicted_rank=winner_rank_note(self.ranking, result.best_config))
         finally:
             study.close()
 
@@ -109,7 +113,7 @@ class Search:
                 return already_done(study.standings(self.options.retime_top), self.store, self.started)
             except LookupError:
                 pass  # no best stored yet: re-time and store below
-        study.enqueue_starts()
+        study.enqueue_starts(self.ranking)
         seed = self.options.seed if self.options.seed is not None else int(time.time()) % 100000
         arg_sets = timing_inputs(self.problem, self.options, seed)
         study.liveness.start()
@@ -196,6 +200,24 @@ class Search:
                                         interpret=self.device.interpret)
             return outcome, 0.0, time.perf_counter() - start
         return evaluate_compiling(candidate.compiling, self.problem, self.options, seed, arg_sets)
+
+
+def _ranking(store: Store, key) -> Ranking | None:
+    try:
+        return predicted_ranking(store, key)
+    except Exception:  # noqa: BLE001 - predictions only order the starts: never worth failing a search for
+        return None
+
+
+def winner_rank_note(ranking: Ranking | None, winner: dict | None) -> str | None:
+    """Where the measured winner ranked among the predictions: every device search checks the model."""
+    if ranking is None or winner is None:
+        return None
+    entry = ranking.rank_of(winner)
+    of = f"{len(ranking.entries)} (model {ranking.model_version})"
+    if entry is None:
+        return f"measured winner was not among the configs predicted: 0 of {of}"
+    return f"measured winner was predicted #{entry.rank} of {of}"
 
 
 def search_problem(problem: Problem, *, kernel_name: str, store: Store, device: DeviceInfo,

@@ -52,6 +52,7 @@ class SearchResult:
     ahead_of_time: str | None = None  # what a compile-only sweep let the search skip (autotune.compile.results)
     implementation: str = KERNEL
     times: dict = field(default_factory=dict)
+    predicted_rank: str | None = None  # where the measured winner ranked among the predictions for this device kind
 
     @property
     def speedup(self) -> float | None:

@@ -20,7 +20,7 @@ from autotune import optuna_storage as adapter
 from autotune.measure.evaluation import TrialOutcome
 from autotune.options import DEFAULT_TRIALS, SearchOptions
 from autotune.search.liveness import Liveness
-from autotune.search.starts import enqueue_starts
+from autotune.search.starts import enqueue_starts, predicted_start_count
 from autotune.search.trial_table import KIND_ATTR, OUTCOME_ATTR, TrialTable, outcome_attr
 from autotune.space import Space, config_text, make_sampler
 from db import Store, TuningKey
@@ -141,9 +141,11 @@ class SharedStudy:
         return Standings(self.key, self.space.problem, self.space.default, tuple(self.top_configs(top)),
                          self.best_value(), len(self.counted_trials()), statuses, failed)
 
-    def enqueue_starts(self) -> None:
-        """First the default config; next the nearest tuned problem's best; for the grid, every valid config."""
-        enqueue_starts(self.study, self.space, self.store, self.key, grid=self.options.sampler == "grid")
+    def enqueue_starts(self, ranking=None) -> None:
+        """First the default config; next the predicted fastest configs of `ranking` (a compile-only search's for
+        this device kind); then the nearest tuned problem's best; for the grid, every valid config."""
+        enqueue_starts(self.study, self.space, self.store, self.key, grid=self.options.sampler == "grid",
+                       ranking=ranking, predicted=predicted_start_count(self.budget))
 
     # -- asking and telling
 

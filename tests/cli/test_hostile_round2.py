@@ -32,7 +32,8 @@ def test_the_search_hints_can_be_pasted_and_say_how_to_give_the_password(capsys)
     result = SimpleNamespace(problem=key, key=key, best_config={"block_q": 64}, best_time_s=1e-3,
                              default_time_s=2e-3, speedup=2.0, xla_time_s=None, trials_run=4, trials_failed=0,
                              wall_s=1.0, best_id=7, ahead_of_time=None, budget_met_before=False, stored=True,
-                             best_trial_s=None, implementation="pallas", times={"pallas": 1e-3})
+                             best_trial_s=None, implementation="pallas", times={"pallas": 1e-3},
+                             predicted_rank=None)
     print_summary([result], f"postgresql:///autotune?host=db-host&user=tuner&password={SECRET}")
     out = capsys.readouterr().out
     assert SECRET not in out and "***" not in out

@@ -103,7 +103,15 @@ def test_compile_only_search_records_real_figures_that_show_displays(swept, name
             assert kernels[0]["registers"] > 0 and kernels[0]["threads"] % 32 == 0
     study = optuna.load_study(study_name=keys[0].digest(), storage=f"sqlite:///{db}")
     assert len(study.trials) == len(trials)
-    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]  # no value claimed
+    predictions = {json.dumps(t.config, sort_keys=True): t.figures["prediction"] for t in compiled}
+    for frozen in study.trials:  # the value is the predicted time, labelled so; no timing is claimed
+        assert frozen.state == optuna.trial.TrialState.COMPLETE and frozen.user_attrs["kind"] == "compile_only"
+        stored = predictions[json.dumps(frozen.user_attrs["config"], sort_keys=True)]
+        assert frozen.value == stored["seconds"] and frozen.user_attrs["predicted"] is True
+        assert frozen.user_attrs["value"] == f"predicted seconds (model {stored['model_version']})"
+    ranked = sorted(predictions.values(), key=lambda p: p["seconds"])
+    assert "ranked by PREDICTED time" in output and f"model {ranked[0]['model_version']}" in output
+    assert f"{ranked[0]['seconds'] * 1e3:.4g} ms predicted" in output.split("predicted best: ")[1]
 
     shown = invoke("show", "--target", name, *args, "--db", db)
     assert shown.exit_code == 0, shown.output
@@ -112,8 +120,12 @@ def test_compile_only_search_records_real_figures_that_show_displays(swept, name
     if name == "h100":
         assert f"r{compiled[0].figures['kernels'][0]['registers']}" in shown.output
     as_json = json.loads(invoke("show", "--target", name, *args, "--json", "--db", db).output)
-    assert [t["figures"] for t in as_json["trials"]] == [t.figures for t in trials]
-    assert invoke("list", "--db", db).exit_code == 1  # `list` shows tuned results only
+    by_config = {json.dumps(t.config, sort_keys=True): t.figures for t in trials}
+    assert {json.dumps(t["config"], sort_keys=True): t["figures"] for t in as_json["trials"]} == by_config
+    seconds = [t["figures"]["prediction"]["seconds"] for t in as_json["trials"] if t["status"] == "compiled"]
+    assert seconds == sorted(seconds)  # `show --target` lists the compiled trials by predicted time
+    listed = invoke("list", "--db", db)  # no measured best: the predicted best, labelled so
+    assert listed.exit_code == 0 and "Predicted bests" in listed.output and "best ms" not in listed.output
 
 
 def test_a_second_run_resumes_without_compiling_again(swept):
@@ -143,6 +155,8 @@ def test_report_maps_each_target_and_export_import_carry_the_trials(swept, tmp_p
     text = page.read_text()
     assert "What compiles, per target" in text and "h100 (NVIDIA H100 80GB HBM3, compile-only)" in text
     assert 'data-chart="compile-' in text and "Trial times by block_q and block_k" in text
+    predicted = text.split("Predicted times, per target (static model, not timed)")[1]
+    assert "ranked by PREDICTED time" in predicted and "<th>predicted ms</th>" in predicted
     assert "compiled" not in text.split("<h2>Failure classes</h2>")[1].split("<h2>")[0]  # not a failure class
 
     exported = tmp_path / "sweep.json"

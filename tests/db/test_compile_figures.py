@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import random
 import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,6 +52,18 @@ def test_figures_and_trials_stored_with_the_old_spelling_read_as_out_of_memory()
     assert check_figures(old) == failed_figures()
     trial = SimpleNamespace(status=RESOURCE_EXHAUSTED, error_class="resources_exhausted", figures=old)
     assert trial_verdict(trial) == REJECTED
+
+
+def test_a_compiles_prediction_is_stored_with_its_figures_and_one_off_the_schema_is_left_out() -> None:
+    seconds = random.uniform(1e-6, 1e-2)
+    prediction = {**PREDICTION, "seconds": seconds, "parts": {"dma": seconds / 2}}
+    stored = figures_of(SimpleNamespace(kernels=(FORWARD,), ok=True, prediction=prediction), "v5e")
+    assert stored["prediction"] == prediction and check_figures(stored) == stored
+    unfit = {**prediction, "parts": {str(i): seconds for i in range(65)}}
+    assert "prediction" not in figures_of(SimpleNamespace(kernels=(FORWARD,), ok=True, prediction=unfit), "v5e")
+    failed = SimpleNamespace(kernels=(), ok=False, failure_kind="other", requested_bytes=None, limit_bytes=None,
+                             prediction=prediction)
+    assert "prediction" not in figures_of(failed, "v5e")
 
 
 @pytest.mark.parametrize("change, named", [
