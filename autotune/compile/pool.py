@@ -72,6 +72,7 @@ class CompileResult:
     limit_bytes: int | None = None
     trace: str = field(default="", repr=False)
     prediction: dict[str, Any] | None = None  # the static model's Prediction.to_dict(): a predicted, not measured, time
+    prediction_seconds: float | None = None  # what reading the compiler's output and predicting took (worker side)
 
     def kernel(self, role: str) -> KernelFigures | None:
         """The figures of the forward, dq or dkv kernel (None if the compile has no such kernel)."""
@@ -111,7 +112,7 @@ def _result(job: CompileJob, data: dict[str, Any]) -> CompileResult:
     if data.get("ok"):
         return CompileResult(job=job, ok=True, seconds=float(data["seconds"]),
                              kernels=tuple(KernelFigures(**k) for k in data.get("kernels", [])),
-                             prediction=data.get("prediction"))
+                             prediction=data.get("prediction"), prediction_seconds=data.get("prediction_seconds"))
     return CompileResult(job=job, ok=False, seconds=float(data.get("seconds", 0.0)), failure_kind=data["kind"],
                          message=data.get("message", ""), requested_bytes=data.get("requested_bytes"),
                          limit_bytes=data.get("limit_bytes"), trace=data.get("trace", ""))
