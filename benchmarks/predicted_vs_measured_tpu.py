@@ -271,21 +271,42 @@ def part_rank(out: list[str], data: dict, keys: int, configs: int, seed: int) ->
 
 
 NOTES = [
-    "## How to read this (model tpu-1)", "",
+    f"## How to read this (model {TPU_MODEL_VERSION})", "",
     "- Per grid step: max(bundles issued at the clock, busiest MXU's vmatmuls x occupancy, waited DMA bytes / HBM "
     "bandwidth shared by the device's cores) + FITTED_STEP_OVERHEAD_CYCLES_V5E; MXU regions that causal masks skip "
     "are weighted by the fraction of tiles that run (block arithmetic); XLA fusions/copies (layout transposes) timed "
     "the same way and added; 2 us launch per program; never below the roofline.",
+    "- DMA bytes = the granule counts the `dma.done.wait`s carry x the chip's granule (`hardware.DMA_GRANULE_BYTES`: "
+    "512 B on v4, 32 B on the others, read off the compiler's own output). In an XLA program (not a Pallas kernel) "
+    "a wait guarded by a predicate is the write-back of an output tile: over the program those waits move the "
+    "program's output once (its HLO result type in the dump), so they are weighted by output bytes / (their bytes "
+    "x trips), at most 1.",
     "- One constant is fitted: the per-step overhead, 390 cycles, on the four points of part (b) only. Nothing was "
     "tuned on the tokamax tables; (c) is the calibration table by name, but it served only as a check here.",
     "- Stand-in kernel: tokamax's own `pallas_mosaic_tpu` flash attention is not in JAX 0.10.2; splash attention "
     "(its ancestor) compiled with the same block_q / block_kv / block_kv_compute and layouts stands in for it. "
-    "Points where splash exceeds the default scoped VMEM (16 MiB on v5p; tokamax raises the limit, splash in JAX "
-    "0.10.2 takes no limit) are listed as failed, not predicted.",
+    "Splash in JAX 0.10.2 takes no VMEM limit, and under the default scoped limit (16 MiB on v5p) some winners do "
+    "not compile; tokamax raises its kernel's limit, so (c) and (e) raise libtpu's default scoped limit instead "
+    "(`--scoped-vmem-kib`; each table says which limit it ran under).",
     "- v4: libtpu 0.0.42's compile-only v4 device is one TensorCore (2 devices per chip), so its figures are per "
-    "core. v6e and TPU7x clocks are not published (assumed 1.75 and 1.9 GHz; only the issue bound depends on them).",
+    "core. Clocks: v6e's 1.75 GHz is what its published peak implies for the compiler's vmatmul spacing (8 bundles "
+    "per 16x256x256 vmatmul on each of 2 MXUs: 918 TFLOPS = 2 x 2 x 16 x 256 x 256 / 8 x 1.75 GHz); TPU7x's "
+    "1.9 GHz is assumed (not published; only the issue bound depends on it).",
     "- Cost: parsing a dump and predicting takes the 'predict s' column (tens of milliseconds); libtpu writing the "
-    "final-bundle dump (about 2 MB per compile) is the rest of what the model adds to a compile.", ""]
+    "final-bundle dump (about 2 MB per compile) is the rest of what the model adds to a compile.", "",
+    "## The two misses of tpu-1 (part a), and what tpu-2 changed", "",
+    "- v4 elementwise (tpu-1: 0.11x of its bandwidth bound): v4 counts DMA waits in 512-byte granules, not 32 "
+    "(a 256 KiB Pallas block waits 512 granules on v4 and 8192 on v5e/v5p/v6e/TPU7x; XLA's x*2+1 waits 7712 per "
+    "4 MiB step on v4, 125312 on v5e), so tpu-1 saw 1/16 of the bytes. Fixed in tpu-2 (see the v4 row of part a).",
+    "- v6e matmul (tpu-1: 1.86x, memory bound): XLA tiles the 8192^3 bf16 matmul on v6e into 384 steps (24 output "
+    "tiles of 5.6 MB x 16 reduction steps); the tile's write-back wait is predicated and runs on 24 of the 384 "
+    "steps, but tpu-1 counted it on every step (2.1 GB of phantom HBM traffic). tpu-2 weights it (above): 1.86x -> "
+    "1.34x, now issue bound. What is left is the compiler's own schedule, not a missing byte: each step is 6873 "
+    "bundles, of which the vmatmuls (688 per MXU, 8 bundles apart: the MXU's occupancy at the peak-implied clock) "
+    "span about 5500; the other ~1300 are the tile's epilogue (result pops, accumulation, stores), which a VLIW "
+    "core issues in sequence. So the model says 80% of peak for this tiling; the 'expected' column is the pure "
+    "peak, and no published v6e measurement of this matmul was found to say which is right. Not fitted away: the "
+    "v6e attention points (held out) do not show the same excess.", ""]
 
 
 def main() -> None:

@@ -88,8 +88,8 @@ TPU_HARDWARE: dict[str, TpuHardware] = {h.name: h for h in (
     _hw("v5p", 1.75e9, "derived: 459 TFLOPS / (2 cores x 4 MXU x 128 x 128 x 2); not published", 4, 128, 459.0,
         "cloud.google.com/tpu/docs/v5p: 459 TFLOPS bf16 per chip", 2765.0,
         "cloud.google.com/tpu/docs/v5p: 2765 GB/s HBM", 2, _MEGACORE),
-    _hw("v6e", 1.75e9, "assumed: not published; 918 TFLOPS over 2 MXU slots of 256x256 implies 2 rows/cycle at "
-        "1.75 GHz", 2, 256, 918.0, "cloud.google.com/tpu/docs/v6e: 918 TFLOPS bf16 per chip", 1640.0,
+    _hw("v6e", 1.75e9, "derived, not published: the compiler issues one 16x256x256 vmatmul per MXU every 8 "
+        "bundles (XLA's 8192^3 bf16 matmul), and 918 TFLOPS over 2 MXUs at that rate is 1.75 GHz", 2, 256, 918.0, "cloud.google.com/tpu/docs/v6e: 918 TFLOPS bf16 per chip", 1640.0,
         "cloud.google.com/tpu/docs/v6e: 1640 GB/s HBM", 1, "one TensorCore per chip"),
     _hw("tpu7x", 1.9e9, "assumed: not published", 2, 256, 2307.0 / 2,
         "cloud.google.com/tpu/docs/tpu7x: 2307 TFLOPS bf16 per chip, 2 TensorCores = 2 JAX devices", 7380.0 / 2,
