@@ -188,8 +188,9 @@ def render(target_name: str, points: list[dict]) -> list[str]:
         else:
             dp = default["prediction"]
             dcell, dms = _blocks(default["config"], problem.backward), f"{dp['seconds'] * 1e3:.3f}"
-            ratios.append(dp["seconds"] / pb["seconds"])
-            ratio = f"{dp['seconds'] / pb['seconds']:.2f}"
+            if len(ok) > 1:  # a comparison only when a sampled config was predicted beside the default
+                ratios.append(dp["seconds"] / pb["seconds"])
+            ratio = f"{dp['seconds'] / pb['seconds']:.2f}" if len(ok) > 1 else "default only"
         lines.append(f"| {label} | {len(ok)} of {len(rows)} | {dcell} | {dms} | "
                      f"{_blocks(best['config'], problem.backward)} | {pb['seconds'] * 1e3:.3f} | {ratio} | "
                      f"{100 * pb['roofline_seconds'] / pb['seconds']:.0f}% | {pb['bound']} |")
@@ -197,9 +198,13 @@ def render(target_name: str, points: list[dict]) -> list[str]:
     compiles = [p["compile_seconds"] for p in mine if p.get("ok")]
     lines += [""]
     if ratios:
-        lines.append(f"**{len(ratios)} problems: predicted default / predicted best median {statistics.median(ratios):.2f}, "
-                     f"max {max(ratios):.2f}; the default is the predicted best in "
-                     f"{sum(r <= 1.0 for r in ratios)} of them.**")
+        lines.append(f"**{len(ratios)} problems with sampled configs beside the default: predicted default / "
+                     f"predicted best median {statistics.median(ratios):.2f}, max {max(ratios):.2f}; the default is "
+                     f"the predicted best in {sum(r <= 1.0 for r in ratios)} of them.**")
+    pending = sum(1 for problem in problems() if len([p for p in mine if p["problem"] == problem.to_dict()]) < 2)
+    if pending:
+        lines.append(f"{pending} problems have only the default compiled so far (the sampled configs were cut to fit "
+                     "the CPU budget; rerun the script to add them): their rows show its predicted time alone.")
     if cost and compiles:
         lines.append(f"Cost on this machine: compile median {statistics.median(compiles):.1f} s; reading the "
                      f"compiler's output and predicting (the worker's `prediction_seconds`) median "
