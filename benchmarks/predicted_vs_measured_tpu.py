@@ -292,6 +292,11 @@ NOTES = [
     "core. Clocks: v6e's 1.75 GHz is what its published peak implies for the compiler's vmatmul spacing (8 bundles "
     "per 16x256x256 vmatmul on each of 2 MXUs: 918 TFLOPS = 2 x 2 x 16 x 256 x 256 / 8 x 1.75 GHz); TPU7x's "
     "1.9 GHz is assumed (not published; only the issue bound depends on it).",
+    "- (c) by length: predicted / measured grows with the sequence (median about 0.85-1.3 at 512-1k tokens, 1.0-1.7 "
+    "at 2k-4k, 1.3-1.85 at 8k-16k, every head_dim and mask): the model is too slow for long sequences. Not fitted "
+    "away; candidates: splash (the stand-in) runs slower than tokamax's own kernel at long lengths (its base-2 "
+    "exponent and scheduler have no splash equivalent), or the per-step cost fitted at 128 blocks on v5e does not "
+    "carry to v5p's large blocks.",
     "- Cost: parsing a dump and predicting takes the 'predict s' column (tens of milliseconds); libtpu writing the "
     "final-bundle dump (about 2 MB per compile) is the rest of what the model adds to a compile.", "",
     "## The two misses of tpu-1 (part a), and what tpu-2 changed", "",
