@@ -16,6 +16,12 @@ from dataclasses import dataclass
 _FLOPS_PER_VMATMUL_128 = 2 * 16 * 128 * 128
 _FLOPS_PER_VMATMUL_256 = 2 * 16 * 256 * 256
 
+# What one granule of a `dma.done.wait` count is, per generation. Read off the compiler's output, not fitted: a
+# Pallas copy kernel moving (512, 128) f32 blocks (256 KiB) waits 8192 granules per block on v5e, v5p, v6e and
+# TPU7x (32 B each) and 512 on v4 (512 B each); likewise XLA's f32 x*2+1 over 256 MiB waits 125312 granules per
+# step on v5e but 7712 per step on v4 with the same 4 MiB steps (benchmarks/results/predicted-vs-measured-tpu.md).
+DMA_GRANULE_BYTES = {"v4": 512, "v5e": 32, "v5p": 32, "v6e": 32, "tpu7x": 32}
+
 # Fitted on JAX's TPU flash attention at the jax-ml/jax#24633 shape on v5e (batch 32, heads 8, d64, bf16, 128
 # blocks, non-causal; published 2.36 / 9.49 / 37.61 / 144.97 ms at 512..4096 tokens): the time per grid step that
 # the bundles do not show (pipeline DMA issue/wait and semaphore round trips). 4 points, one constant, least squares
@@ -43,6 +49,7 @@ class TpuHardware:
     cores: int  # TensorCores a Pallas grid's parallel dimensions are split over
     cores_source: str
     step_overhead_cycles: float  # per grid step, beyond the bundles
+    dma_granule_bytes: int  # bytes per granule of a DMA wait's count (DMA_GRANULE_BYTES)
 
     @property
     def core_peak_flops(self) -> float:
@@ -65,7 +72,7 @@ def _hw(name: str, clock: float, clock_source: str, mxus: int, shape: int, peak_
                        flops_per_vmatmul=_FLOPS_PER_VMATMUL_128 if shape == 128 else _FLOPS_PER_VMATMUL_256,
                        peak_flops=peak_tf * 1e12, peak_source=peak_source, hbm_bytes_per_s=hbm_gb * 1e9,
                        hbm_source=hbm_source, cores=cores, cores_source=cores_source,
-                       step_overhead_cycles=FITTED_STEP_OVERHEAD_CYCLES_V5E)
+                       step_overhead_cycles=FITTED_STEP_OVERHEAD_CYCLES_V5E, dma_granule_bytes=DMA_GRANULE_BYTES[name])
 
 
 _MEGACORE = "megacore: one JAX device drives both TensorCores; Pallas splits parallel grid dims over them"
@@ -81,8 +88,8 @@ TPU_HARDWARE: dict[str, TpuHardware] = {h.name: h for h in (
     _hw("v5p", 1.75e9, "derived: 459 TFLOPS / (2 cores x 4 MXU x 128 x 128 x 2); not published", 4, 128, 459.0,
         "cloud.google.com/tpu/docs/v5p: 459 TFLOPS bf16 per chip", 2765.0,
         "cloud.google.com/tpu/docs/v5p: 2765 GB/s HBM", 2, _MEGACORE),
-    _hw("v6e", 1.75e9, "assumed: not published; 918 TFLOPS over 2 MXU slots of 256x256 implies 2 rows/cycle at "
-        "1.75 GHz", 2, 256, 918.0, "cloud.google.com/tpu/docs/v6e: 918 TFLOPS bf16 per chip", 1640.0,
+    _hw("v6e", 1.75e9, "derived, not published: the compiler issues one 16x256x256 vmatmul per MXU every 8 "
+        "bundles (XLA's 8192^3 bf16 matmul), and 918 TFLOPS over 2 MXUs at that rate is 1.75 GHz", 2, 256, 918.0, "cloud.google.com/tpu/docs/v6e: 918 TFLOPS bf16 per chip", 1640.0,
         "cloud.google.com/tpu/docs/v6e: 1640 GB/s HBM", 1, "one TensorCore per chip"),
     _hw("tpu7x", 1.9e9, "assumed: not published", 2, 256, 2307.0 / 2,
         "cloud.google.com/tpu/docs/tpu7x: 2307 TFLOPS bf16 per chip, 2 TensorCores = 2 JAX devices", 7380.0 / 2,

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-TPU_MODEL_VERSION = "tpu-1"
+TPU_MODEL_VERSION = "tpu-2"
 GPU_MODEL_VERSION = "gpu-1"
 BOUNDS = ("compute", "memory", "overhead", "latency")
 

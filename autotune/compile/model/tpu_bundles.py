@@ -20,9 +20,12 @@ _LINE = re.compile(r"^\s*(0x[0-9a-f]+|\d+)\s+([A-Z]{2})?:?\s*(>*)\s*\{(.*)\}(.*)
 _EXIT = re.compile(r"scmp\.(ge|gt)\.s32\.totalorder\s+%\w+,\s*(-?\d+)\s*/\*\s*loop exit test")
 _BRANCH = re.compile(r"sbr\.rel\s*\(([^)]*)\)\s*target\s*=\s*\$region(\d+)")
 _MATMUL = re.compile(r"vmatmul[\w.\[\]]*")
-_DMA_WAIT = re.compile(r"dma\.done\.wait\s*(?:\([^)]*\))?\s*,?\s*%\w+\s*,\s*(\d+)")
+_DMA_WAIT = re.compile(r"dma\.done\.wait\s*(\([^)]*\))?\s*,?\s*%\w+\s*,\s*(\d+)")
 _START = re.compile(r"^\s*(0x[0-9a-f]+|\d+)\s+([A-Z]{2})?:")
-GRANULE_BYTES = 32
+_SHAPE = re.compile(r"\b(pred|[a-z]+\d+[a-z0-9]*)\[([\d,]*)\]")
+_CALL = re.compile(r"\s[a-z][\w\-]*\(")
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+               "s64": 8, "u64": 8, "f64": 8}
 _FILE = re.compile(r"^(\d+)-(.+)-\d\d-final_bundles\.txt$")
 
 
@@ -39,7 +42,9 @@ class Bundle:
     mark: str
     empty: bool
     matmuls: tuple[str, ...]  # the MXU unit of each vmatmul ('mxu0'.., 'mrb' or '' when not named)
-    dma_bytes: int  # bytes this bundle waits for (`dma.done.wait` carries the granule count as an immediate)
+    dma_granules: int  # DMA granules this bundle waits for (`dma.done.wait` carries the count as an immediate;
+    # the granule's size is the chip's, `hardware.TpuHardware.dma_granule_bytes`)
+    predicated_dma_granules: int  # of those, the ones whose wait is guarded by a predicate (may not run every trip)
     dma_count: int  # DMAs waited for
     exit_trips: int | None  # the constant bound of a `loop exit test` in this bundle
     branch_region: int | None  # target of a forward conditional branch
@@ -77,6 +82,7 @@ class Program:
     regions: tuple[Region, ...]
     capacity: dict[str, int] = field(default_factory=dict)  # slots per bundle and unit
     slot_use: dict[str, int] = field(default_factory=dict)  # summed use over the program's bundles (static)
+    output_bytes: int | None = None  # what the program's HLO instruction produces (None: not in the dump)
 
     @property
     def grid_loop(self) -> Loop | None:
@@ -96,13 +102,15 @@ def _parse_bundle(text: str) -> Bundle | None:
     _, mark, arrows, body, tail = match.groups()
     exit_match = _EXIT.search(body)
     branch = _BRANCH.search(body)
-    dma_bytes, dma_count = 0, 0
-    for size in _DMA_WAIT.findall(body):
+    granules, predicated, dma_count = 0, 0, 0
+    for guard, size in _DMA_WAIT.findall(body):
         dma_count += 1
-        dma_bytes += int(size) * GRANULE_BYTES
+        granules += int(size)
+        predicated += int(size) if guard else 0
     opens = frozenset(int(n) for n in re.findall(r"Start(?:/End empty)? region (\d+)", tail))
     return Bundle(depth=len(arrows), mark=mark or "", empty=not body.strip(),
-                  matmuls=tuple(_unit(m) for m in _MATMUL.findall(body)), dma_bytes=dma_bytes, dma_count=dma_count,
+                  matmuls=tuple(_unit(m) for m in _MATMUL.findall(body)), dma_granules=granules,
+                  predicated_dma_granules=predicated, dma_count=dma_count,
                   exit_trips=int(exit_match.group(2)) + (exit_match.group(1) == "gt") if exit_match else None,
                   branch_region=int(branch.group(2)) if branch else None, opens=opens)
 
@@ -116,7 +124,7 @@ def _fill_empty_depths(bundles: list[Bundle]) -> list[Bundle]:
             continue
         before = next((depths[j] for j in range(i - 1, -1, -1) if not bundles[j].empty), 0)
         after = next((depths[j] for j in range(i + 1, len(bundles)) if not bundles[j].empty), 0)
-        filled[i] = Bundle(min(before, after), b.mark, True, (), 0, 0, None, None, b.opens)
+        filled[i] = Bundle(min(before, after), b.mark, True, (), 0, 0, 0, None, None, b.opens)
     return filled
 
 
@@ -170,6 +178,27 @@ def _utilization(path: str) -> tuple[dict[str, int], dict[str, int]]:
     return capacity, dict(use)
 
 
+def output_bytes(path: str) -> int | None:
+    """Bytes of the HLO result the program computes, from the first instruction line of its schedule analysis
+    (`%fusion = bf16[8192,8192]{...} fusion(...)`; a tuple's elements summed); None when absent or unknown."""
+    if not os.path.exists(path):
+        return None
+    with open(path, errors="replace") as handle:
+        line = next((line for line in handle if " = " in line and "%" in line), "")
+    result = line.split(" = ", 1)[-1] if line else ""
+    call = _CALL.search(result)  # the opcode's call, e.g. ` fusion(`, ends the result type
+    result = result[:call.start()] if call else ""
+    total = 0
+    for dtype, dims in _SHAPE.findall(result):
+        if dtype not in _ITEM_BYTES:
+            return None
+        count = 1
+        for dim in filter(None, dims.split(",")):
+            count *= int(dim)
+        total += count * _ITEM_BYTES[dtype]
+    return total or None
+
+
 def program_kind(name: str, custom_call: bool) -> str:
     """'tlp', 'kernel' (a Pallas custom call), 'copy', 'fusion' (any other XLA program) or 'other' (libtpu's own)."""
     if name == "TLP":
@@ -199,9 +228,10 @@ def parse_program(path: str) -> Program:
     bundles = _fill_empty_depths(parsed)
     util = glob.glob(path.rsplit("-", 2)[0] + "-*static-per-bundle-utilization.txt")
     capacity, use = _utilization(util[0]) if util else ({}, {})
+    analysis = glob.glob(path.rsplit("-", 2)[0] + "-*schedule-analysis_final_bundles.txt")
     return Program(name=name, kind=program_kind(name, custom_call), bundles=tuple(bundles),
                    loops=_loops(bundles, 0, len(bundles), 1), regions=_regions(bundles), capacity=capacity,
-                   slot_use=use)
+                   slot_use=use, output_bytes=output_bytes(analysis[0]) if analysis else None)
 
 
 def parse_dump(folder: str) -> list[Program]:

@@ -119,3 +119,4 @@ def test_compile_worker_returns_a_prediction():
     assert result.ok, result.message
     prediction = Prediction.from_dict(result.prediction)
     assert prediction.model_version == TPU_MODEL_VERSION and prediction.seconds >= prediction.roofline_seconds
+    assert result.prediction_seconds is not None and 0 < result.prediction_seconds < 60  # what predicting took
