@@ -64,7 +64,7 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bo
                 s, _ = common.cap_scores(s, st)
                 q_ids = kv_ids = None
                 if st.segments:
-                    q_ids = q_ids_ref[b][:, :1]
+                    q_ids = common.lane_tile(q_ids_ref[b], block_k)
                     kv_ids = kv_ids_ref[b, 0:1, c:c + block_k]
                 mask = common.visible(st, q_start, k_start, s.shape, q_ids, kv_ids, kv_pad,
                                       lengths=common.row_lengths(lengths, bi * block_b, b))
@@ -72,14 +72,15 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bo
                     s = jnp.where(mask, s, MASK_VALUE)
                 m_prev = m_ref[b]  # [bq, 128], all lanes equal
                 m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-                p = jnp.exp(s - m_next[:, :1])
+                p = jnp.exp(s - common.lane_tile(m_next, s.shape[1]))
                 if mask is not None:
                     p = jnp.where(mask, p, 0.0)  # a row that saw no key yet has m == MASK_VALUE and p == 1
                 alpha = jnp.exp(m_prev - m_next)
                 l_ref[b] = alpha * l_ref[b] + jnp.sum(p, axis=1, keepdims=True)
                 m_ref[b] = m_next
                 v = v_ref[b, c:c + block_k, :]
-                acc_ref[b] = acc_ref[b] * alpha[:, :1] + common.dot_nn(p.astype(v.dtype), v, st)
+                acc_ref[b] = (acc_ref[b] * common.lane_tile(alpha, acc_ref.shape[2])
+                              + common.dot_nn(p.astype(v.dtype), v, st))
 
         common.when(common.chunk_needed(st, q_start, block_q, k_start, block_k, kv_pad, limits, active), chunk)
 
@@ -88,10 +89,9 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bo
         @common.for_each(block_b)
         def _step(b):
             l = l_ref[b]
-            seen = l > 0.0
-            inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)  # a row that sees no key outputs zeros
-            o_ref[b] = (acc_ref[b] * inv[:, :1]).astype(o_ref.dtype)
+            o_ref[b] = (acc_ref[b] * common.lane_tile(common.row_inverse(l), acc_ref.shape[2])).astype(o_ref.dtype)
             if lse_ref is not None:
+                seen = l > 0.0
                 lse_ref[b] = jnp.where(seen, m_ref[b] + jnp.log(jnp.where(seen, l, 1.0)), NO_KEY_LSE)
 
 
