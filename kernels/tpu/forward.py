@@ -22,6 +22,14 @@ from kernels.tpu.common import MASK_VALUE, NO_KEY_LSE, SQUEEZED, Static
 from kernels.tpu.config import LANES, SUBLANES, Config
 
 
+def _rows_may_start_blind(st: Static) -> bool:
+    """Whether a row can have seen no key after the first chunk it walks, so that its masked scores give
+    exp(MASK_VALUE - MASK_VALUE) = 1 and p must be masked again. Without segment ids, lengths or a left window
+    bound every q block starts at key 0, which every row sees (a window's right side is never negative); from
+    then on a row's max is a real score and its masked entries give exp(MASK_VALUE - max) = 0 exactly."""
+    return st.segments or st.lengths or st.left is not None
+
+
 def _kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bool, save_lse: bool) -> None:
     lengths = None
     if st.lengths:
@@ -73,7 +81,7 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bo
                 m_prev = m_ref[b]  # [bq, 128], all lanes equal
                 m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
                 p = jnp.exp(s - common.lane_tile(m_next, s.shape[1]))
-                if mask is not None:
+                if mask is not None and _rows_may_start_blind(st):
                     p = jnp.where(mask, p, 0.0)  # a row that saw no key yet has m == MASK_VALUE and p == 1
                 alpha = jnp.exp(m_prev - m_next)
                 l_ref[b] = alpha * l_ref[b] + jnp.sum(p, axis=1, keepdims=True)
