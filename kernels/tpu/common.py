@@ -246,14 +246,14 @@ def sublane_layout(x: jax.Array) -> jax.Array:
     return jnp.broadcast_to(x[..., None, :], (*x.shape[:-1], SUBLANES, x.shape[-1]))
 
 
-def row_inverse(l: jax.Array) -> jax.Array:
+def row_inverse(l: jax.Array, may_be_zero: bool = True) -> jax.Array:
     """1 / l for the softmax denominators l (each 0 or >= 1: a seen row's largest term is exp(0)), 0 where l is 0
-    (a row that sees no key outputs zeros). The EUP's approximate reciprocal refined by one Newton step is exact to
-    float32 rounding for such l; an exact division lowers to about ten VALU ops per vreg for the special cases
-    (zeros, infinities, denormals) that cannot occur here."""
-    seen = l > 0.0
+    (a row that sees no key outputs zeros; `may_be_zero` False: no row can be unseen, no select). The EUP's
+    approximate reciprocal refined by one Newton step is exact to float32 rounding for such l; an exact division
+    lowers to about ten VALU ops per vreg for the special cases (zeros, infinities, denormals) that cannot occur."""
     r = pl.reciprocal(l, approx=True)
-    return jnp.where(seen, r * (2.0 - l * r), 0.0)
+    r = r * (2.0 - l * r)
+    return jnp.where(l > 0.0, r, 0.0) if may_be_zero else r
 
 
 def lane_tile(x: jax.Array, width: int) -> jax.Array:

@@ -97,7 +97,8 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bo
         @common.for_each(block_b)
         def _step(b):
             l = l_ref[b]
-            o_ref[b] = (acc_ref[b] * common.lane_tile(common.row_inverse(l), acc_ref.shape[2])).astype(o_ref.dtype)
+            inverse = common.row_inverse(l, _rows_may_start_blind(st))
+            o_ref[b] = (acc_ref[b] * common.lane_tile(inverse, acc_ref.shape[2])).astype(o_ref.dtype)
             if lse_ref is not None:
                 seen = l > 0.0
                 lse_ref[b] = jnp.where(seen, m_ref[b] + jnp.log(jnp.where(seen, l, 1.0)), NO_KEY_LSE)
