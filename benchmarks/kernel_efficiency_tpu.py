@@ -101,13 +101,24 @@ def _utilization_rows(dump: str, name: str) -> tuple[list[str], list[int], list[
     return units, capacity, rows
 
 
+def edge_bundles(program: Program) -> int:
+    """Bundles of the grid step's predicated regions without MXU work (the reduction's first-step init and
+    last-step finish: each runs once per output block, not every step), outermost such regions only."""
+    loop = program.grid_loop
+    free = [r for r in program.regions if loop.start <= r.start < loop.end
+            and not any(program.bundles[i].matmuls for i in range(r.start, r.end))]
+    outer = [r for r in free if not any(o is not r and o.start <= r.start and r.end <= o.end for o in free)]
+    return sum(r.end - r.start for r in outer)
+
+
 def step_figures(dump: str, program: Program) -> dict:
     """Bundles per grid step, slot use per unit (% of the unit's slots over those bundles), MXU share (%)."""
     units, capacity, rows = _utilization_rows(dump, program.name)
     n, use, mxu_bundles = _executed(program, program.grid_loop, rows, units.index("MXU"))
     by_unit = dict(zip(units, use))
     cap = dict(zip(units, capacity))
-    return dict(bundles=n, grid_trips=program.grid_loop.trips, mxu_share=round(100 * mxu_bundles / n, 1),
+    return dict(bundles=n, edges=edge_bundles(program), grid_trips=program.grid_loop.trips,
+                mxu_share=round(100 * mxu_bundles / n, 1),
                 slots={u: round(100 * by_unit[u] / (n * cap[u]), 1) for u in UNITS if u in cap})
 
 
@@ -272,7 +283,7 @@ def ops_around_kernels(hlo_text: str) -> list[str]:
 def param_layout(hlo_text: str, index: int = 0) -> str:
     """The layout XLA:TPU gave ENTRY parameter `index` (minor-to-major and tiling)."""
     entry = hlo_text[hlo_text.index("\nENTRY"):]
-    m = re.search(r"\{([^}]*)\} parameter\(" + str(index) + r"\)", entry)
+    m = re.search(r"\{([^}\n]*)\} parameter\(" + str(index) + r"\)", entry)
     return m.group(1) if m else "?"
 
 

@@ -26,6 +26,12 @@ def _get(row: dict | None, kernel: str, *keys):
     return value
 
 
+def _edges(row: dict | None, kernel: str) -> str:
+    """' (e)': the bundles of the step's init and finish regions, which run once per output block."""
+    edges = _get(row, kernel, "edges")
+    return "" if edges is None else f" ({edges})"
+
+
 def _steps(before: list[dict], after: list[dict], problems) -> list[str]:
     index = lambda rows: {(r["target"], r["problem"], r["pass_"], r["impl"]): r for r in rows}  # noqa: E731
     old, new = index(before), index(after)
@@ -33,7 +39,7 @@ def _steps(before: list[dict], after: list[dict], problems) -> list[str]:
     out = []
     for target in sorted({r["target"] for r in after}):
         out += [f"#### {target}", "",
-                "| problem | pass | kernel | bundles / step | JAX's | MXU share % | " + " | ".join(
+                "| problem | pass | kernel | bundles / step (init + finish) | JAX's | MXU share % | " + " | ".join(
                     f"{u} %" for u in UNITS) + f" | predicted µs ({version}), whole pass |",
                 "|---|---|---|---|---|---|" + "---|" * len(UNITS) + "---|"]
         for problem in problems:
@@ -51,8 +57,9 @@ def _steps(before: list[dict], after: list[dict], problems) -> list[str]:
                     name = {"forward": "forward" + (" (+lse)" if pass_ == "bwd" else ""), "dq": "dq",
                             "dkv": "dk/dv"}[kernel]
                     out.append(f"| {problem.name} | {pass_} | {name} | "
-                               f"{_pair(_get(a, kernel, 'bundles'), _get(b, kernel, 'bundles'))} | "
-                               f"{_get(jax_row, kernel, 'bundles') or '-'} | "
+                               f"{_pair(_get(a, kernel, 'bundles'), _get(b, kernel, 'bundles'))}"
+                               f"{_edges(b, kernel)} | {_get(jax_row, kernel, 'bundles') or '-'}"
+                               f"{_edges(jax_row, kernel)} | "
                                f"{_pair(_get(a, kernel, 'mxu_share'), _get(b, kernel, 'mxu_share'))} | {units} | "
                                f"{predicted} |")
         out.append("")
