@@ -3,7 +3,7 @@
 One deviceless v5e compile of the gradient program each (it holds the forward with its log-sum-exp, dq and dk/dv)
 at head_dim 64, bf16, non-causal, every block 512 (the issue's blocks; the body does not depend on batch, heads
 or length, so the problem is small). Ours must step through no more bundles per grid step than JAX's kernel of the
-same role, and issue no XLU lane permutes (`vperm`): per-row values reach their tiles by whole-vreg tiling, not by
+same role, and issue no XLU lane permutes (`vperm.xlu*`): per-row values reach their tiles by whole-vreg tiling, not by
 broadcasting a column (the old kernels: 2488 bundles and 192 permutes per forward step against JAX's 1686).
 """
 from __future__ import annotations
@@ -50,9 +50,10 @@ SCRIPT = """
                 continue
             base = program.name.split(".")[0]
             role = "dkv" if "dkv" in base else "dq" if "dq" in base else "forward"
-            text = open(glob.glob(os.path.join(job, f"*-{program.name}-*final_bundles.txt"))[-1]).read()
+            path, = [p for p in glob.glob(os.path.join(job, f"*-{program.name}-*final_bundles.txt"))
+                     if "schedule-analysis" not in p]
             out[f"{name}_{role}"] = dict(bundles=loop_bundles(program.grid_loop),
-                                         permutes=len(re.findall(r"= vperm", text)))
+                                         permutes=len(re.findall(r"= vperm\.xlu", open(path).read())))
     print(json.dumps(out))
 """
 
