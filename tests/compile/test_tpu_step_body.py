@@ -18,7 +18,7 @@ import textwrap
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = """
+SCRIPT = r"""
     import glob, json, os, re, sys, tempfile
     dump = tempfile.mkdtemp(prefix="step-body-")
     os.environ["LIBTPU_INIT_ARGS"] = f"--xla_jf_dump_to={dump} --xla_jf_dump_llo_pass_label_regex=final"
