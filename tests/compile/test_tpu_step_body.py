@@ -19,7 +19,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = r"""
-    import glob, json, os, re, sys, tempfile
+    import glob, json, os, re, shutil, sys, tempfile
     dump = tempfile.mkdtemp(prefix="step-body-")
     os.environ["LIBTPU_INIT_ARGS"] = f"--xla_jf_dump_to={dump} --xla_jf_dump_llo_pass_label_regex=final"
     import jax, jax.numpy as jnp
@@ -54,6 +54,8 @@ SCRIPT = r"""
                      if "schedule-analysis" not in p]
             out[f"{name}_{role}"] = dict(bundles=loop_bundles(program.grid_loop),
                                          permutes=len(re.findall(r"= vperm\.xlu", open(path).read())))
+        shutil.rmtree(job, ignore_errors=True)
+    shutil.rmtree(dump, ignore_errors=True)
     print(json.dumps(out))
 """
 
