@@ -69,16 +69,16 @@ def _dq_kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad:
             @common.for_each(block_b)
             def _step(b):
                 k = k_ref[b, c:c + block_k, :]
-                p, t = _scores(q_ref[b], k, st, lse_ref[b][:, :1])  # [bq, bk]
+                p, t = _scores(q_ref[b], k, st, common.lane_tile(lse_ref[b], block_k))  # [bq, bk]
                 q_ids = kv_ids = None
                 if st.segments:
-                    q_ids, kv_ids = q_ids_ref[b][:, :1], kv_ids_ref[b, 0:1, c:c + block_k]
+                    q_ids, kv_ids = common.lane_tile(q_ids_ref[b], block_k), kv_ids_ref[b, 0:1, c:c + block_k]
                 mask = common.visible(st, q_start, k_start, p.shape, q_ids, kv_ids, kv_pad, q_axis=0,
                                       lengths=common.row_lengths(lengths, bi * block_b, b))
                 if mask is not None:
                     p = jnp.where(mask, p, 0.0)
                 dp = common.dot_nt(do_ref[b], v_ref[b, c:c + block_k, :], st)
-                ds = _ds(p, dp, di_ref[b][:, :1], t)
+                ds = _ds(p, dp, common.lane_tile(di_ref[b], block_k), t)
                 acc_ref[b] += common.dot_nn(ds.astype(k.dtype), k, st)
 
         common.when(common.chunk_needed(st, q_start, block_q, k_start, block_k, kv_pad, limits, active), chunk)
@@ -115,7 +115,7 @@ def _dkv_kernel(*refs, st: Static, block_k: int, n_q: int, n_steps: int, kv_pad:
                 p, t = _scores(k_ref[b, c:c + block_k, :], q, st, lse_ref[b][0:1, :])  # [bk, bq]
                 q_ids = kv_ids = None
                 if st.segments:
-                    q_ids, kv_ids = q_ids_ref[b][0:1, :], kv_ids_ref[b, c:c + block_k, :][:, :1]
+                    q_ids, kv_ids = q_ids_ref[b][0:1, :], common.lane_tile(kv_ids_ref[b, c:c + block_k, :], block_q)
                 mask = common.visible(st, q_start, k_start, p.shape, q_ids, kv_ids, kv_pad, q_axis=1,
                                       lengths=common.row_lengths(lengths, bi * block_b, b))
                 if mask is not None:

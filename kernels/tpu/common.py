@@ -243,6 +243,28 @@ def sublane_layout(x: jax.Array) -> jax.Array:
     return jnp.broadcast_to(x[..., None, :], (*x.shape[:-1], SUBLANES, x.shape[-1]))
 
 
+def row_inverse(l: jax.Array, may_be_zero: bool = True) -> jax.Array:
+    """1 / l for the softmax denominators l (each 0 or >= 1: a seen row's largest term is exp(0)), 0 where l is 0
+    (a row that sees no key outputs zeros; `may_be_zero` False: no row can be unseen, no select). The EUP's
+    approximate reciprocal refined by one Newton step is exact to float32 rounding for such l; an exact division
+    lowers to about ten VALU ops per vreg for the special cases (zeros, infinities, denormals) that cannot occur."""
+    r = pl.reciprocal(l, approx=True)
+    r = r * (2.0 - l * r)
+    return jnp.where(l > 0.0, r, 0.0) if may_be_zero else r
+
+
+def lane_tile(x: jax.Array, width: int) -> jax.Array:
+    """A [rows, 128] lane-broadcast value (all lanes equal) as [rows, width], for a per-row operand of a
+    [rows, width] tile: whole vregs repeated when width is a multiple of 128, the leading lanes when it is below
+    128. Slicing a column (`x[:, :1]`) and broadcasting it instead costs an XLU lane permute per vreg (192 of them
+    per forward step at 512-row blocks)."""
+    if width % LANES == 0:
+        return jnp.tile(x, (1, width // LANES))
+    if width < LANES:
+        return x[:, :width]
+    return x[:, :1]
+
+
 def for_each(n: int):
     """Decorator that runs fn(i) for i in range(n) as one loop in the kernel (not n unrolled copies of fn)."""
 

@@ -22,6 +22,14 @@ from kernels.tpu.common import MASK_VALUE, NO_KEY_LSE, SQUEEZED, Static
 from kernels.tpu.config import LANES, SUBLANES, Config
 
 
+def _rows_may_start_blind(st: Static) -> bool:
+    """Whether a row can have seen no key after the first chunk it walks, so that its masked scores give
+    exp(MASK_VALUE - MASK_VALUE) = 1 and p must be masked again. Without segment ids, lengths or a left window
+    bound every q block starts at key 0, which every row sees (a window's right side is never negative); from
+    then on a row's max is a real score and its masked entries give exp(MASK_VALUE - max) = 0 exactly."""
+    return st.segments or st.lengths or st.left is not None
+
+
 def _kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bool, save_lse: bool) -> None:
     lengths = None
     if st.lengths:
@@ -64,7 +72,7 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bo
                 s, _ = common.cap_scores(s, st)
                 q_ids = kv_ids = None
                 if st.segments:
-                    q_ids = q_ids_ref[b][:, :1]
+                    q_ids = common.lane_tile(q_ids_ref[b], block_k)
                     kv_ids = kv_ids_ref[b, 0:1, c:c + block_k]
                 mask = common.visible(st, q_start, k_start, s.shape, q_ids, kv_ids, kv_pad,
                                       lengths=common.row_lengths(lengths, bi * block_b, b))
@@ -72,14 +80,15 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bo
                     s = jnp.where(mask, s, MASK_VALUE)
                 m_prev = m_ref[b]  # [bq, 128], all lanes equal
                 m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-                p = jnp.exp(s - m_next[:, :1])
-                if mask is not None:
+                p = jnp.exp(s - common.lane_tile(m_next, s.shape[1]))
+                if mask is not None and _rows_may_start_blind(st):
                     p = jnp.where(mask, p, 0.0)  # a row that saw no key yet has m == MASK_VALUE and p == 1
                 alpha = jnp.exp(m_prev - m_next)
                 l_ref[b] = alpha * l_ref[b] + jnp.sum(p, axis=1, keepdims=True)
                 m_ref[b] = m_next
                 v = v_ref[b, c:c + block_k, :]
-                acc_ref[b] = acc_ref[b] * alpha[:, :1] + common.dot_nn(p.astype(v.dtype), v, st)
+                acc_ref[b] = (acc_ref[b] * common.lane_tile(alpha, acc_ref.shape[2])
+                              + common.dot_nn(p.astype(v.dtype), v, st))
 
         common.when(common.chunk_needed(st, q_start, block_q, k_start, block_k, kv_pad, limits, active), chunk)
 
@@ -88,10 +97,10 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bo
         @common.for_each(block_b)
         def _step(b):
             l = l_ref[b]
-            seen = l > 0.0
-            inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)  # a row that sees no key outputs zeros
-            o_ref[b] = (acc_ref[b] * inv[:, :1]).astype(o_ref.dtype)
+            inverse = common.row_inverse(l, _rows_may_start_blind(st))
+            o_ref[b] = (acc_ref[b] * common.lane_tile(inverse, acc_ref.shape[2])).astype(o_ref.dtype)
             if lse_ref is not None:
+                seen = l > 0.0
                 lse_ref[b] = jnp.where(seen, m_ref[b] + jnp.log(jnp.where(seen, l, 1.0)), NO_KEY_LSE)
 
 

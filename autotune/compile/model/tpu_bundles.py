@@ -90,6 +90,13 @@ class Program:
         return max(self.loops, key=lambda lp: lp.end - lp.start, default=None)
 
 
+def loop_bundles(loop: Loop) -> int:
+    """Bundles one trip of `loop` steps through: its own, plus each nested loop's times its trips (predicated
+    regions counted whole); for a Pallas grid loop, the bundles of one grid step."""
+    inner = sum(child.end - child.start for child in loop.children)
+    return loop.end - loop.start - inner + sum(loop_bundles(c) * max(c.trips or 1, 1) for c in loop.children)
+
+
 def _unit(op: str) -> str:
     found = re.search(r"mxu\d+", op)
     return found.group(0) if found else ""
