@@ -78,7 +78,7 @@ def _skippable(sass_text: str, function: str, start: int, end: int) -> int:
              re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)[.\w]*\s*([^;]*);", body)]
     skipped: set[int] = set()
     for addr, predicated, op, args in lines:
-        target = re.match(r"0x([0-9a-f]+)", args.strip()) if op == "BRA" and predicated else None
+        target = re.search(r"0x([0-9a-f]+)", args) if op == "BRA" and predicated else None  # BRA [P1,] 0x..
         if target and start <= addr < int(target[1], 16) <= end:
             skipped.update(a for a, *_ in lines if addr < a < int(target[1], 16))
     return len(skipped)
@@ -155,6 +155,9 @@ def run(configs_from: str | None, only: str | None = None) -> list[dict]:
                     continue
                 config = earlier.get((target_name, shape, variant), config)
                 reasons = gpu.invalid_reasons(gpu.Config.from_dict(config), problem, device_kind=target.device_kind)
+                if reasons and variant == "default":  # refused now: the default of this code stands in
+                    config, reasons = default, gpu.invalid_reasons(gpu.Config.from_dict(default), problem,
+                                                                   device_kind=target.device_kind)
                 with tempfile.TemporaryDirectory(prefix="kegpu-") as dump:
                     fn = _attention_fn(gpu, problem, gpu.Config.from_dict(config), target.device_kind)
                     try:

@@ -17,6 +17,12 @@ STAGES = (1, 2, 3, 4)
 MAX_STAGES = 8
 MIN_BLOCK = 16
 KIB = 1024
+# A backward with this many warps computes the scores and dP of a tile with fewer q rows than WIDE_BWD_ROWS in
+# every warpgroup (H100: 32 HGMMA.64x32x16 per dq iteration for 12 useful 64x64x16; 2x the MUFU.EX2) or warp group
+# (A100: 40 HMMA per warp for 24 useful): 1.67x (dq) and 1.5x (dk/dv) the tensor-core work, measured in the SASS
+# of deviceless compiles at bwd_block_q 32 and 64; at 128 rows each warpgroup owns 64 of them (no duplicate).
+WIDE_BWD_WARPS = 8
+WIDE_BWD_ROWS = 128
 
 
 def next_pow2(n: int) -> int:
@@ -69,9 +75,10 @@ class Config(IntConfig):
             min(bwd_block, band, block_cap(problem.q_len)), min(bwd_block, band, block_cap(problem.kv_len)), 2,
             lambda bq, bk, s: backward_smem_bytes(bq, bk, s, problem, device_kind), device_kind,
         )
+        bwd_warps = warps if warps < WIDE_BWD_WARPS or bwd[0] >= WIDE_BWD_ROWS else WIDE_BWD_WARPS // 2
         return cls(
             block_q=fwd[0], block_k=fwd[1], num_warps=warps, num_stages=fwd[2],
-            bwd_block_q=bwd[0], bwd_block_k=bwd[1], bwd_num_warps=warps, bwd_num_stages=bwd[2],
+            bwd_block_q=bwd[0], bwd_block_k=bwd[1], bwd_num_warps=bwd_warps, bwd_num_stages=bwd[2],
         )
 
 
@@ -256,6 +263,11 @@ def invalid_reasons(config: Config, problem: Problem, *, device_kind: str | None
         stages = getattr(config, f"{prefix}num_stages")
         if not 1 <= stages <= MAX_STAGES:
             reasons.append(f"{prefix}num_stages={stages} is not in 1..{MAX_STAGES}")
+    if problem.backward and config.bwd_num_warps >= WIDE_BWD_WARPS and config.bwd_block_q < WIDE_BWD_ROWS:
+        reasons.append(
+            f"bwd_num_warps={config.bwd_num_warps} needs bwd_block_q >= {WIDE_BWD_ROWS} (got {config.bwd_block_q}): "
+            "with fewer rows the warps compute the same scores twice (1.5-1.67x the tensor-core work)"
+        )
     if reasons:
         return reasons
     limit = smem_limit(device_kind)

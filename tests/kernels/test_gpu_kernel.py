@@ -298,6 +298,8 @@ def _with(**changes):
     (Config(128, 64, 8, 3, 32, 32, 8, 2), Problem(1, 1024, 1024, 1, 1, 128, "float32"), "NVIDIA A100-SXM4-40GB",
      "163 KiB"),
     (Config(128, 64, 8, 2, 32, 32, 8, 2), Problem(1, 1024, 1024, 1, 1, 128, "float32"), "Tesla T4", "99 KiB"),
+    # 8 warps on 64-row backward tiles: both warpgroups compute the same scores (issue 22 part 3)
+    (_with(bwd_block_q=64, bwd_block_k=64, bwd_num_warps=8), PROBLEM, "NVIDIA H100 80GB HBM3", "bwd_block_q >= 128"),
 ])
 def test_invalid_reasons(config, problem, device_kind, needle):
     reasons = invalid_reasons(config, problem, device_kind=device_kind)
