@@ -40,6 +40,13 @@ def loop_figures(kernel: dict, config: dict, head_dim: int) -> dict:
     )
 
 
+def _config(config: dict) -> str:
+    """fwd BQxBK wW sS / bwd BQxBK wW sS."""
+    fwd = f"{config['block_q']}x{config['block_k']} w{config['num_warps']} s{config['num_stages']}"
+    bwd = f"{config['bwd_block_q']}x{config['bwd_block_k']} w{config['bwd_num_warps']} s{config['bwd_num_stages']}"
+    return f"{fwd} / {bwd}"
+
+
 def _pair(a, b) -> str:
     return f"{a}" if a == b else f"{a} → {b}"
 
@@ -47,10 +54,11 @@ def _pair(a, b) -> str:
 def tables(before: list[dict], after: list[dict]) -> str:
     """Per-kernel SASS figures and per-call predicted times, before -> after, as markdown."""
     later = {(r["target"], r["problem_name"], r["variant"]): r for r in after}
-    head = ("| target | problem | config | kernel | regs | spill | instr. plain / masked block | MMA instr. (× useful) "
-            "| MUFU | FFMA | FMUL | FADD | LDS+LDGSTS | BAR | C7515 |")
+    head = ("| target | problem | config | kernel | regs | spill | instr. plain / masked block "
+            "| MMA instr. (× useful) | MUFU | FFMA | FMUL | FADD | LDS+LDGSTS | BAR | C7515 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    predicted = ["| target | problem | config | predicted µs before | after | model |", "|---|---|---|---|---|---|"]
+    predicted = ["| target | problem | config (fwd / bwd) | predicted µs before | after | model |",
+                 "|---|---|---|---|---|---|"]
     for row in before:
         key = (row["target"], row["problem_name"], row["variant"])
         new = later.get(key)
@@ -61,7 +69,9 @@ def tables(before: list[dict], after: list[dict]) -> str:
             predicted.append(f"| {key[0]} | {key[1]} | {key[2]} | {row['predicted_us']:.0f} | "
                              f"refused: {'; '.join(new.get('invalid') or [new.get('error', '')])[:90]} | |")
             continue
-        predicted.append(f"| {key[0]} | {key[1]} | {key[2]} | {row['predicted_us']:.0f} | {new['predicted_us']:.0f} | "
+        refused = " (refused now)" if new.get("invalid") else ""
+        predicted.append(f"| {key[0]} | {key[1]} | {_config(row['config'])} → {_config(new['config'])}{refused} | "
+                         f"{row['predicted_us']:.0f} | {new['predicted_us']:.0f} | "
                          f"{row['model_version']} → {new['model_version']} |")
         after_kernels = {k["name"]: k for k in new["kernels"]}
         for kernel in row["kernels"]:
@@ -72,5 +82,6 @@ def tables(before: list[dict], after: list[dict]) -> str:
             cells = [_pair(a[f], b[f]) for f in ("regs", "spill")]
             cells.append(f"{_pair(a['plain'], b['plain'])} / {_pair(a['masked'], b['masked'])}")
             cells += [_pair(a[f], b[f]) for f in ("mma", "mufu", "ffma", "fmul", "fadd", "loads", "bar", "c7515")]
-            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {_role(kernel['name'])} | " + " | ".join(cells) + " |")
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]}{refused} | {_role(kernel['name'])} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + "\n".join(predicted)

@@ -4,8 +4,8 @@ The [q_len, kv_len] scores never leave the program; only the output and the base
 are written. Key blocks out of the sliding window, past the causal diagonal or past the row's run-time length are
 not visited at all (the loop bounds come from `kv_ranges`), and the mask is only built for the blocks that straddle
 a window edge, the diagonal or a tail (split loops; on Hopper one loop whose plain blocks branch past the mask).
-The scale folds into the max subtraction (one FFMA per score). Soft-capping bends the scores before the mask. Inputs and outputs stay unpadded: tiles past the sequence
-end or head_dim are masked loads and stores.
+The scale folds into the max subtraction (one FFMA per score). Soft-capping bends the scores before the mask.
+Inputs and outputs stay unpadded: tiles past the sequence end or head_dim are masked loads and stores.
 """
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ SWEEP = [
     ("f32-causal-seg-gqa", 2, 37, 37, 4, 2, 16, "float32", True, True, SMALL, None),
     ("f32-causal-qlong-mqa-d24", 1, 100, 37, 4, 1, 24, "float32", True, False, SMALL, None),
     ("f32-causal-kvlong-seg", 1, 37, 100, 2, 2, 32, "float32", True, True, MIXED, None),
-    ("f32-full-seg-gqa3-scale", 2, 100, 37, 6, 3, 40, "float32", False, True, SMALL, 0.3),
+    ("f32-full-seg-gqa3-negscale", 2, 100, 37, 6, 3, 40, "float32", False, True, SMALL, -0.3),  # factor <= 0: no fold
     ("bf16-causal-seg-gqa", 1, 100, 100, 4, 2, 32, "bfloat16", True, True, SMALL, None),
     ("bf16-full-mqa-kvlong", 1, 37, 100, 4, 1, 48, "bfloat16", False, False, MIXED, None),
     ("f16-causal-seg-qlong", 1, 100, 37, 2, 1, 16, "float16", True, True, SMALL, None),
