@@ -17,12 +17,13 @@ STAGES = (1, 2, 3, 4)
 MAX_STAGES = 8
 MIN_BLOCK = 16
 KIB = 1024
-# A backward with this many warps computes the scores and dP of a tile with fewer q rows than WIDE_BWD_ROWS in
-# every warpgroup (H100: 32 HGMMA.64x32x16 per dq iteration for 12 useful 64x64x16; 2x the MUFU.EX2) or warp group
-# (A100: 40 HMMA per warp for 24 useful): 1.67x (dq) and 1.5x (dk/dv) the tensor-core work, measured in the SASS
-# of deviceless compiles at bwd_block_q 32 and 64; at 128 rows each warpgroup owns 64 of them (no duplicate).
-WIDE_BWD_WARPS = 8
-WIDE_BWD_ROWS = 128
+# 8 warps (two warpgroups) need tiles of at least WIDE_ROWS rows, or Triton has them compute the same products:
+# measured in the SASS of deviceless compiles (bf16, head_dim 64/128): forward block_q 64: 1.5x the tensor-core
+# work on H100, 2x on A100, 2x the exponentials; backward bwd_block_q 32 or 64: 1.67x (dq) and 1.5x (dk/dv) on H100
+# (32 HGMMA.64x32x16 per dq iteration for 12 useful 64x64x16), up to 2x on A100, whose dk/dv also needs
+# bwd_block_k >= 128 (1.5x at 128x64). At 128 rows each warpgroup owns 64 of them: exactly the useful work.
+WIDE_WARPS = 8
+WIDE_ROWS = 128
 
 
 def next_pow2(n: int) -> int:
@@ -75,11 +76,20 @@ class Config(IntConfig):
             min(bwd_block, band, block_cap(problem.q_len)), min(bwd_block, band, block_cap(problem.kv_len)), 2,
             lambda bq, bk, s: backward_smem_bytes(bq, bk, s, problem, device_kind), device_kind,
         )
-        bwd_warps = warps if warps < WIDE_BWD_WARPS or bwd[0] >= WIDE_BWD_ROWS else WIDE_BWD_WARPS // 2
+        fwd_warps = warps if not _narrow_for_warps(warps, fwd[0], None) else WIDE_WARPS // 2
+        bwd_warps = warps if not _narrow_for_warps(warps, bwd[0], bwd[1], device_kind) else WIDE_WARPS // 2
         return cls(
-            block_q=fwd[0], block_k=fwd[1], num_warps=warps, num_stages=fwd[2],
+            block_q=fwd[0], block_k=fwd[1], num_warps=fwd_warps, num_stages=fwd[2],
             bwd_block_q=bwd[0], bwd_block_k=bwd[1], bwd_num_warps=bwd_warps, bwd_num_stages=bwd[2],
         )
+
+
+def _narrow_for_warps(warps: int, block_q: int, block_k: int | None, device_kind: str | None = None) -> bool:
+    """Whether `warps` would duplicate work on these tiles (see WIDE_ROWS); `block_k` None: the forward, whose
+    key block is no dot's M."""
+    if warps < WIDE_WARPS:
+        return False
+    return block_q < WIDE_ROWS or (block_k is not None and not is_hopper(device_kind) and block_k < WIDE_ROWS)
 
 
 def _fit(block_q: int, block_k: int, stages: int, smem, device_kind: str | None) -> tuple[int, int, int]:
@@ -263,11 +273,6 @@ def invalid_reasons(config: Config, problem: Problem, *, device_kind: str | None
         stages = getattr(config, f"{prefix}num_stages")
         if not 1 <= stages <= MAX_STAGES:
             reasons.append(f"{prefix}num_stages={stages} is not in 1..{MAX_STAGES}")
-    if problem.backward and config.bwd_num_warps >= WIDE_BWD_WARPS and config.bwd_block_q < WIDE_BWD_ROWS:
-        reasons.append(
-            f"bwd_num_warps={config.bwd_num_warps} needs bwd_block_q >= {WIDE_BWD_ROWS} (got {config.bwd_block_q}): "
-            "with fewer rows the warps compute the same scores twice (1.5-1.67x the tensor-core work)"
-        )
     if reasons:
         return reasons
     limit = smem_limit(device_kind)
@@ -286,4 +291,13 @@ def invalid_reasons(config: Config, problem: Problem, *, device_kind: str | None
                 f"bwd_block_k={config.bwd_block_k}, bwd_num_stages={config.bwd_num_stages}), "
                 f"over the {limit // KIB} KiB limit"
             )
+    if _narrow_for_warps(config.num_warps, config.block_q, None):
+        reasons.append(f"num_warps={config.num_warps} needs block_q >= {WIDE_ROWS} (got {config.block_q}): with "
+                       "fewer rows the warpgroups compute the same products (1.5-2x the tensor-core work)")
+    if problem.backward and _narrow_for_warps(config.bwd_num_warps, config.bwd_block_q, config.bwd_block_k,
+                                              device_kind):
+        need = "bwd_block_q" if is_hopper(device_kind) else "bwd_block_q and bwd_block_k"
+        reasons.append(f"bwd_num_warps={config.bwd_num_warps} needs {need} >= {WIDE_ROWS} (got "
+                       f"{config.bwd_block_q}x{config.bwd_block_k}): with fewer rows the warps compute the same "
+                       "scores twice (1.5-2x the tensor-core work)")
     return reasons
