@@ -10,6 +10,7 @@ registers, spills, ptxas's C7515 warnings, and the GPU model's predicted time of
     python benchmarks/kernel_efficiency_gpu.py --root /tmp/before-tree --out before.json   # the code before
     python benchmarks/kernel_efficiency_gpu.py --configs-from before.json --out after.json
     python benchmarks/kernel_efficiency_gpu.py --table before.json after.json               # markdown
+    python benchmarks/kernel_efficiency_gpu.py --root /tmp/before-tree --sweep --out sweep.json  # tiles x warps
 
 `--root` imports `kernels` and `autotune` (the model as of that tree) from another checkout; the SASS is always
 read with this tree's parser. Compiles run one at a time in this process (keep it `nice`d on a shared machine).
@@ -41,6 +42,21 @@ ARCH = {"h100": "sm_90a", "a100": "sm_80"}
 # what the space offers instead (after: 128-row tiles, each warpgroup owns 64 rows)
 EIGHT_WARPS = {"bwd_block_q": 64, "bwd_block_k": 64, "bwd_num_warps": 8, "bwd_num_stages": 2}
 EIGHT_WARPS_128 = {"bwd_block_q": 128, "bwd_block_k": 128, "bwd_num_warps": 8, "bwd_num_stages": 2}
+# Tiles and warps against duplicated work (`--sweep`, plain-d64 on both targets): (name, config changes)
+SWEEP = [
+    ("fwd 64x64 w8", {"block_q": 64, "block_k": 64, "num_warps": 8}),
+    ("fwd 32x64 w8", {"block_q": 32, "block_k": 64, "num_warps": 8}),
+    ("fwd 128x64 w8", {"block_q": 128, "block_k": 64, "num_warps": 8}),
+    ("bwd 32x32 w8", {"bwd_block_q": 32, "bwd_block_k": 32, "bwd_num_warps": 8}),
+    ("bwd 64x64 w8", {"bwd_block_q": 64, "bwd_block_k": 64, "bwd_num_warps": 8}),
+    ("bwd 64x128 w8", {"bwd_block_q": 64, "bwd_block_k": 128, "bwd_num_warps": 8}),
+    ("bwd 128x64 w8", {"bwd_block_q": 128, "bwd_block_k": 64, "bwd_num_warps": 8}),
+    ("bwd 128x128 w8", {"bwd_block_q": 128, "bwd_block_k": 128, "bwd_num_warps": 8}),
+    ("bwd 16x16 w4", {"bwd_block_q": 16, "bwd_block_k": 16, "bwd_num_warps": 4}),
+    ("bwd 16x64 w4", {"bwd_block_q": 16, "bwd_block_k": 64, "bwd_num_warps": 4}),
+    ("bwd 64x16 w4", {"bwd_block_q": 64, "bwd_block_k": 16, "bwd_num_warps": 4}),
+    ("bwd 32x32 w4", {"bwd_block_q": 32, "bwd_block_k": 32, "bwd_num_warps": 4}),
+]
 # the opcodes reported apart (the rest by class)
 OPCODES = ("FFMA", "FMUL", "FADD", "FMNMX", "MUFU", "FSEL", "ISETP", "FSETP")
 
@@ -123,7 +139,7 @@ def read_kernels(dump: str, arch: str, sass) -> list[dict]:
     return found
 
 
-def run(configs_from: str | None, only: str | None = None) -> list[dict]:
+def run(configs_from: str | None, only: str | None = None, sweep: bool = False) -> list[dict]:
     """Compile every (target, problem, config) and read it; configs default per target unless given."""
     import jax
 
@@ -143,11 +159,14 @@ def run(configs_from: str | None, only: str | None = None) -> list[dict]:
     for target_name in ARCH:
         target = get_target(target_name)
         device = device_for(target)
-        for shape, d, fields in SHAPES:
+        for shape, d, fields in SHAPES[:1] if sweep else SHAPES:
             problem = Problem(head_dim=d, **BASE, **fields)
             default = gpu.Config.default(problem, device_kind=target.device_kind).to_dict()
             variants = {"default": default}
-            if target_name == "h100" and shape.startswith(("plain", "causal")):
+            if sweep:
+                base = {**default, "num_warps": 4, "bwd_num_warps": 4}
+                variants = {name: {**base, **changes} for name, changes in SWEEP}
+            elif target_name == "h100" and shape.startswith(("plain", "causal")):
                 variants["bwd-8warps-64"] = {**default, **EIGHT_WARPS}
                 variants["bwd-8warps-128"] = {**default, **EIGHT_WARPS_128}
             for variant, config in variants.items():
@@ -180,10 +199,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="import kernels and autotune from this checkout (the code before)")
     parser.add_argument("--configs-from", help="compile the configs of an earlier run")
+    parser.add_argument("--sweep", action="store_true", help="tiles x warps against duplicated work (SWEEP)")
     parser.add_argument("--only", help="a regex over target/problem/variant: compile only those")
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--table", nargs=2, metavar=("BEFORE", "AFTER"), help="markdown tables of two runs")
+    parser.add_argument("--sweep-table", metavar="RUN", help="markdown table of a --sweep run")
     args = parser.parse_args()
+    if args.sweep_table:
+        from benchmarks.kernel_efficiency_gpu_table import sweep_table  # noqa: PLC0415
+
+        print(sweep_table(json.loads(Path(args.sweep_table).read_text())))
+        return
     if args.table:
         from benchmarks.kernel_efficiency_gpu_table import tables  # noqa: PLC0415
 
@@ -192,7 +218,7 @@ def main() -> None:
     if any(os.environ.get(k) != v for k, v in ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ENV})
     sys.path.insert(0, str(Path(args.root).resolve()) if args.root else str(ROOT))
-    rows = run(args.configs_from, args.only)
+    rows = run(args.configs_from, args.only, args.sweep)
     text = json.dumps(rows, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -27,8 +27,11 @@ def loop_figures(kernel: dict, config: dict, head_dim: int) -> dict:
     masked = max(b["instructions"] for b in loops)
     role = _role(kernel["name"])
     bq, bk, warps = _blocks(config, role)
-    hgmma = any(m.startswith("HGMMA") for m in plain["mmas"])
-    done = plain["mma_flops"] * (warps // 4 if hgmma else warps)
+    done = 0  # HGMMA runs per warpgroup, HMMA per warp: "HGMMA.64x64x16 x12"
+    for mma in plain["mmas"]:
+        shape, count = mma.split(" x")
+        m, n, k = (int(x) for x in shape.split(".")[1].split("x"))
+        done += 2 * m * n * k * int(count) * (warps // 4 if shape.startswith("HGMMA") else warps)
     useful = 2 * bq * bk * head_dim * MATMULS[role]
     op = plain["opcodes"]
     return dict(
@@ -85,3 +88,24 @@ def tables(before: list[dict], after: list[dict]) -> str:
             lines.append(f"| {key[0]} | {key[1]} | {key[2]}{refused} | {_role(kernel['name'])} | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + "\n".join(predicted)
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """Tensor-core work over the useful work (and exponentials per score) per kernel of each swept config."""
+    lines = ["| target | config | kernel | MMA instr. per iteration | × useful tensor work | MUFU.EX2 per score |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        if "kernels" not in row:
+            lines.append(f"| {row['target']} | {row['variant']} | - | {row.get('error', '')[:80]} | | |")
+            continue
+        side = "fwd" if row["variant"].startswith("fwd") else "bwd"
+        for kernel in row["kernels"]:
+            if (_role(kernel["name"]) == "fwd") != (side == "fwd"):
+                continue
+            figures = loop_figures(kernel, row["config"], 64)
+            bq, bk, warps = _blocks(row["config"], _role(kernel["name"]))
+            per_score = figures["mufu"] * 32 * warps / (bq * bk)
+            lines.append(f"| {row['target']} | {row['variant']} | {_role(kernel['name'])} | "
+                         f"{', '.join(min(kernel['loops'], key=lambda b: b['instructions'])['mmas'])} | "
+                         f"{figures['mma'].split('(')[1].rstrip(')')} | {per_score:.2f} |")
+    return "\n".join(lines)

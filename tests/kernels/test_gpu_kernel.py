@@ -304,6 +304,8 @@ def _with(**changes):
     (_with(bwd_block_q=64, bwd_block_k=64, bwd_num_warps=8), PROBLEM, "NVIDIA H100 80GB HBM3", "bwd_block_q >= 128"),
     (_with(bwd_block_q=128, bwd_block_k=64, bwd_num_warps=8), PROBLEM, "NVIDIA A100-SXM4-80GB", "bwd_block_k >= 128"),
     (_with(block_q=64, num_warps=8), PROBLEM, None, "block_q >= 128"),
+    (_with(bwd_block_q=16, bwd_block_k=64, bwd_num_warps=4), PROBLEM, "NVIDIA A100-SXM4-80GB", "bwd_block_k >= 32"),
+    (_with(bwd_block_q=16, bwd_block_k=16, bwd_num_warps=4), PROBLEM, None, "bwd_block_k >= 32"),
 ])
 def test_invalid_reasons(config, problem, device_kind, needle):
     reasons = invalid_reasons(config, problem, device_kind=device_kind)
