@@ -206,12 +206,12 @@ def main() -> None:
     parser.add_argument("--sweep-table", metavar="RUN", help="markdown table of a --sweep run")
     args = parser.parse_args()
     if args.sweep_table:
-        from benchmarks.kernel_efficiency_gpu_table import sweep_table  # noqa: PLC0415
+        from kernel_efficiency_gpu_table import sweep_table  # beside this script
 
         print(sweep_table(json.loads(Path(args.sweep_table).read_text())))
         return
     if args.table:
-        from benchmarks.kernel_efficiency_gpu_table import tables  # noqa: PLC0415
+        from kernel_efficiency_gpu_table import tables  # beside this script
 
         print(tables(json.loads(Path(args.table[0]).read_text()), json.loads(Path(args.table[1]).read_text())))
         return
