@@ -49,7 +49,7 @@ def gpu_blocks(n: int, window: int | None) -> dict[str, int]:
         return sum(max(int(stop) - int(start), 0) for start, stop, _masked in ranges)
 
     blocks = n // BLOCK
-    forward = sum(visited(kv_ranges(i, block_q=BLOCK, block_k=BLOCK, kv_len=n, masking=masking, one_loop=True))
+    forward = sum(visited(kv_ranges(i, block_q=BLOCK, block_k=BLOCK, kv_len=n, masking=masking))
                   for i in range(blocks))
     dkv = sum(visited(q_ranges(j, block_q=BLOCK, block_k=BLOCK, q_len=n, masking=masking)) for j in range(blocks))
     return {"forward": forward, "dq": forward, "dkv": dkv}  # dq walks the forward's ranges

@@ -21,8 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels.gpu.common import (
-    LSE_EMPTY, Masking, dot_nn, dot_nt, dot_tn, kv_head, kv_ranges, load, q_ranges, row_length, rows_at, run_ranges,
-    scores, store, tile_mask, visible,
+    LSE_EMPTY, Masking, dot_nn, dot_nt, dot_tn, exp2, fma, kv_head, kv_ranges, load, masked_where, q_ranges,
+    row_length, rows_at, run_ranges, scores, store, tile_mask, visible,
 )
 from kernels.gpu.config import Config, padded_head_dim
 from kernels.cost import estimate
@@ -45,7 +45,7 @@ def _grad_scores(p, dp, delta, t):
 def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     scale: float, masking: Masking, segments: bool, q_len: int, kv_len: int, head_dim: int, block_q: int,
-    block_k: int, one_loop: bool,
+    block_k: int, one_loop: bool, native: bool,
 ):
     q_ids_ref, kv_ids_ref, q_len_ref, kv_len_ref, outs = _split_refs(refs, segments, masking.lengths)
     dq_ref = outs[0]
@@ -65,36 +65,40 @@ def _dq_kernel(
     q_ids = load(q_ids_ref.at[q_rows], row_mask) if segments else None
     padded_kv = kv_len % block_k != 0
 
-    def step(j, dq, *, masked: bool):
+    def step(j, dq, *, masked):
+        # masked: a Python bool (split loops), or a traced one (one loop: the edge mask behind a branch)
         k_start = j * block_k
         k_rows = rows_at(k_start, block_k)
-        tail = masked and padded_kv
+        tail = masked is not False and padded_kv
         kv_mask = tile_mask(k_start, block_k, kv_len if tail else None, width, head_dim)
         k = load(k_ref.at[k_rows, cols], kv_mask)
         v = load(v_ref.at[k_rows, cols], kv_mask)
-        s, t = scores(q, k, scale, masking.softcap)
+        x, factor, t = scores(q, k, scale, masking.softcap)  # base-2 scores x * factor
         kv_ids = None
         if kv_ids_ref is not None:
             kv_ids = load(kv_ids_ref.at[k_rows], tile_mask(k_start, block_k, kv_len if tail else None), other=-1)
-        limit = (kv_len_b if kv_len_b is not None else kv_len if tail else None) if masked else None
-        mask = visible(q_start, k_start, block_q, block_k, masking.band if masked else None, kv_len=limit,
-                       q_ids=q_ids, kv_ids=kv_ids)
-        if mask is not None:
-            s = jnp.where(mask, s, -jnp.inf)
-        p = jnp.exp2(s - lse[:, None])
+        limit = kv_len_b if kv_len_b is not None else kv_len if tail else None
+        x = masked_where(
+            masked,
+            lambda: visible(q_start, k_start, block_q, block_k, masking.band, kv_len=limit, q_ids=q_ids,
+                            kv_ids=kv_ids),
+            lambda: visible(q_start, k_start, block_q, block_k, None, q_ids=q_ids, kv_ids=kv_ids),
+            x,
+        )
+        p = exp2(fma(x, factor, -lse[:, None], native=native), native=native)  # one FFMA per score
         ds = _grad_scores(p, dot_nt(do, v), delta, t)
         return dq + dot_nn(ds.astype(k.dtype), k)
 
-    ranges = kv_ranges(i, block_q=block_q, block_k=block_k, kv_len=kv_len, masking=masking, one_loop=one_loop,
-                       q_len_b=q_len_b, kv_len_b=kv_len_b)
-    dq = run_ranges(ranges, step, jnp.zeros((block_q, width), jnp.float32))
+    ranges = kv_ranges(i, block_q=block_q, block_k=block_k, kv_len=kv_len, masking=masking, q_len_b=q_len_b,
+                       kv_len_b=kv_len_b)
+    dq = run_ranges(ranges, step, jnp.zeros((block_q, width), jnp.float32), one_loop=one_loop)
     store(dq_ref.at[q_rows, cols], (dq * scale).astype(dq_ref.dtype), q_mask)
 
 
 def _dkv_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     scale: float, masking: Masking, segments: bool, q_len: int, kv_len: int, head_dim: int, groups: int,
-    block_q: int, block_k: int,
+    block_q: int, block_k: int, native: bool,
 ):
     # q/do refs are [q_len, groups, head_dim] and lse/delta [groups, q_len]: the query heads of this kv head.
     # Keys past kv_len need no mask: their dk/dv rows are never stored and they touch no other key's rows; keys
@@ -127,13 +131,13 @@ def _dkv_kernel(
         do = load(do_ref.at[rows, g, cols], q_mask)
         lse = load(lse_ref.at[g, rows], row_mask, other=LSE_EMPTY)
         delta = load(delta_ref.at[g, rows], row_mask)
-        s, t = scores(q, k, scale, masking.softcap)
+        x, factor, t = scores(q, k, scale, masking.softcap)  # base-2 scores x * factor
         q_ids = None if q_ids_ref is None else load(q_ids_ref.at[rows], row_mask)
         mask = visible(q_start, k_start, block_q, block_k, masking.band if masked else None, q_ids=q_ids,
                        kv_ids=kv_ids)
         if mask is not None:
-            s = jnp.where(mask, s, -jnp.inf)
-        p = jnp.exp2(s - lse[:, None])
+            x = jnp.where(mask, x, -jnp.inf)
+        p = exp2(fma(x, factor, -lse[:, None], native=native), native=native)  # one FFMA per score
         dv = dv + dot_tn(p.astype(do.dtype), do)
         ds = _grad_scores(p, dot_nt(do, v), delta, t)
         dk = dk + dot_tn(ds.astype(q.dtype), q)
@@ -163,7 +167,8 @@ def backward(
     scale: float, masking: Masking, config: Config, interpret: bool, one_loop: bool = True,
 ):
     """Gradients (dq, dk, dv), given the forward's output, its logsumexp and the cotangent; no padded copies.
-    `one_loop`: the dq kernel's key blocks in one loop (for Hopper, see `kv_ranges`)."""
+    `one_loop`: the dq kernel's key blocks in one loop with the mask behind a branch (for Hopper, see
+    `run_ranges`)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
@@ -175,7 +180,7 @@ def backward(
     dout = dout.astype(q.dtype)
     extra = ([q_ids, kv_ids] if segments else []) + ([q_lengths, kv_lengths] if masking.lengths else [])
     statics = dict(scale=scale, masking=masking, segments=segments, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
-                   block_q=bq, block_k=bk)
+                   block_q=bq, block_k=bk, native=not interpret)
     params = pltriton.CompilerParams(num_warps=config.bwd_num_warps, num_stages=config.bwd_num_stages)
     itemsize = q.dtype.itemsize
     row_bytes = 2 * batch * heads * q_len * 4  # lse and delta

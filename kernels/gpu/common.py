@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.masking import EMPTY_ROW_LSE, Band, ceildiv, floordiv, maximum, minimum, select
+from kernels.masking import EMPTY_ROW_LSE, Band, ceildiv, floordiv, is_static, maximum, minimum, select
 from kernels.masking import visible as visible_pairs
 
 LOG2E = math.log2(math.e)
@@ -100,19 +100,15 @@ def visible(q_start, k_start, block_q: int, block_k: int, band: Band | None, *, 
 Ranges = list  # [(start, stop, masked)]: block loops run in order; masked ones build the tile mask
 
 
-def kv_ranges(i, *, block_q: int, block_k: int, kv_len: int, masking: Masking, one_loop: bool,
-              q_len_b=None, kv_len_b=None) -> Ranges:
+def kv_ranges(i, *, block_q: int, block_k: int, kv_len: int, masking: Masking, q_len_b=None,
+              kv_len_b=None) -> Ranges:
     """For q block `i`: the key-block loops (start, stop, masked) its program runs. Blocks outside them are wholly
     out of the window, past the causal diagonal or past the row's run-time length `kv_len_b`, and are never
     visited; a q block wholly past the row's run-time `q_len_b` visits nothing.
 
-    Split loops: masked blocks at the window's left edge, plain blocks (every key visible to every row: no mask is
-    built), masked blocks at the right edge / causal diagonal / ragged or run-time tail. With `one_loop` every
-    visited block is plain or every one is masked, so the kernel runs one loop: on Hopper, two loops in a row make
-    ptxas serialize the wgmma pipeline (warning C7515, "non wgmma instructions defining accumulator registers of a
-    wgmma between start and end of the pipeline stage"), at the price of the mask's compare and select on every
-    score tile. Elsewhere split loops are better: a mask live through the whole loop costs registers (forward
-    128x64, 8 warps, head_dim 72 on A100: 255 registers and spills vs 207).
+    Three ranges: masked blocks at the window's left edge, plain blocks (every key visible to every row: no mask
+    is built), masked blocks at the right edge / causal diagonal / ragged or run-time tail. How they are run (as
+    three loops, or as one with the mask behind a branch) is `run_ranges`'s business.
     """
     left, right = masking.band.left, masking.band.right
     first_row = i * block_q
@@ -131,9 +127,6 @@ def kv_ranges(i, *, block_q: int, block_k: int, kv_len: int, masking: Masking, o
     if left is not None:
         start = minimum(first, stop)
         stop = select(maximum(first_row - left, 0) < limit, stop, start)  # the window starts past the last key
-    tail = not isinstance(limit, int) or limit % block_k != 0
-    if one_loop:
-        return [(start, stop, masking.band.bounded or tail)]
     plain_stop = floordiv(limit, block_k)  # <= stop
     if right is not None:
         plain_stop = minimum(plain_stop, floordiv(first_row + (right + 1), block_k))
@@ -173,25 +166,100 @@ def q_ranges(j, *, block_q: int, block_k: int, q_len: int, masking: Masking, q_l
     return [(start, plain_start, True), (plain_start, plain_stop, False), (plain_stop, stop, True)]
 
 
-def run_ranges(ranges: Ranges, step, carry):
-    """Run `step(j, carry, masked=...)` over the block ranges in order (statically empty ones are left out)."""
+def edge_block(j, ranges: Ranges):
+    """Whether block `j` of the ranges' span is a masked (edge) one: False when no range is masked (statically),
+    else a traced bool (`j` outside the plain range)."""
+    (start, plain_start, _), (_, plain_stop, _), (_, stop, _) = ranges
+    edges = []
+    if not (is_static(start, plain_start) and start == plain_start):
+        edges.append(j < plain_start)
+    if not (is_static(plain_stop, stop) and plain_stop == stop):
+        edges.append(j >= plain_stop)
+    if not edges:
+        return False
+    return edges[0] if len(edges) == 1 else edges[0] | edges[1]
+
+
+def loop_spans(ranges: Ranges, one_loop: bool) -> list[tuple]:
+    """(start, stop) of each loop the ranges run as: the three in order, or (`one_loop`) one over their span."""
+    return [(ranges[0][0], ranges[-1][1])] if one_loop else [(a, b) for a, b, _ in ranges]
+
+
+def statically_empty(lower, upper) -> bool:
+    """Whether a loop's bounds are Python ints with nothing between them (no loop is lowered for it)."""
+    return isinstance(lower, int) and isinstance(upper, int) and lower >= upper
+
+
+def run_ranges(ranges: Ranges, step, carry, *, one_loop: bool = False):
+    """Run `step(j, carry, masked=...)` over the block ranges in order (statically empty ones are left out).
+
+    With `one_loop` (Hopper) they run as one loop and `masked` is `edge_block(j)`: a traced bool, so the step puts
+    the mask behind a branch (`masked_where`) that plain blocks jump over. Two loops in a row make ptxas serialize
+    the wgmma pipeline of the forward and dq kernels (warning C7515, "non wgmma instructions defining accumulator
+    registers of a wgmma between start and end of the pipeline stage": the accumulator crosses from one loop into
+    the next), which costs more than the mask. Elsewhere split loops are better: a mask live through the whole loop
+    costs registers (forward 128x64, 8 warps, head_dim 72 on A100: 255 registers and spills vs 207).
+    """
+    if one_loop:
+        ((start, stop),) = loop_spans(ranges, True)
+        return block_loop(start, stop, lambda j, c: step(j, c, masked=edge_block(j, ranges)), carry)
     for start, stop, masked in ranges:
         carry = block_loop(start, stop, functools.partial(step, masked=masked), carry)
     return carry
 
 
+def masked_where(masked, edge_mask, plain_mask, x):
+    """x with the entries outside the visible mask set to -inf: `edge_mask()` on a masked block, `plain_mask()`
+    (segment ids, or None) on a plain one; `masked` is a Python bool, or a traced one (`edge_block`): then the edge
+    mask is built only on the branch that masked blocks take."""
+    def apply(make):
+        mask = make()
+        return x if mask is None else jnp.where(mask, x, -jnp.inf)
+
+    if isinstance(masked, bool):
+        return apply(edge_mask if masked else plain_mask)
+    return lax.cond(masked, lambda: apply(edge_mask), lambda: apply(plain_mask))
+
+
+def fma(x, y, z, *, native: bool):
+    """x * y + z in one rounding, broadcast to x's shape. XLA's Triton emits its float multiplies and adds with
+    explicit rounding (`mul.rn`, `add.rn`), which ptxas never fuses, so the native kernel asks for `fma.rn.f32`
+    (one FFMA instead of an FMUL and an FADD); interpret mode computes the same in two roundings."""
+    if not native:
+        return x * y + z
+    args = [jnp.broadcast_to(jnp.asarray(a, jnp.float32), x.shape) for a in (x, y, z)]
+    return pltriton.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=f,f,f,f", pack=1,
+                                           result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
+
+
+def exp2(x, *, native: bool):
+    """2**x; natively `ex2.approx.ftz.f32`: results below 2**-126 (probabilities of a score 126 below its row's
+    max) flush to zero, which drops the range fix-up (an FSETP and two FMULs per element) that jnp.exp2's
+    non-flushing instruction gets from ptxas. Such a probability is below float32's resolution of the row sum."""
+    if not native:
+        return jnp.exp2(x)
+    return pltriton.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                           result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
+
+
 def scores(q, k, scale: float, softcap: float | None):
-    """Base-2 scores of a tile, soft-capped (cap * tanh(s / cap) of the natural scores s) when `softcap` is set;
-    also tanh's value for the backward's (1 - t^2), else None."""
+    """(x, factor, t) of a tile: its base-2 scores are x * factor, soft-capped (cap * tanh(s / cap) of the natural
+    scores s) when `softcap` is set; t is tanh's value for the backward's (1 - t^2), else None.
+
+    The factor is left to the caller so that it folds into the subtraction that follows (x * factor - m: one FFMA
+    per score instead of an FMUL and an FADD) and into the row max (max(x) * factor, exact since rounding is
+    monotone). That needs factor > 0; for a scale <= 0, x comes scaled and the factor is 1.
+    """
     s = dot_nt(q, k)
     if softcap is None:
-        return s * (scale * LOG2E), None
-    factor = scale / softcap
-    if 0.0 < abs(factor) < FLOAT32_TINY:  # one factor would be subnormal (flushed to zero): two normal ones
+        factor = scale * LOG2E
+        return (s, factor, None) if factor > 0 else (s * factor, 1.0, None)
+    ratio = scale / softcap
+    if 0.0 < abs(ratio) < FLOAT32_TINY:  # one factor would be subnormal (flushed to zero): two normal ones
         t = jnp.tanh((s * scale) * (1.0 / softcap))
     else:
-        t = jnp.tanh(s * factor)
-    return t * (softcap * LOG2E), t
+        t = jnp.tanh(s * ratio)
+    return t, softcap * LOG2E, t  # softcap > 0
 
 
 def row_length(ref):
@@ -201,7 +269,7 @@ def row_length(ref):
 
 def block_loop(lower, upper, body, carry):
     """lax.fori_loop, left out when its bounds are static and empty (nothing to lower for Triton)."""
-    if isinstance(lower, int) and isinstance(upper, int) and lower >= upper:
+    if statically_empty(lower, upper):
         return carry
     return lax.fori_loop(lower, upper, body, carry)
 

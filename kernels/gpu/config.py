@@ -19,6 +19,17 @@ MAX_STAGES = 8
 MIN_BLOCK = 16
 KIB = 1024
 WGMMA_WARPS = 4  # Hopper's wgmma runs on whole warpgroups: with fewer warps Triton lays dots out as on Ampere
+# Warps beyond what a tile's rows can hold compute the same products, measured in the SASS of deviceless compiles
+# (bf16, head_dim 64/128; `benchmarks/kernel_efficiency_gpu.py --sweep`): 8 warps on a forward block_q of 64:
+# 1.5x the tensor-core work on H100, 2x on A100, 2x the exponentials; on a backward bwd_block_q of 32 or 64: 1.67x
+# (dq) and 1.5x (dk/dv) on H100 (32 HGMMA.64x32x16 per dq iteration for 12 useful 64x64x16), up to 2x on A100,
+# whose dk/dv also needs bwd_block_k >= 128 (1.5x at 128x64). At 128 rows each warpgroup owns 64: exactly the
+# useful work. 4 warps on 16-wide backward tiles: 1.5-1.67x at 16x16 on both GPUs, up to 2.5x (dk/dv) at 16x64 and
+# 64x16 on A100 (exact on H100); 32x32 and up are exact.
+WIDE_WARPS = 8
+WIDE_ROWS = 128
+BWD_SMALL_WARPS = 4
+BWD_SMALL_SIDE = 32
 
 
 def next_pow2(n: int) -> int:
@@ -71,10 +82,24 @@ class Config(IntConfig):
             min(bwd_block, band, block_cap(problem.q_len)), min(bwd_block, band, block_cap(problem.kv_len)), 2,
             lambda bq, bk, s: backward_smem_bytes(bq, bk, s, problem, device_kind, warps), device_kind,
         )
+        fwd_warps = warps if not _narrow_for_warps(warps, fwd[0], None) else WIDE_WARPS // 2
+        bwd_warps = next(w for w in (warps, 4, 2, 1) if w <= warps and not _narrow_for_warps(w, *bwd[:2], device_kind))
         return cls(
-            block_q=fwd[0], block_k=fwd[1], num_warps=warps, num_stages=fwd[2],
-            bwd_block_q=bwd[0], bwd_block_k=bwd[1], bwd_num_warps=warps, bwd_num_stages=bwd[2],
+            block_q=fwd[0], block_k=fwd[1], num_warps=fwd_warps, num_stages=fwd[2],
+            bwd_block_q=bwd[0], bwd_block_k=bwd[1], bwd_num_warps=bwd_warps, bwd_num_stages=bwd[2],
         )
+
+
+def _narrow_for_warps(warps: int, block_q: int, block_k: int | None, device_kind: str | None = None) -> bool:
+    """Whether `warps` would duplicate work on these tiles (see WIDE_ROWS); `block_k` None: the forward, whose
+    key block is no dot's M."""
+    if block_k is not None and warps >= BWD_SMALL_WARPS:  # Hopper: 16x64 and 64x16 measured exact, 16x16 not
+        side = max(block_q, block_k) if is_hopper(device_kind) else min(block_q, block_k)
+        if side < BWD_SMALL_SIDE:
+            return True
+    if warps < WIDE_WARPS:
+        return False
+    return block_q < WIDE_ROWS or (block_k is not None and not is_hopper(device_kind) and block_k < WIDE_ROWS)
 
 
 def _fit(block_q: int, block_k: int, stages: int, smem, device_kind: str | None) -> tuple[int, int, int]:
@@ -273,4 +298,16 @@ def invalid_reasons(config: Config, problem: Problem, *, device_kind: str | None
                 f"bwd_block_k={config.bwd_block_k}, bwd_num_stages={config.bwd_num_stages}), "
                 f"over the {limit // KIB} KiB limit"
             )
+    if _narrow_for_warps(config.num_warps, config.block_q, None):
+        reasons.append(f"num_warps={config.num_warps} needs block_q >= {WIDE_ROWS} (got {config.block_q}): with "
+                       "fewer rows the warpgroups compute the same products (1.5-2x the tensor-core work)")
+    if problem.backward and _narrow_for_warps(config.bwd_num_warps, config.bwd_block_q, config.bwd_block_k,
+                                              device_kind):
+        warps, side = config.bwd_num_warps, min(config.bwd_block_q, config.bwd_block_k)
+        if warps < WIDE_WARPS or side < BWD_SMALL_SIDE:
+            need = f"{'one of' if is_hopper(device_kind) else 'both'} bwd_block_q, bwd_block_k >= {BWD_SMALL_SIDE}"
+        else:
+            need = f"bwd_block_q{'' if is_hopper(device_kind) else ' and bwd_block_k'} >= {WIDE_ROWS}"
+        reasons.append(f"bwd_num_warps={warps} needs {need} (got {config.bwd_block_q}x{config.bwd_block_k}): "
+                       "with fewer rows the warps compute the same scores twice (1.5-2.5x the tensor-core work)")
     return reasons

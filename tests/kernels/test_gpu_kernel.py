@@ -96,7 +96,7 @@ SWEEP = [
     ("f32-causal-seg-gqa", 2, 37, 37, 4, 2, 16, "float32", True, True, SMALL, None),
     ("f32-causal-qlong-mqa-d24", 1, 100, 37, 4, 1, 24, "float32", True, False, SMALL, None),
     ("f32-causal-kvlong-seg", 1, 37, 100, 2, 2, 32, "float32", True, True, MIXED, None),
-    ("f32-full-seg-gqa3-scale", 2, 100, 37, 6, 3, 40, "float32", False, True, SMALL, 0.3),
+    ("f32-full-seg-gqa3-negscale", 2, 100, 37, 6, 3, 40, "float32", False, True, SMALL, -0.3),  # factor <= 0: no fold
     ("bf16-causal-seg-gqa", 1, 100, 100, 4, 2, 32, "bfloat16", True, True, SMALL, None),
     ("bf16-full-mqa-kvlong", 1, 37, 100, 4, 1, 48, "bfloat16", False, False, MIXED, None),
     ("f16-causal-seg-qlong", 1, 100, 37, 2, 1, 16, "float16", True, True, SMALL, None),
@@ -247,7 +247,7 @@ def test_config_from_dict_requires_all_fields():
 def test_default_is_valid(problem, device_kind):
     config = Config.default(problem, device_kind=device_kind)
     assert invalid_reasons(config, problem, device_kind=device_kind) == []
-    assert config.num_warps == (4 if problem.head_dim <= 64 else 8)
+    assert config.num_warps == (8 if problem.head_dim > 64 and config.block_q >= 128 else 4)  # 8 on 128+ rows
 
 
 def test_default_scales_blocks_to_short_sequences():
@@ -276,7 +276,9 @@ def test_search_space_candidates_mostly_valid():
     base = Config.default(PROBLEM)
     for block_q in space["block_q"]:
         for block_k in space["block_k"]:
-            config = Config(**{**base.to_dict(), "block_q": block_q, "block_k": block_k, "num_stages": 2})
+            warps = base.num_warps if block_q >= 128 else 4  # 8 warps need 128 rows
+            config = Config(**{**base.to_dict(), "block_q": block_q, "block_k": block_k, "num_stages": 2,
+                               "num_warps": warps})
             assert invalid_reasons(config, PROBLEM) == [], config
 
 
@@ -298,6 +300,12 @@ def _with(**changes):
     (Config(128, 64, 8, 3, 32, 32, 8, 2), Problem(1, 1024, 1024, 1, 1, 128, "float32"), "NVIDIA A100-SXM4-40GB",
      "163 KiB"),
     (Config(128, 64, 8, 2, 32, 32, 8, 2), Problem(1, 1024, 1024, 1, 1, 128, "float32"), "Tesla T4", "99 KiB"),
+    # 8 warps on 64-row backward tiles: both warpgroups compute the same scores (issue 22 part 3)
+    (_with(bwd_block_q=64, bwd_block_k=64, bwd_num_warps=8), PROBLEM, "NVIDIA H100 80GB HBM3", "bwd_block_q >= 128"),
+    (_with(bwd_block_q=128, bwd_block_k=64, bwd_num_warps=8), PROBLEM, "NVIDIA A100-SXM4-80GB", "bwd_block_k >= 128"),
+    (_with(block_q=64, num_warps=8), PROBLEM, None, "block_q >= 128"),
+    (_with(bwd_block_q=16, bwd_block_k=64, bwd_num_warps=4), PROBLEM, "NVIDIA A100-SXM4-80GB", "bwd_block_k >= 32"),
+    (_with(bwd_block_q=16, bwd_block_k=16, bwd_num_warps=4), PROBLEM, None, "bwd_block_k >= 32"),
 ])
 def test_invalid_reasons(config, problem, device_kind, needle):
     reasons = invalid_reasons(config, problem, device_kind=device_kind)

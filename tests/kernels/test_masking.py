@@ -12,7 +12,7 @@ import pytest
 from kernels import attention_reference
 from kernels.gpu import Config
 from kernels.gpu import flash_attention as gpu_attention
-from kernels.gpu.common import Masking, kv_ranges, q_ranges
+from kernels.gpu.common import Masking, edge_block, kv_ranges, q_ranges
 from kernels.masking import Band, visible
 from kernels.problem import Problem
 from kernels.reference import attention_mask
@@ -95,9 +95,8 @@ def needed_and_edge(every, needed, block_q: int, block_k: int) -> bool:
 
 
 @pytest.mark.parametrize("ragged", [False, True], ids=["on_the_grid", "ragged"])
-@pytest.mark.parametrize("one_loop", [True, False], ids=["one_loop", "split_loops"])
 @pytest.mark.parametrize("name", CASES)
-def test_gpu_block_ranges_visit_exactly_the_needed_blocks(name, one_loop, ragged):
+def test_gpu_block_ranges_visit_exactly_the_needed_blocks(name, ragged):
     causal, window = CASES[name]
     rng = np.random.default_rng()
     q_len, kv_len = (int(x) for x in (rng.integers(300, 700, 2) if ragged else rng.integers(5, 11, 2) * 64))
@@ -109,10 +108,12 @@ def test_gpu_block_ranges_visit_exactly_the_needed_blocks(name, one_loop, ragged
         return needed_and_edge(every, needed, block_q, block_k) if ragged else every == list(needed)
 
     for i in range(any_pair.shape[0]):
-        every, plain = blocks_of(kv_ranges(i, block_q=block_q, block_k=block_k, kv_len=kv_len, masking=masking,
-                                           one_loop=one_loop))
+        every, plain = blocks_of(kv_ranges(i, block_q=block_q, block_k=block_k, kv_len=kv_len, masking=masking))
         assert same(every, np.flatnonzero(any_pair[i])), f"q block {i}: visits blocks no row needs, or misses some"
         assert all(all_pairs[i, j] for j in plain), f"q block {i}: an unmasked block hides pairs"
+        ranges = kv_ranges(i, block_q=block_q, block_k=block_k, kv_len=kv_len, masking=masking)
+        branch_plain = [j for j in every if not edge_block(np.int32(j), ranges)]  # the one loop's (Hopper) choice
+        assert branch_plain == plain, f"q block {i}: the one loop masks other blocks than the split loops"
     _, all_pairs = tiles(mask, block_q, block_k, keys_past_the_end=True)
     for j in range(any_pair.shape[1]):
         every, plain = blocks_of(q_ranges(j, block_q=block_q, block_k=block_k, q_len=q_len, masking=masking))
@@ -126,10 +127,9 @@ def test_gpu_block_ranges_with_run_time_lengths_skip_what_lies_past_them():
     masking = Masking(band=Band.of(causal=False, window=(40, 8)), lengths=True)
     any_pair, _ = tiles(mask_of(n, n, False, (40, 8), 300, 100), block, block)
     for i in range(n // block):
-        for one_loop in (True, False):
-            every, _ = blocks_of(kv_ranges(i, block_q=block, block_k=block, kv_len=n, masking=masking,
-                                           one_loop=one_loop, q_len_b=q_length, kv_len_b=kv_length))
-            assert every == list(np.flatnonzero(any_pair[i]))
+        every, _ = blocks_of(kv_ranges(i, block_q=block, block_k=block, kv_len=n, masking=masking,
+                                       q_len_b=q_length, kv_len_b=kv_length))
+        assert every == list(np.flatnonzero(any_pair[i]))
     for j in range(n // block):
         every, _ = blocks_of(q_ranges(j, block_q=block, block_k=block, q_len=n, masking=masking, q_len_b=q_length,
                                       kv_len_b=kv_length))
@@ -142,8 +142,8 @@ def test_the_work_falls_with_the_window():
 
     def visited(window):
         masking = Masking(band=Band.of(causal=False, window=window))
-        return sum(len(blocks_of(kv_ranges(i, block_q=block, block_k=block, kv_len=n, masking=masking,
-                                           one_loop=True))[0]) for i in range(n // block))
+        return sum(len(blocks_of(kv_ranges(i, block_q=block, block_k=block, kv_len=n, masking=masking))[0])
+                   for i in range(n // block))
 
     assert visited(None) == (n // block) ** 2
     assert visited((40, 8)) <= 3 * (n // block)  # 49 keys per row: at most 3 key blocks per q block

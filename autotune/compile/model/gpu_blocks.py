@@ -14,7 +14,7 @@ import numpy as np
 
 from kernels import Problem
 from kernels.devices import is_hopper
-from kernels.gpu.common import Masking, kv_ranges, q_ranges
+from kernels.gpu.common import Masking, kv_ranges, loop_spans, q_ranges, statically_empty
 
 Trips = tuple[tuple[int, ...], ...]  # per grid x index: iterations of each lowered loop, in program order
 
@@ -33,15 +33,15 @@ def _masking(problem: Problem) -> Masking:
     return Masking(band=problem.band, softcap=problem.softcap, lengths=problem.lengths)
 
 
-def _lowered(ranges_at, count: int) -> Trips:
-    """Trips of the ranges that lower to a loop (not static and empty), for each of `count` grid indices."""
-    symbolic = ranges_at(np.int32(0))
-    keep = [k for k, (a, b, _) in enumerate(symbolic)
-            if not (isinstance(a, int) and isinstance(b, int) and a >= b)]
+def _lowered(ranges_at, count: int, one_loop: bool = False) -> Trips:
+    """Trips of the loops the kernel lowers for its ranges (not statically empty; with `one_loop` one loop over
+    their span), for each of `count` grid indices."""
+    spans = loop_spans(ranges_at(np.int32(0)), one_loop)
+    keep = [k for k, (a, b) in enumerate(spans) if not statically_empty(a, b)]
     trips = []
     for index in range(count):
-        ranges = ranges_at(index)
-        trips.append(tuple(max(0, int(ranges[k][1]) - int(ranges[k][0])) for k in keep))
+        spans = loop_spans(ranges_at(index), one_loop)
+        trips.append(tuple(max(0, int(spans[k][1]) - int(spans[k][0])) for k in keep))
     return tuple(trips)
 
 
@@ -66,7 +66,7 @@ def ours(problem: Problem, block_q: int, block_k: int, role: str, device_kind: s
                     kv_tile_bytes=2 * block_q * d * size)
     count = -(-problem.q_len // block_q)
     trips = _lowered(lambda i: kv_ranges(i, block_q=block_q, block_k=block_k, kv_len=problem.kv_len,
-                                         masking=masking, one_loop=one_loop), count)
+                                         masking=masking), count, one_loop)
     if role == "dq":
         return Work(trips=trips, flops=fwd_flops * 1.5, min_bytes=3 * q_bytes + 2 * kv_bytes,
                     kv_tile_bytes=2 * block_k * d * size)
