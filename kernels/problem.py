@@ -31,8 +31,7 @@ def check_heads(heads: int, kv_heads: int) -> None:
     """ValueError unless kv_heads divides heads: under GQA/MQA each kv head serves a whole group of query heads (the
     one statement of the rule, for a Problem, the kernels' inputs and the runtime's)."""
     if kv_heads < 1 or heads % kv_heads:
-        raise ValueError(f"kv_heads must divide heads, got heads={heads} and kv_heads={kv_heads} (the kv heads of "
-                         "k and v each serve a whole group of query heads)")
+        raise ValueError(f"kv_heads must divide heads, got heads={heads} and kv_heads={kv_heads}")
 
 
 @dataclass(frozen=True)

@@ -32,20 +32,20 @@ def predict(store, configs) -> None:
                            "model_version": GPU_MODEL_VERSION}})
 
 
-def plan(store, trials: int):
+def steering_plan(store, trials: int):
     [found] = plan_searches([ProblemSpec(PROBLEM)], [H100], store, trials=trials, grid_all=False,
                             seed=random.randrange(1000), jax_version=jax.__version__, steer=True)
     return found
 
 
 def test_a_large_first_run_is_split_and_the_second_round_is_steered(store):
-    first = plan(store, 12)
+    first = steering_plan(store, 12)
     assert not first.steered and first.configs[0] == first.space.default  # no predictions yet: random order
     [half] = first_round([first])
     assert half.configs == first.configs[:6] and half.limit == half.recorded + 6
     predict(store, half.configs)  # what the first round's compiles record
 
-    second = plan(store, 12)
+    second = steering_plan(store, 12)
     assert second.steered and second.recorded == 6 and len(second.configs) == 6
     done = {str(c) for c in half.configs}
     assert not done & {str(c) for c in second.candidates}
