@@ -172,10 +172,10 @@ def _smem(fixed_rows: int, streamed_rows: int, m_rows: int, block_q: int, block_
     - elsewhere (Ampere's mma, float32, small M) it keeps `stages - 1` buffers (dk/dv on Hopper: at least 2); a
       single-stage loop of the forward or dq stages one of k and v at a time; a [block_q, block_k] probability tile
       goes through shared memory on its way to the second dot (none in a single-stage Hopper float32 forward, one
-      in other Hopper float32 forwards, two in its float32 dq and dk/dv; on Ampere's forward for block_q <= 64, or
-      128 at head_dim 256), plus 1 KiB of barriers and small scratch; on Hopper a float32 forward with 2 stages
-      double-buffers k (not v), and a float32 dk/dv with 3 stages keeps 3 buffers; a float32 backward on mma
-      (Ampere, or Hopper with 1-2 warps) keeps one dk/dv buffer and one of k and v per dq stage, and no tile;
+      in other Hopper float32 forwards, two in its float32 dq and dk/dv and in a causal or windowed 16-bit dq
+      below wgmma's rows; on Ampere's forward for block_q <= 64, or 128 at head_dim 256), plus 1 KiB of barriers
+      and small scratch; on Hopper a float32 forward with 2 stages double-buffers k (not v), and a float32 dk/dv
+      with 3 stages keeps 3 buffers; a float32 backward on mma (Ampere, or Hopper with 1-2 warps) keeps one dk/dv buffer and one of k and v per dq stage, and no tile;
     - dk/dv also buffers the float32 lse and delta of its streamed query rows; with segment ids, the int32 ids of
       the streamed rows are buffered `stages` deep.
     """
@@ -209,8 +209,10 @@ def _smem(fixed_rows: int, streamed_rows: int, m_rows: int, block_q: int, block_
         tiles = 1 if dkv else 0
     elif hopper and forward and itemsize == 4:
         tiles = 0 if stages == 1 else 1
-    elif hopper:
-        tiles = (0 if stages == 1 and not dkv else 2) if itemsize == 4 else 1
+    elif hopper and itemsize == 4:
+        tiles = 0 if stages == 1 and not dkv else 2
+    elif hopper:  # a masked 16-bit dq below wgmma's 64 rows stages one more (32x32 causal, 4 warps: +2 KiB)
+        tiles = 2 if not dkv and (problem.causal or problem.window is not None) else 1
     elif forward:  # head_dim 256 stages it at block_q 128 too (bf16 128x64, 3 stages: 208 KiB)
         tiles = 1 if block_q <= 64 or (block_q <= 128 and row >= 256 * itemsize) else 0
     else:

@@ -69,9 +69,8 @@ def test_bad_input_is_one_line_naming_the_flag_as_typed(tmp_path):
 def test_the_summary_says_once_how_winners_are_stored_and_when_an_offer_was_not_kept(capsys):
     """Item 7: `search --misses` printed one near-identical re-timing sentence per problem, and a second worker
     printed its own winner as if stored when the database kept a faster one."""
-    from types import SimpleNamespace
-
     from autotune.cli.search import print_summary
+    from autotune.search.retime import SearchResult
     from autotune.keys import make_key
     from autotune.device import current_device
     from autotune.kernel_protocol import load_kernel
@@ -79,11 +78,10 @@ def test_the_summary_says_once_how_winners_are_stored_and_when_an_offer_was_not_
     def result(best_id: int, stored: bool):
         problem = spec_from_fields({**MAIN_JOB, "seq_len": 128 * best_id}, "t").problem
         key = make_key(load_kernel("gpu"), problem, current_device())
-        return SimpleNamespace(problem=problem, key=key, best_config={"block_q": 64, "block_k": 32}, best_time_s=2e-3,
-                               default_time_s=3e-3, speedup=1.5, xla_time_s=None, trials_run=8, trials_failed=0,
-                               implementation="pallas", times={"pallas": 2e-3},
-                               wall_s=9.0, stored=stored, budget_met_before=False, ahead_of_time=None,
-                               best_trial_s=1.9e-3, best_id=best_id)
+        return SearchResult(problem=problem, key=key, best_config={"block_q": 64, "block_k": 32}, best_time_s=2e-3,
+                            default_time_s=3e-3, xla_time_s=None, trials_run=8, trials_failed=0, status_counts={},
+                            implementation="pallas", times={"pallas": 2e-3}, wall_s=9.0, stored=stored,
+                            best_trial_s=1.9e-3, best_id=best_id)
 
     print_summary([result(1, True), result(2, True), result(3, True), result(4, False)], None)
     out = capsys.readouterr().out

@@ -98,9 +98,12 @@ def test_compile_only_search_records_real_figures_that_show_displays(swept, name
     for trial in compiled:
         kernels = trial.figures["kernels"]
         assert trial.figures["target"] == name and [k["role"] for k in kernels] == ["forward"]
-        assert kernels[0]["memory_bytes"] > 0
+        # a TPU kernel whose operands XLA placed in VMEM itself (S(1) layouts, a problem this small) reports no
+        # scoped VMEM of its own: 0 is the compiler's figure then, so only the bound and one real use are asserted
+        assert 0 <= kernels[0]["memory_bytes"] <= get_target(name).memory_limit_bytes
         if name == "h100":
             assert kernels[0]["registers"] > 0 and kernels[0]["threads"] % 32 == 0
+    assert max(t.figures["kernels"][0]["memory_bytes"] for t in compiled) > 0
     study = optuna.load_study(study_name=keys[0].digest(), storage=f"sqlite:///{db}")
     assert len(study.trials) == len(trials)
     predictions = {json.dumps(t.config, sort_keys=True): t.figures["prediction"] for t in compiled}

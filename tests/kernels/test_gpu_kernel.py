@@ -338,7 +338,7 @@ _q, _k, _v = _arrays()
 BAD_INPUTS = [
     ("batch", _call(_q, *_arrays(batch=2)[1:]), ValueError, "batch"),
     ("head_dim", _call(_q, *_arrays(head_dim=8)[1:]), ValueError, "head_dim"),
-    ("kv_heads", _call(_arrays(heads=3)[0], _k, _v), ValueError, "kv heads"),
+    ("kv_heads", _call(_arrays(heads=3)[0], _k, _v), ValueError, "kv_heads must divide heads"),
     ("k_vs_v", _call(_q, _k, _arrays(kv_len=9)[2]), ValueError, "k and v"),
     ("rank", _call(_q[0], _k, _v), ValueError, "q must have 4 dimensions"),
     ("int_dtype", _call(_q.astype(jnp.int32), _k, _v), TypeError, "q must be a floating"),

@@ -41,7 +41,7 @@ def test_h100_float32_dkv_three_stages_keeps_three_buffers():
     # float32 backward on mma: one dk/dv buffer at any depth, one of k and v per dq stage
     (H100, D256_F32.replace(head_dim=64, kv_heads=2, segments=True, backward=True), (128, 64), 2, 4, "dq", 131840),
     (H100, D256_F32.replace(head_dim=64, kv_heads=2, segments=True, backward=True), (128, 64), 1, 4, "dkv", 102912),
-    (A100, D256_F32.replace(head_dim=64, kv_heads=2, segments=True, backward=True), (128, 64), 8, 3, "dkv", 101376),
+    (A100, D256_F32.replace(head_dim=64, kv_heads=2, segments=True, backward=True), (128, 64), 4, 3, "dkv", 101376),
     (A100, D256_F32.replace(head_dim=128, kv_heads=2, segments=True, backward=True), (32, 64), 1, 3, "dq", 131584),
 ])
 def test_gpu_estimate_covers_what_compiled_and_accepts_it(kind, problem, blocks, warps, stages, role, compiled):

@@ -237,7 +237,7 @@ def _qkv(batch=1, q_len=16, kv_len=16, heads=2, kv_heads=2, head_dim=8, dtype=jn
     (lambda q, k, v: dict(q=q[0]), ValueError, "q must have 4"),
     (lambda q, k, v: dict(k=k.astype(jnp.int32)), TypeError, "k must be a floating"),
     (lambda q, k, v: dict(v=v.astype(jnp.bfloat16)), TypeError, "share one dtype"),
-    (lambda q, k, v: dict(k=k[:, :, :1].repeat(3, 2), v=v[:, :, :1].repeat(3, 2)), ValueError, "kv heads"),
+    (lambda q, k, v: dict(k=k[:, :, :1].repeat(3, 2), v=v[:, :, :1].repeat(3, 2)), ValueError, "kv_heads must divide heads"),
     (lambda q, k, v: dict(v=v[:, :8]), ValueError, "k and v must have the same shape"),
     (lambda q, k, v: dict(q=np.zeros((1, 16, 2, 8), np.float64)), TypeError, "q must be a floating"),
     (lambda q, k, v: dict(segment_ids=jnp.zeros((1, 15), jnp.int32)), ValueError, "segment_ids"),

@@ -41,7 +41,9 @@ def test_search_stores_a_best_no_slower_than_the_default(store):
     trials = store.trials(key)
     assert len([t for t in trials if t.status == "ok"]) == 4
     assert trials[0].config == gpu.Config.default(PROBLEM).to_dict()  # the default is always the first trial
-    assert all(t.time_s > 0 and t.time_count == FAST.samples and t.compile_s > 0 for t in trials)
+    # configs the kernel's rules refuse (e.g. more warps than the tile holds) are kept as "invalid", untimed
+    assert all(t.time_s > 0 and t.time_count == FAST.samples and t.compile_s > 0 for t in trials if t.status == "ok")
+    assert all(t.status in ("ok", "invalid") for t in trials)
     assert result.xla_time_s is not None and result.xla_time_s > 0
     # on the CPU interpret platform XLA is timed beside the kernel but cannot win (issue 27)
     assert result.implementation == best.implementation == "pallas" and set(best.times) == {"pallas", "xla"}
@@ -148,7 +150,7 @@ def test_cli_exits_nonzero_when_everything_fails(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--batch", "1", "--seq-len", "32", "--heads", "3", "--kv-heads", "2", "--head-dim", "16"],
-     "Error: the problem flags: kv_heads must divide heads, got heads=3 and kv_heads=2"),
+     "Error: --kv-heads must divide --heads, got --heads=3 and --kv-heads=2"),
     (["--batch", "0", "--seq-len", "32", "--heads", "2", "--head-dim", "16"],
      "Error: Invalid value for '--batch': must be at least 1, got 0"),
     (["--seq-len", "32", "--heads", "2", "--head-dim", "16"], "Error: missing --batch (or give --shapes FILE)"),
