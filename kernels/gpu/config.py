@@ -175,7 +175,8 @@ def _smem(fixed_rows: int, streamed_rows: int, m_rows: int, block_q: int, block_
       in other Hopper float32 forwards, two in its float32 dq and dk/dv and in a causal or windowed 16-bit dq
       below wgmma's rows; on Ampere's forward for block_q <= 64, or 128 at head_dim 256), plus 1 KiB of barriers
       and small scratch; on Hopper a float32 forward with 2 stages double-buffers k (not v), and a float32 dk/dv
-      with 3 stages keeps 3 buffers; a float32 backward on mma (Ampere, or Hopper with 1-2 warps) keeps one dk/dv buffer and one of k and v per dq stage, and no tile;
+      with 3 stages keeps 3 buffers; a float32 backward on mma (Ampere, or Hopper with 1-2 warps) keeps one dk/dv
+      buffer and one of k and v per dq stage, and no tile;
     - dk/dv also buffers the float32 lse and delta of its streamed query rows; with segment ids, the int32 ids of
       the streamed rows are buffered `stages` deep.
     """
