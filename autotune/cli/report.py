@@ -146,6 +146,9 @@ def convergence_chart(title: str, trials: list) -> str:
         low, high = max(low - pad, 0), high + pad
     else:
         low, high = 0.0, 1.0
+    y_ticks = nice_ticks(low, high, 4)
+    # the tick labels end 4 px left of the axis and must clear the rotated "ms" (about 20 px from the edge)
+    left = max(left, math.ceil(20 + CHAR_W * max(len(fmt(t)) for t in y_ticks) + 4))
 
     def px(n: float) -> float:  # half a trial of room at both ends, so no point sits on an axis
         return left + (width - left - right) * (n + 0.5) / (x_max + 1)
@@ -153,7 +156,7 @@ def convergence_chart(title: str, trials: list) -> str:
     def py(v: float) -> float:
         return top + (height - top - bottom) * (1 - (v - low) / (high - low))
 
-    for tick in nice_ticks(low, high, 4):
+    for tick in y_ticks:
         body.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{py(tick):.1f}" y2="{py(tick):.1f}"/>'
                     f'<text x="{left - 4}" y="{py(tick) + 4:.1f}" text-anchor="end">{fmt(tick)}</text>')
     for tick in nice_ticks(0, x_max, 5, integer=True):

@@ -3,11 +3,16 @@
 Starting a compile process costs seconds (jax, libtpu and the CUDA plugin load, a compile-only device per target),
 and the compile modules check some of the same configs. Each module that compiles offers `plan()`: its jobs by case,
 the same on every call. The first module to ask compiles the jobs of every such module the session collected, each
-distinct job once, in one parallel run (`compiled_jobs`); each module then reads its own results.
+distinct job once, in one parallel run (`compiled_jobs`); each module then reads its own results. Under
+pytest-xdist the first worker to ask runs it and leaves the results in the session's shared temporary folder; the
+others wait for them (the run keeps both cores busy anyway) instead of compiling the same jobs again.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pickle
 
 import pytest
 
@@ -31,7 +36,7 @@ def job_key(job: CompileJob) -> str:
 
 
 @pytest.fixture(scope="session")
-def compiled_jobs(request) -> dict[str, CompileResult]:
+def compiled_jobs(request, tmp_path_factory) -> dict[str, CompileResult]:
     """{job_key: result} for every job planned by the compile modules of this session."""
     modules = {item.module for item in request.session.items if hasattr(getattr(item, "module", None), "plan")}
     jobs: dict[str, CompileJob] = {}
@@ -39,8 +44,20 @@ def compiled_jobs(request) -> dict[str, CompileResult]:
         for group in module.plan().values():
             for job in group:
                 jobs.setdefault(job_key(job), job)
-    results = compile_many(list(jobs.values()), processes=PROCESSES, timeout_s=TIMEOUT_S) if jobs else []
-    return dict(zip(jobs, results))
+    if not jobs:
+        return {}
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return dict(zip(jobs, compile_many(list(jobs.values()), processes=PROCESSES, timeout_s=TIMEOUT_S)))
+    shared = tmp_path_factory.getbasetemp().parent / "compiled_jobs.pickle"  # one folder for all the workers
+    with open(shared.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if shared.exists():
+            results = pickle.loads(shared.read_bytes())
+            if set(results) == set(jobs):
+                return results
+        results = dict(zip(jobs, compile_many(list(jobs.values()), processes=PROCESSES, timeout_s=TIMEOUT_S)))
+        shared.write_bytes(pickle.dumps(results))
+        return results
 
 
 def results_by_case(plan: dict, compiled_jobs: dict[str, CompileResult]) -> dict:
