@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ FAST_TIMINGS = {"AUTOTUNE_HEARTBEAT_INTERVAL": "1", "AUTOTUNE_HEARTBEAT_GRACE": 
 # For tests where no worker dies: on a loaded machine a live worker's heartbeat can come seconds late, which must
 # not make it look dead (its trial failed, its claim taken over) and change what the test checks.
 PATIENT_TIMINGS = {"AUTOTUNE_HEARTBEAT_GRACE": "300", "AUTOTUNE_CLAIM_TTL": "300"}
+COMPILE_CACHE = Path(tempfile.gettempdir()) / f"autotune-test-jax-cache-{os.getuid()}"
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
 
 
@@ -40,6 +42,8 @@ def worker_env(**extra: str) -> dict[str, str]:
     env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     env["PYTHONUNBUFFERED"] = "1"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(COMPILE_CACHE)  # every worker of the session compiles the same programs
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env.update(FAST_TIMINGS)
     env.update(extra)
     return env

@@ -39,6 +39,8 @@ WORKER_ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "0",
     "TF_CPP_VMODULE": "subprocess_compilation=2",  # XLA logs ptxas's register and spill report
     "PYTHONUNBUFFERED": "1",
+    # a persistent-cache hit skips the compiler, and with it the dumps and logs the figures and predictions read
+    "JAX_ENABLE_COMPILATION_CACHE": "false",
 }
 
 
