@@ -68,8 +68,10 @@ def print_ranking(ranking: Ranking, target_name: str, *, shown: int | None = SHO
     left_out = []
     if ranking.other_models:
         left_out.append(f"{ranking.other_models} predicted by another model version")
-    if ranking.unpredicted:
-        left_out.append(f"{ranking.unpredicted} without a prediction")
+    if ranking.unpredicted_spilling:
+        left_out.append(f"{ranking.unpredicted_spilling} that spill registers (not predicted: never the predicted best)")
+    if ranking.unpredicted > ranking.unpredicted_spilling:
+        left_out.append(f"{ranking.unpredicted - ranking.unpredicted_spilling} without a prediction")
     if left_out:
         click.echo(f"not ranked: {', '.join(left_out)}")
     best = ranking.best

@@ -56,6 +56,7 @@ class Ranking:
     entries: tuple[RankedConfig, ...]
     other_models: int = 0  # predictions of another model version, left out of this ranking
     unpredicted: int = 0  # compiled trials without a prediction (the model failed or did not apply)
+    unpredicted_spilling: int = 0  # of those, the ones that spill (the GPU model leaves them out on purpose)
 
     @property
     def best(self) -> RankedConfig | None:
@@ -91,9 +92,10 @@ def rank_trials(key: TuningKey, trials: list[TrialRecord]) -> Ranking | None:
             continue
         seen.add(text)
         entries.append(RankedConfig(len(entries) + 1, dict(trial.config), prediction, trial_spills(trial), trial.id))
-    compiled = sum(trial.status == COMPILED for trial in trials)
+    predicted_ids = {trial.id for trial, _p in predicted}
+    unpredicted = [trial for trial in trials if trial.status == COMPILED and trial.id not in predicted_ids]
     return Ranking(key, version, tuple(entries), other_models=len(predicted) - len(chosen),
-                   unpredicted=compiled - len(predicted))
+                   unpredicted=len(unpredicted), unpredicted_spilling=sum(map(trial_spills, unpredicted)))
 
 
 def prediction_keys(store: Store, key: TuningKey) -> list[TuningKey]:

@@ -30,7 +30,7 @@ from jax.sharding import SingleDeviceSharding
 
 from autotune.measure.kernel_call import feature_kwargs
 from autotune.compile.model.tpu_predict import DumpCollector, predict_tpu_compile
-from autotune.compile.figures import classify_failure, gpu_kernels, tpu_kernels
+from autotune.compile.figures import SPILLS_NOT_PREDICTED, classify_failure, gpu_kernels, tpu_kernels
 from autotune.compile.targets import Target, get_target, gpu_target_config
 from autotune.kernel_protocol import TargetKernelModule, load_target_kernel
 from kernels import Problem
@@ -126,8 +126,10 @@ def run_job(job: dict) -> dict:
         seconds = time.perf_counter() - start
         if target.platform == "gpu":
             found = gpu_kernels(_read(log), _read(os.path.join(dump, "*thunk_sequence.txt")))
-            return {"ok": True, "seconds": seconds, "kernels": [dataclasses.asdict(k) for k in found],
-                    **_gpu_prediction(dump, target, problem, config)}
+            result = {"ok": True, "seconds": seconds, "kernels": [dataclasses.asdict(k) for k in found]}
+            if any(k.spills for k in found):  # see SPILLS_NOT_PREDICTED
+                return {**result, "prediction_error": SPILLS_NOT_PREDICTED}
+            return {**result, **_gpu_prediction(dump, target, problem, config)}
         found = tpu_kernels(_read(os.path.join(dump, "*after_codegen.txt")))
         result = {"ok": True, "seconds": seconds, "kernels": [dataclasses.asdict(k) for k in found]}
         libtpu_dump = os.path.join(folder, "libtpu")

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from autotune.cli.targets import targets_command
+from autotune.compile.figures import SPILLS_NOT_PREDICTED
 from autotune.compile.pool import INSTALL_HINT, CompileJob, compilers_missing, estimated_bytes
 from autotune.compile.targets import TARGETS, get_target
 from db.records import RESOURCE_EXHAUSTED
@@ -259,6 +260,22 @@ def test_spills_are_recorded_not_rejected(compiled):
     assert forward.spill_store_bytes > 0 and forward.spill_load_bytes > 0 and result.spills, forward
     assert gpu_kernel.invalid_reasons(gpu_kernel.Config.from_dict(job.config), job.problem,
                                       device_kind=target.device_kind) == []
+    # never the predicted best, so the model does not run ptxas over it again: no prediction, and the reason why
+    assert result.prediction is None and result.prediction_error == SPILLS_NOT_PREDICTED
+
+
+def test_gpu_compiles_that_do_not_spill_are_predicted_and_those_that_spill_are_not(compiled):
+    _, groups = compiled
+    gpu_results = [result for group in groups.values() for _job, result in group
+                   if result.ok and get_target(result.job.target).platform == "gpu"]
+    if not gpu_results:
+        pytest.skip(f"no GPU compiler here ({INSTALL_HINT})")
+    spilling = [r for r in gpu_results if r.spills]
+    clean = [r for r in gpu_results if not r.spills]
+    assert spilling and clean, "the planned GPU compiles cover both kinds"
+    assert all(r.prediction is None and r.prediction_error == SPILLS_NOT_PREDICTED for r in spilling)
+    assert all(r.prediction is not None and r.prediction["seconds"] > 0 for r in clean), [
+        (r.job.target, r.job.config, r.prediction_error) for r in clean if r.prediction is None]
 
 
 def test_device_kinds_match_one_target_and_its_sweep_applies_on_each(tmp_path):
