@@ -41,6 +41,7 @@ def run_target_command(*, target_text: str, kernel: str | None, shapes: str | No
                        allow_spills: bool, trials: int | None, sampler: str, seed: int | None,
                        trial_timeout: float, quiet: bool, db: str | None) -> None:
     from autotune.cli.predicted_listing import print_ranking
+    from autotune.compile.xla_prediction import stored_xla_prediction
     from autotune.compile.ranking import rank_trials
     from autotune.compile.search import first_round, plan_searches, resolve_targets
 
@@ -85,14 +86,15 @@ def run_target_command(*, target_text: str, kernel: str | None, shapes: str | No
                         jax_version=device.jax_version, steer=True), claims))
                 summaries = _compile(rounds, planned, store, device, target_text, trials, seed, trial_timeout,
                                      quiet or empty, claims, config.claim_beat_s)
-            rankings = [(s.plan.target.name, rank_trials(s.plan.key, store.trials(s.plan.key))) for s in summaries]
+            rankings = [(s.plan.target.name, rank_trials(s.plan.key, store.trials(s.plan.key)),
+                         stored_xla_prediction(store, s.plan.key)) for s in summaries]
     finally:
         store.close()
     if not empty:
         print_compile_summary(summaries)
-    for target_name, ranking in rankings:
+    for target_name, ranking, xla in rankings:
         if ranking is not None:
-            print_ranking(ranking, target_name)
+            print_ranking(ranking, target_name, xla=xla)
     click.echo()
     for line in next_steps(plans, db=db, shapes=shapes, given_flags=given_flag_texts(flags)):
         click.echo(line)

@@ -9,7 +9,9 @@ import click
 from autotune.cli.common import describe_problem, print_table, table_config
 from autotune.compile.targets import target_for_device_kind
 from db import KERNEL_IMPLEMENTATION
+from autotune.compile.model.prediction import Prediction
 from autotune.compile.ranking import PREDICTED, RankedConfig, Ranking, describe_prediction
+from autotune.compile.xla_prediction import xla_wins
 from autotune.problem_fields import lookup_arguments
 
 RANKED_HEADERS = ["rank", "config", "predicted ms", "% of roofline", "bound", "model", "note"]
@@ -57,8 +59,11 @@ def ranking_json(ranking: Ranking | None) -> dict[str, Any] | None:
             "other_models": ranking.other_models, "unpredicted": ranking.unpredicted}
 
 
-def print_ranking(ranking: Ranking, target_name: str, *, shown: int | None = SHOWN_RANKS) -> None:
-    """The ranked table of one key (the `shown` fastest predicted configs), then its predicted best."""
+def print_ranking(ranking: Ranking, target_name: str, *, shown: int | None = SHOWN_RANKS,
+                  xla: Prediction | None = None) -> None:
+    """The ranked table of one key (the `shown` fastest predicted configs), then its predicted best and, on a TPU
+    target, jax.nn's XLA attention predicted the same way (`xla`), which is the predicted winner when faster by
+    more than the margin."""
     key = ranking.key
     entries = ranking.entries if shown is None else ranking.entries[:shown]
     of = f"the {len(entries)} fastest of " if len(entries) < len(ranking.entries) else ""
@@ -79,6 +84,16 @@ def print_ranking(ranking: Ranking, target_name: str, *, shown: int | None = SHO
         click.echo("predicted best: none (every ranked config spills registers)")
         return
     click.echo(f"predicted best: {table_config(best.config, key)}, {describe_prediction(best.prediction)}")
+    if xla is not None and xla_wins(xla, best.prediction):
+        click.echo(f"jax.nn's XLA attention: {describe_prediction(xla)}: the predicted winner, "
+                   f"{best.prediction.seconds / xla.seconds:.2f}x faster than the kernel's predicted best")
+        click.echo(f"On a device of kind {key.device_kind!r} with no measured best, autotune.dot_product_attention "
+                   f"runs XLA's attention (autotune.flash_attention the predicted config); see it with "
+                   f"autotune.lookup({lookup_arguments(key)}, device_kind={key.device_kind!r})")
+        return
+    if xla is not None:
+        click.echo(f"jax.nn's XLA attention: {describe_prediction(xla)}, "
+                   f"{xla.seconds / best.prediction.seconds:.2f}x the kernel's predicted best")
     click.echo(f"On a device of kind {key.device_kind!r} with no measured best the runtime uses it (and says so); "
                f"see it with "
                f"autotune.lookup({lookup_arguments(key)}, device_kind={key.device_kind!r})")

@@ -17,7 +17,7 @@ import click
 from autotune.cli.block_cells import CHAR_W, block_cells
 from autotune.cli.compile_report import compile_section
 from autotune.cli.winners import others_text
-from autotune.compile.results import is_compile_only
+from autotune.compile.results import XLA_KERNEL, is_compile_only
 from autotune.cli.common import (database_errors, db_option, describe_problem, filter_options, first_line,
                                       key_filters, key_matches, open_existing, table_config, where)
 from db.records import RESOURCE_EXHAUSTED
@@ -342,7 +342,8 @@ def report_command(out, device_kind, kernel_filter, dtype_filter, causal_filter,
         bests = store.bests(**filters)
         trials = [t for t in store.trials() if key_matches(t.key, filters)]
         chosen = store.best_by_id(key_id) if key_id is not None else None
-    compiled = [t for t in trials if is_compile_only(t.key)]  # not timed: their own section, never in the charts
+    # not timed: their own section, never in the charts (XLA's predicted attention shows in the search summary)
+    compiled = [t for t in trials if is_compile_only(t.key) and t.key.kernel != XLA_KERNEL]
     trials = [t for t in trials if not is_compile_only(t.key)]
     if not bests and not trials and not compiled:
         raise click.ClickException(f"no tuned results in {where(store)}")

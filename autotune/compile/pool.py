@@ -52,9 +52,12 @@ class CompileJob:
     problem: Problem
     config: dict[str, int]
     x64: bool = False
+    implementation: str = "pallas"  # "xla": jax.nn's XLA attention for the problem (config {}), to predict beside ours
 
     def __post_init__(self) -> None:
         get_target(self.target)
+        if self.implementation not in ("pallas", "xla"):
+            raise ValueError(f"implementation must be 'pallas' or 'xla', got {self.implementation!r}")
         if not isinstance(self.problem, Problem):
             raise TypeError(f"problem must be a kernels.Problem, got {type(self.problem).__name__}")
         if not isinstance(self.config, dict):
@@ -109,7 +112,7 @@ def compilers_missing(platform: str) -> str | None:
 
 def _job_line(job: CompileJob, ident: int) -> str:
     return json.dumps({"id": ident, "target": job.target, "problem": job.problem.to_dict(), "config": job.config,
-                       "x64": job.x64})
+                       "x64": job.x64, "implementation": job.implementation})
 
 
 def _result(job: CompileJob, data: dict[str, Any]) -> CompileResult:

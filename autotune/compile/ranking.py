@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autotune.compile.model.prediction import GPU_MODEL_VERSION, TPU_MODEL_VERSION, Prediction
-from autotune.compile.results import COMPILED, trial_spills
+from autotune.compile.results import COMPILED, XLA_KERNEL, trial_spills
 from autotune.keys import PROBLEM_FIELDS
 from autotune.space import config_text
 from db import Store, TrialRecord, TuningKey
@@ -129,8 +129,9 @@ def predicted_bests(store: Store, filters: dict[str, Any]) -> list[Ranking]:
     for platform in COMPILE_PLATFORMS:
         for key in store.keys(platform=platform, kernel=filters.get("kernel"),
                               device_kind=filters.get("device_kind")):
-            if any(value is not None and getattr(key, name) != value for name, value in filters.items()):
-                continue
+            if key.kernel == XLA_KERNEL or any(value is not None and getattr(key, name) != value
+                                               for name, value in filters.items()):
+                continue  # XLA's prediction shows beside its problem's ranking, not as a key of its own
             ranking = rank_trials(key, store.trials(key))
             if ranking is not None and ranking.best is not None:
                 rankings.append(ranking)

@@ -24,6 +24,7 @@ COMPILED = "compiled"  # the trial status of a config that compiled
 REJECTING_KINDS = (RESOURCE_EXHAUSTED, "lowering_error")  # failures the device search trusts to skip a config
 SPILLS = "spills"
 REJECTED = "rejected"
+XLA_KERNEL = "xla_attention"  # the kernel name of jax.nn's XLA attention's compile-only trials (compile/xla_prediction)
 
 
 def compile_platform(platform: str) -> str:

@@ -43,6 +43,7 @@ from autotune.shapes import ProblemSpec
 from autotune.space import Space
 from autotune.compile.figures import RESOURCE_EXHAUSTED
 from autotune.compile.targets import PLATFORMS, TARGETS, Target, get_target
+from autotune.compile.xla_prediction import stored_xla_prediction, xla_key
 from db import Store, TuningKey
 
 KIND = "compile_only"
@@ -240,17 +241,26 @@ def run_plans(plans: list[TargetPlan], store: Store, *, run_id: int | None = Non
     as it comes; `on_result(summary, result)` follows each record (the progress bar); `claims` (ConfigClaims) are
     marked done for each recorded config."""
     summaries = [TargetSummary(plan) for plan in plans]
-    jobs, owners = [], {}
+    jobs, owners, xla_jobs = [], {}, {}
     for summary in summaries:
         for config in summary.plan.configs:
             job = CompileJob(summary.plan.target.name, summary.plan.spec.problem, config.to_dict())
             owners[id(job)] = (summary, config)
             jobs.append(job)
-    if not jobs:
+    for summary in summaries:  # jax.nn's XLA attention once per TPU problem (autotune.compile.xla_prediction)
+        plan = summary.plan
+        if plan.configs and plan.target.platform == "tpu" and stored_xla_prediction(store, plan.key) is None:
+            job = CompileJob(plan.target.name, plan.spec.problem, {}, implementation="xla")
+            xla_jobs[id(job)] = plan
+            jobs.append(job)
+    if not owners:
         return summaries
     recorder = _Recorder(store, plans, run_id)
 
     def record(result: CompileResult) -> None:
+        if id(result.job) in xla_jobs:
+            record_xla(store, xla_jobs[id(result.job)], result, run_id)
+            return
         summary, config = owners[id(result.job)]
         recorder.record(summary.plan, config, result)
         if claims is not None:
@@ -271,3 +281,13 @@ def run_plans(plans: list[TargetPlan], store: Store, *, run_id: int | None = Non
     finally:
         recorder.close()
     return summaries
+
+
+def record_xla(store: Store, plan: TargetPlan, result: CompileResult, run_id: int | None) -> None:
+    """Store the compile of jax.nn's XLA attention for the plan's problem as the one trial of its own key."""
+    failed = not result.ok
+    store.add_trial(xla_key(plan.key), config={}, status=(RESOURCE_EXHAUSTED if result.failure_kind ==
+                                                           RESOURCE_EXHAUSTED else "compile_error") if failed
+                    else COMPILED, run_id=run_id, error_class=result.failure_kind if failed else None,
+                    error_message=result.message if failed else None, compile_s=result.seconds,
+                    figures=figures_of(result, plan.target.name))

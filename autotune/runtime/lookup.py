@@ -234,7 +234,7 @@ def _predicted(store: Store | None, kernel: ModuleType, problem: Problem, device
     except Exception:  # noqa: BLE001 - a locked or broken database: the lookup goes on without a prediction
         return None
     return None if chosen is None else Lookup(chosen.config, "predicted", key, chosen.detail,
-                                              prediction=chosen.prediction)
+                                              prediction=chosen.prediction, implementation=chosen.implementation)
 
 
 def _resolve(kernel: ModuleType, problem: Problem, device: DeviceInfo, settings: Settings) -> Lookup:

@@ -17,6 +17,7 @@ import jax
 
 from autotune.compile.model.prediction import Prediction
 from autotune.compile.ranking import describe_prediction, predicted_ranking
+from autotune.compile.xla_prediction import stored_xla_prediction, xla_wins
 from autotune.compile.targets import TARGETS, target_for_device_kind
 from autotune.device import DeviceInfo, current_device
 from autotune.kernel_protocol import BUILTIN
@@ -30,6 +31,7 @@ class PredictedChoice:
     config: Any
     prediction: Prediction
     detail: str
+    implementation: str = "pallas"  # "xla" where jax.nn's XLA attention is predicted faster by more than the margin
 
 
 def device_for_kind(device_kind: str | None, kernel: str | None = None) -> DeviceInfo:
@@ -67,6 +69,10 @@ def predicted_choice(store: Store, kernel: ModuleType, key: TuningKey, check) ->
               f"{len(ranking.entries)} configs compiled for it "
               f"({target.name if target else ranking.key.platform} compile-only search, jax "
               f"{ranking.key.jax_version}), {describe_prediction(best.prediction)}")
+    xla = stored_xla_prediction(store, ranking.key)
+    if xla_wins(xla, best.prediction):
+        return PredictedChoice(config, xla, f"{detail}; jax.nn's XLA attention is predicted faster: "
+                                            f"{describe_prediction(xla)}", implementation="xla")
     return PredictedChoice(config, best.prediction, detail)
 
 

@@ -96,7 +96,7 @@ def stored_winner(q, k, v, *, causal: bool, sm_scale: float | None, window, soft
     found = find(problem, kernel_name, device)
     if found.source != "tuned":
         found = peek_tuned(problem.replace(backward=True), kernel_name, device) or found
-    if found.source != "tuned" or found.implementation == KERNEL:
+    if found.source not in ("tuned", "predicted") or found.implementation == KERNEL:
         return KERNEL
     if current_settings().logs():
         notices.log_choice("forward", describe(found.key), found.key.kernel, found.key.device_kind,

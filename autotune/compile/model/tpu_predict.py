@@ -76,14 +76,28 @@ def attention_work(problem, config: dict, platform_cores: int) -> KernelWork:
     steps = max(1, int(np.max(last - first + 1)))
     fraction = tile_fraction(problem.q_len, problem.kv_len, bq, bk, causal=problem.causal, window=window,
                              kv_steps=steps)
+    flops, nbytes = problem_work(problem)
+    return KernelWork(flops=flops, hbm_bytes=nbytes, compute_fraction=min(1.0, fraction),
+                      splits_over_cores=platform_cores > 1)
+
+
+def problem_work(problem) -> tuple[float, float]:
+    """The problem's useful flops (visible query/key pairs only) and compulsory HBM bytes: its roofline's terms,
+    the same for every implementation of it."""
     pairs = problem.band.pairs(problem.q_len, problem.kv_len)
     flops = 4.0 * problem.batch * problem.heads * problem.head_dim * pairs * (2.5 if problem.backward else 1.0)
     item = np.dtype(problem.dtype).itemsize if problem.dtype != "bfloat16" else 2
     q_bytes = problem.batch * problem.heads * problem.q_len * problem.head_dim * item
     kv_bytes = 2 * problem.batch * problem.kv_heads * problem.kv_len * problem.head_dim * item
-    nbytes = (2 * q_bytes + kv_bytes) * (2.5 if problem.backward else 1.0)
-    return KernelWork(flops=flops, hbm_bytes=nbytes, compute_fraction=min(1.0, fraction),
-                      splits_over_cores=platform_cores > 1)
+    return flops, (2 * q_bytes + kv_bytes) * (2.5 if problem.backward else 1.0)
+
+
+def predict_xla_compile(dump_dir: str, target_name: str, problem) -> Prediction | None:
+    """The predicted time of jax.nn's XLA attention compiled for `problem` (every program is XLA's own, so no
+    kernel grid is counted; the roofline is the problem's, as for our kernel's configs)."""
+    flops, nbytes = problem_work(problem)
+    return predict_dump(dump_dir, target_name, KernelWork(flops=flops, hbm_bytes=nbytes, compute_fraction=1.0,
+                                                          splits_over_cores=False))
 
 
 def predict_dump(dump_dir: str, target_name: str, work: KernelWork | None) -> Prediction | None:
