@@ -86,8 +86,11 @@ _CHANCE = re.compile(r" \((?:default|stored best|default, stored best)\)|the def
 
 
 def normal(line: str) -> str:
-    """A line with what changes between runs masked: file paths to their names, digests, numbers, spacing, and
-    what depends on which config won (which trial row is the stored best; bench's note when it is the default)."""
+    """A line with what changes between runs masked: table rules, file paths to their names, digests, numbers,
+    spacing, and what depends on which config won (which trial row is the stored best; bench's note when it is the
+    default)."""
+    if re.fullmatch(r"[-\s]*-[-\s]*", line):  # a table's rule: its widths follow the values (11 trials: "--")
+        return "--"
     line = _CHANCE.sub("", line)
     line = _PATH.sub(r"<path>/\1", line)
     line = _DIGEST.sub("<hex>", line)
