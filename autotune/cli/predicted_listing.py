@@ -74,7 +74,8 @@ def print_ranking(ranking: Ranking, target_name: str, *, shown: int | None = SHO
     if ranking.other_models:
         left_out.append(f"{ranking.other_models} predicted by another model version")
     if ranking.unpredicted_spilling:
-        left_out.append(f"{ranking.unpredicted_spilling} that spill registers (not predicted: never the predicted best)")
+        left_out.append(f"{ranking.unpredicted_spilling} that spill registers "
+                        "(not predicted: never the predicted best)")
     if ranking.unpredicted > ranking.unpredicted_spilling:
         left_out.append(f"{ranking.unpredicted - ranking.unpredicted_spilling} without a prediction")
     if left_out:
@@ -84,18 +85,16 @@ def print_ranking(ranking: Ranking, target_name: str, *, shown: int | None = SHO
         click.echo("predicted best: none (every ranked config spills registers)")
         return
     click.echo(f"predicted best: {table_config(best.config, key)}, {describe_prediction(best.prediction)}")
-    if xla is not None and xla_wins(xla, best.prediction):
+    runs = "the runtime uses it (and says so)"
+    if xla_wins(xla, best.prediction):
         click.echo(f"jax.nn's XLA attention: {describe_prediction(xla)}: the predicted winner, "
                    f"{best.prediction.seconds / xla.seconds:.2f}x faster than the kernel's predicted best")
-        click.echo(f"On a device of kind {key.device_kind!r} with no measured best, autotune.dot_product_attention "
-                   f"runs XLA's attention (autotune.flash_attention the predicted config); see it with "
-                   f"autotune.lookup({lookup_arguments(key)}, device_kind={key.device_kind!r})")
-        return
-    if xla is not None:
+        runs = ("autotune.dot_product_attention runs XLA's attention (autotune.flash_attention the predicted "
+                "config)")
+    elif xla is not None:
         click.echo(f"jax.nn's XLA attention: {describe_prediction(xla)}, "
                    f"{xla.seconds / best.prediction.seconds:.2f}x the kernel's predicted best")
-    click.echo(f"On a device of kind {key.device_kind!r} with no measured best the runtime uses it (and says so); "
-               f"see it with "
+    click.echo(f"On a device of kind {key.device_kind!r} with no measured best {runs}; see it with "
                f"autotune.lookup({lookup_arguments(key)}, device_kind={key.device_kind!r})")
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import SingleDeviceSharding
 
+from autotune.measure.baselines import dot_product_attention_forward
 from autotune.measure.kernel_call import feature_kwargs
 from autotune.compile.model.tpu_predict import DumpCollector, predict_tpu_compile, predict_xla_compile
 from autotune.compile.figures import SPILLS_NOT_PREDICTED, classify_failure, gpu_kernels, tpu_kernels
@@ -35,7 +36,6 @@ from autotune.compile.targets import Target, get_target, gpu_target_config
 from autotune.kernel_protocol import TargetKernelModule, load_target_kernel
 from kernels import Problem
 from kernels.entry import unchecked_configs
-from kernels.xla_attention import xla_attention
 
 _DEVICES: dict[str, object] = {}
 _COLLECTOR = DumpCollector(_TPU_DUMP)
@@ -59,18 +59,6 @@ def _attention_fn(module: TargetKernelModule, problem: Problem, config, device_k
         ids = (q_ids, kv_ids) if problem.segments else None
         return module.flash_attention(q, k, v, causal=problem.causal, segment_ids=ids, config=config,
                                       device_kind=device_kind, **feature_kwargs(problem, q_lengths, kv_lengths))
-
-    return _with_gradients(attention, problem)
-
-
-def _xla_fn(problem: Problem):
-    """jax.nn's XLA attention for the problem, as the runtime runs it for a key whose winner is "xla"."""
-    def attention(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
-        mask = (q_ids[:, :, None] == kv_ids[:, None, :])[:, None] if problem.segments else None
-        lengths = (q_lengths, kv_lengths) if problem.lengths else (None, None)
-        return xla_attention(q, k, v, None, mask, scale=1.0 / problem.head_dim ** 0.5, is_causal=problem.causal,
-                             q_lens=lengths[0], kv_lens=lengths[1], window=problem.window, cap=problem.softcap,
-                             implementation="xla", return_residual=False)
 
     return _with_gradients(attention, problem)
 
@@ -122,7 +110,8 @@ def run_job(job: dict) -> dict:
     target = get_target(job["target"])
     problem = Problem.from_dict(job["problem"])
     module = load_target_kernel(target.platform)
-    config = module.Config.from_dict(job["config"]) if job.get("implementation") != "xla" else None
+    xla = job.get("implementation") == "xla"  # jax.nn's XLA attention for the problem (autotune.compile.xla_prediction)
+    config = None if xla else module.Config.from_dict(job["config"])
     jax.config.update("jax_enable_x64", bool(job.get("x64", False)))
     with tempfile.TemporaryDirectory(prefix="autotune-compile-") as folder:
         log = os.path.join(folder, "log.txt")
@@ -131,7 +120,7 @@ def run_job(job: dict) -> dict:
         try:
             with _captured_stderr(log), unchecked_configs():  # the compiler judges every config here
                 device = device_for(target)
-                function = (_xla_fn(problem) if job.get("implementation") == "xla"
+                function = (_with_gradients(dot_product_attention_forward(problem, "xla"), problem) if xla
                             else _attention_fn(module, problem, config, target.device_kind))
                 lowered = jax.jit(function).lower(*_specs(problem, device))
                 lowered.compile(compiler_options={"xla_dump_to": dump})
@@ -155,10 +144,8 @@ def run_job(job: dict) -> dict:
         _COLLECTOR.collect(libtpu_dump)
         start = time.perf_counter()
         try:  # the static time model's prediction (autotune/compile/model); a model error never fails a compile
-            if job.get("implementation") == "xla":  # every program is XLA's own: no kernel grid to count
-                prediction = predict_xla_compile(libtpu_dump, target.name, problem)
-            else:
-                prediction = predict_tpu_compile(libtpu_dump, target.name, problem, job["config"])
+            prediction = (predict_xla_compile(libtpu_dump, target.name, problem) if xla
+                          else predict_tpu_compile(libtpu_dump, target.name, problem, job["config"]))
             result["prediction"] = prediction.to_dict() if prediction is not None else None
         except Exception as exc:  # noqa: BLE001
             result["prediction"], result["prediction_error"] = None, f"{type(exc).__name__}: {exc}"[:500]

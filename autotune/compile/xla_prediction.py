@@ -33,12 +33,8 @@ def stored_xla_prediction(store: Store, key: TuningKey) -> Prediction | None:
     return found[-1] if found else None
 
 
-def xla_wins(xla: Prediction | None, kernel_best: Prediction | None, margin: float = DEFAULT_MARGIN) -> bool:
+def xla_wins(xla: Prediction | None, kernel_best: Prediction, margin: float = DEFAULT_MARGIN) -> bool:
     """Whether XLA is the predicted winner: predicted faster than the kernel's predicted best by more than `margin`
     (under the same model version; a prediction of another model is not comparable)."""
-    if xla is None:
-        return False
-    if kernel_best is None:
-        return True
-    return (xla.model_version == kernel_best.model_version
+    return (xla is not None and xla.model_version == kernel_best.model_version
             and xla.seconds * (1.0 + margin) < kernel_best.seconds)

@@ -14,18 +14,23 @@ from kernels.xla_attention import BASELINES, baseline_refusal, xla_attention
 from kernels import Problem
 
 
-def dot_product_attention_call(problem: Problem, implementation: str = "xla") -> Callable:
-    """`jax.nn.dot_product_attention` with the given implementation ("xla" or "cudnn"); a soft cap, which jax.nn
-    lacks, is written out in XLA (autotune.runtime.attention.xla_attention)."""
+def dot_product_attention_forward(problem: Problem, implementation: str = "xla") -> Callable:
+    """`jax.nn.dot_product_attention` with the given implementation ("xla" or "cudnn") as an unjitted
+    `forward(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths)`; the ids and lengths are used only where the problem has
+    them. A soft cap, which jax.nn lacks, is written out in XLA (kernels.xla_attention)."""
     def forward(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
-        mask = None
-        if q_ids is not None:
-            mask = (q_ids[:, :, None] == kv_ids[:, None, :])[:, None]
+        mask = (q_ids[:, :, None] == kv_ids[:, None, :])[:, None] if problem.segments else None
+        q_lens, kv_lens = (q_lengths, kv_lengths) if problem.lengths else (None, None)
         return xla_attention(q, k, v, None, mask, scale=1.0 / problem.head_dim ** 0.5, is_causal=problem.causal,
-                             q_lens=q_lengths, kv_lens=kv_lengths, window=problem.window, cap=problem.softcap,
+                             q_lens=q_lens, kv_lens=kv_lens, window=problem.window, cap=problem.softcap,
                              implementation=implementation, return_residual=False)
 
-    return jitted_call(forward, problem)
+    return forward
+
+
+def dot_product_attention_call(problem: Problem, implementation: str = "xla") -> Callable:
+    """`dot_product_attention_forward` jitted with the candidates' signature (forward, or forward and backward)."""
+    return jitted_call(dot_product_attention_forward(problem, implementation), problem)
 
 
 def compiled_baselines(problem: Problem, platform: str) -> dict[str, Callable]:
