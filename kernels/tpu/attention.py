@@ -1,11 +1,12 @@
 """The public entry point: input checks, layout and padding around the kernels, and the custom VJP.
 
-Our layout is [batch, seq, heads, head_dim]; the kernels want [batch, heads, seq, head_dim] with the sequence
-padded to whole blocks (interpret mode reads NaN out of bounds, and Mosaic wants whole tiles anyway). The layout
-change copies every operand once in any case, and XLA fuses the padding into that copy (one `pad_bitcast_fusion`
-per operand), so padding costs no extra pass over HBM here, unlike on the GPU where the kernels read our layout.
-float16 is widened to float32 here: Mosaic (libtpu 0.0.42, jax 0.10.2) cannot load float16 vectors on any
-generation (v4, v5e, v5p, v6e: "Invalid vector type for load"), so float16 cannot stay float16 in HBM.
+Our layout is [batch, seq, heads, head_dim]. The kernels read and write it in place where Mosaic's tiling allows
+(head_dim a multiple of 128, or 64 with pairs of heads: kernels.tpu.layout), and otherwise a [batch, heads, seq,
+head_dim] copy. The sequence is padded to whole blocks (interpret mode reads NaN out of bounds, and Mosaic wants
+whole tiles anyway): a copy only when the length is not a multiple of the blocks (fused into the transposed copy
+where there is one). float16 is widened to float32 here: Mosaic (libtpu 0.0.42, jax 0.10.2) cannot load float16
+vectors on any generation (v4, v5e, v5p, v6e: "Invalid vector type for load"), so float16 cannot stay float16 in
+HBM.
 """
 from __future__ import annotations
 
@@ -20,33 +21,20 @@ from kernels.tpu.backward import backward
 from kernels.tpu.common import NO_KEY_LSE, Static
 from kernels.tpu.config import Config, invalid_reasons, round_up, vmem_limit_bytes
 from kernels.tpu.forward import forward
+from kernels.tpu.layout import Layout
 
 
 def _kernel_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
 
 
-def _to_kernel(x: jax.Array, length: int) -> jax.Array:
-    """[b, s, h, d] -> [b, h, length, d], zero-padded, in the kernel dtype."""
-    x = x.astype(_kernel_dtype(x.dtype))
-    if length > x.shape[1]:
-        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
-    return jnp.swapaxes(x, 1, 2)
-
-
-def _from_kernel(x: jax.Array, length: int, dtype) -> jax.Array:
-    """[b, h, padded, d] -> [b, length, h, d] in `dtype`."""
-    return jnp.swapaxes(x[:, :, :length], 1, 2).astype(dtype)
-
-
-def _resize(x: jax.Array, true_len: int, length: int, fill: float = 0.0) -> jax.Array:
-    """Re-pad axis 2 of a kernel-layout array from one block padding to another."""
-    if x.shape[2] == length:
-        return x
-    x = x[:, :, :true_len]
-    widths = [(0, 0)] * x.ndim
-    widths[2] = (0, length - true_len)
-    return jnp.pad(x, widths, constant_values=fill)
+def _resize_lse(lse: jax.Array, true_len: int, length: int) -> jax.Array:
+    """Re-pad the [b, h, padded, 128] log-sum-exp from the forward's block padding to the backward's; padded rows
+    get NO_KEY_LSE, so their p is 0."""
+    if lse.shape[2] == length:
+        return lse
+    return jnp.pad(lse[:, :, :true_len], ((0, 0), (0, 0), (0, length - true_len), (0, 0)),
+                   constant_values=NO_KEY_LSE)
 
 
 def _kernel_precision():
@@ -67,11 +55,13 @@ def _ids(q_ids, kv_ids, q_len: int, kv_len: int):
 def _forward(st: Static, config: Config, q, k, v, q_ids, kv_ids, lengths, save_lse: bool):
     q_pad = round_up(st.q_len, config.block_q)
     kv_pad = round_up(st.kv_len, config.block_k_major)
-    qt, kt, vt = _to_kernel(q, q_pad), _to_kernel(k, kv_pad), _to_kernel(v, kv_pad)
+    dtype = _kernel_dtype(q.dtype)
+    layout = st.layout
+    qt, kt, vt = (layout.to_kernel(x, n, dtype) for x, n in ((q, q_pad), (k, kv_pad), (v, kv_pad)))
     q_ids_p, kv_ids_p = _ids(q_ids, kv_ids, q_pad, kv_pad)
     with _kernel_precision():
         out_t, lse = forward(qt, kt, vt, q_ids_p, kv_ids_p, lengths, st=st, config=config, save_lse=save_lse)
-    return _from_kernel(out_t, st.q_len, q.dtype), (qt, kt, vt, out_t, lse)
+    return layout.from_kernel(out_t, st.q_len, q.dtype), (qt, kt, vt, out_t, lse)
 
 
 def _public_lse(lse: jax.Array, q_len: int) -> jax.Array:
@@ -105,15 +95,16 @@ def _attention_bwd(st: Static, config: Config, problem: Problem, res, cotangent)
     dtype = jnp.dtype(problem.dtype)
     q_pad = round_up(st.q_len, config.bwd_block_q)
     kv_pad = round_up(st.kv_len, config.bwd_block_k_major)
-    qt, out_t = _resize(qt, st.q_len, q_pad), _resize(out_t, st.q_len, q_pad)
-    lse = _resize(lse, st.q_len, q_pad, fill=NO_KEY_LSE)  # padded rows: p == 0
-    kt, vt = _resize(kt, st.kv_len, kv_pad), _resize(vt, st.kv_len, kv_pad)
-    do_t = _to_kernel(d_out, q_pad)
+    layout = st.layout
+    qt, out_t = layout.resize(qt, st.q_len, q_pad), layout.resize(out_t, st.q_len, q_pad)
+    lse = _resize_lse(lse, st.q_len, q_pad)
+    kt, vt = layout.resize(kt, st.kv_len, kv_pad), layout.resize(vt, st.kv_len, kv_pad)
+    do_t = layout.to_kernel(d_out, q_pad, _kernel_dtype(d_out.dtype))
     q_ids_p, kv_ids_p = _ids(q_ids, kv_ids, q_pad, kv_pad)
     with _kernel_precision():
         dq, dk, dv = backward(qt, kt, vt, out_t, lse, do_t, q_ids_p, kv_ids_p, lengths, st=st, config=config)
-    return (_from_kernel(dq, st.q_len, dtype), _from_kernel(dk, st.kv_len, dtype),
-            _from_kernel(dv, st.kv_len, dtype), None, None, None)
+    return (layout.from_kernel(dq, st.q_len, dtype), layout.from_kernel(dk, st.kv_len, dtype),
+            layout.from_kernel(dv, st.kv_len, dtype), None, None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -145,7 +136,8 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale
                 groups=problem.groups, segments=problem.segments, highest=problem.dtype != "bfloat16",
                 interpret=call.interpret, device_kind=kind,
                 vmem_limit=vmem_limit_bytes(config, problem.replace(backward=True), device_kind=kind),
-                softcap=problem.softcap, lengths=problem.lengths, return_lse=call.return_lse)
+                softcap=problem.softcap, lengths=problem.lengths, return_lse=call.return_lse,
+                layout=Layout.of(problem.heads, problem.kv_heads, problem.head_dim))
     lengths = (call.q_lengths, call.kv_lengths) if problem.lengths else None
     result = _attention(st, config, problem, call.q, call.k, call.v, call.q_ids, call.kv_ids, lengths)
     if st.return_lse:

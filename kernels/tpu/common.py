@@ -13,10 +13,9 @@ from kernels import masking
 from kernels.cost import estimate
 from kernels.masking import EMPTY_ROW_LSE, MASK_VALUE, Band  # noqa: F401 (MASK_VALUE: the kernels')
 from kernels.tpu.config import LANES, SUBLANES
+from kernels.tpu.layout import PAIR_HEAD_DIM, SQUEEZED, Layout  # noqa: F401 (SQUEEZED: the kernels')
 
 NO_KEY_LSE = EMPTY_ROW_LSE
-
-SQUEEZED = getattr(pl, "squeezed", None)  # a block dim of size 1, dropped from the kernel's view
 
 
 @dataclass(frozen=True)
@@ -36,6 +35,7 @@ class Static:
     softcap: float | None = None  # scores become softcap * tanh(scores / softcap)
     lengths: bool = False  # per-row q and kv lengths come as scalar-prefetch operands (runtime data)
     return_lse: bool = False  # the forward also returns its log-sum-exp
+    layout: Layout = Layout("transposed", 0)  # where q, k, v, o live in HBM (kernels.tpu.layout)
 
     @property
     def precision(self):
@@ -286,3 +286,56 @@ def when(cond, fn) -> None:
         fn()
     else:
         pl.when(cond)(fn)
+
+
+# Pairs of heads in one 128-lane tile (kernels.tpu.layout, mode "pairs"): each head of the pair is scored with the
+# other's lanes zeroed, and per-head values are merged back by lane half.
+
+def lane_half(rows: int) -> jax.Array:
+    """[rows, 128] int32: 0 on the first head's 64 lanes of a pair tile, 1 on the second's."""
+    return (jax.lax.broadcasted_iota(jnp.int32, (rows, LANES), 1) >= PAIR_HEAD_DIM).astype(jnp.int32)
+
+
+def merge_heads(values: list[jax.Array]) -> jax.Array:
+    """One [rows, 128] tile from per-head ones: each head's lanes from its own value (the value itself for one
+    head per tile)."""
+    if len(values) == 1:
+        return values[0]
+    return jnp.where(lane_half(values[0].shape[0]) == 0, values[0], values[1])
+
+
+def head_lanes(x: jax.Array, head: int, st: Static) -> jax.Array:
+    """A pair tile with the lanes of every head but `head` zeroed (the tile itself for one head per tile)."""
+    if st.layout.per_tile == 1:
+        return x
+    return jnp.where(lane_half(x.shape[0]) == head, x, jnp.zeros_like(x))
+
+
+def swap_halves(x: jax.Array) -> jax.Array:
+    """A pair tile with its two 64-lane halves exchanged (one XLU lane rotation)."""
+    return pltpu.roll(x, PAIR_HEAD_DIM, 1)
+
+
+def kv_half(st: Static, q_tile):
+    """The lane half (0 or 1, traced) of the kv head both heads of query pair `q_tile` share (even groups)."""
+    return rem(div(2 * q_tile, st.groups), 2)
+
+
+def kv_for_heads(x: jax.Array, q_tile, st: Static) -> list[jax.Array]:
+    """Per head of query tile `q_tile`, a kv tile (k or v) with that head's kv head at the head's own lanes.
+
+    One head per tile, or groups of 1 (kv pair = query pair): the tile as it is. Even groups: both heads share one
+    kv head; the head whose lanes differ from it reads the tile with its halves swapped."""
+    if st.layout.per_tile == 1 or st.groups == 1:
+        return [x] * st.layout.per_tile
+    half, swapped = kv_half(st, q_tile), swap_halves(x)
+    return [jnp.where(half == head, x, swapped) for head in range(2)]
+
+
+def place_head(x: jax.Array, head: int, half, st: Static) -> jax.Array:
+    """Pair tile x's head `head` moved to lane half `half` (traced or static), every other lane zeroed: a query
+    head's q or dO set against the kv head it belongs to in the dk/dv kernel."""
+    if st.layout.per_tile == 1:
+        return x
+    source = x if isinstance(half, int) and half == head else jnp.where(half == head, x, swap_halves(x))
+    return jnp.where(lane_half(x.shape[0]) == half, source, jnp.zeros_like(x))
