@@ -288,8 +288,14 @@ def param_layout(hlo_text: str, index: int = 0) -> str:
 
 
 def measure_layout(compiler: Compiler) -> list[dict]:
-    """Per head_dim and pass: the XLA ops around our kernels in the compiled v5e program at 2k tokens, batch 2,
-    GQA 8/2, bf16, causal (default config), and the HBM layout XLA gives the [b, s, h, d] operands."""
+    """Per head_dim, pass and input form: the XLA ops around our kernels in the compiled v5e program at 2k tokens,
+    batch 2, GQA 8/2, bf16, causal (default config), and the HBM layout XLA gives the operands.
+
+    Two forms of input: `projected`, q, k, v arriving as [b, s, heads * head_dim] (what a projection produces)
+    and reshaped to [b, s, h, d] by the caller, the output and gradients reshaped back, as in a model; and
+    `params`, [b, s, h, d] entry parameters, whose HBM layout XLA:TPU picks with (8, 128) tiles over (heads,
+    head_dim) (or, at head_dim 64, with the sequence minor), which no [b, s, h * d] view can share: there any
+    kernel layout costs a relayout of each operand."""
     import jax
     import jax.numpy as jnp
 
@@ -297,21 +303,30 @@ def measure_layout(compiler: Compiler) -> list[dict]:
 
     rows = []
     kind = compiler.device("v5e").device_kind
+    b, s, heads, kv_heads = 2, 2048, 8, 2
     for d in LAYOUT_HEAD_DIMS:
-        for backward in (False, True):
-            def attend(q, k, v, ids):
-                return tpu.flash_attention(q, k, v, causal=True, device_kind=kind)
+        for form in ("projected", "params"):
+            for backward in (False, True):
+                def attend(q, k, v, ids, d=d, form=form):
+                    if form == "params":
+                        return tpu.flash_attention(q, k, v, causal=True, device_kind=kind)
+                    split = lambda x: x.reshape(b, s, x.shape[2] // d, d)  # noqa: E731
+                    out = tpu.flash_attention(split(q), split(k), split(v), causal=True, device_kind=kind)
+                    return out.reshape(b, s, heads * d)
 
-            q, kv = ((2, 2048, 8, d), jnp.bfloat16), ((2, 2048, 2, d), jnp.bfloat16)
-            job = tempfile.mkdtemp(prefix="job-", dir=os.path.dirname(_DUMP_ROOT))
-            compiled, _ = compiler.compile("v5e", _pass(attend, backward, False, jax),
-                                           [q, kv, kv] + ([q] if backward else []), job)
-            shutil.rmtree(job, ignore_errors=True)
-            text = compiled.as_text()
-            rows.append(dict(target="v5e", head_dim=d, pass_="bwd" if backward else "fwd",
-                             ops=ops_around_kernels(text), q_layout=param_layout(text, 0),
-                             k_layout=param_layout(text, 1)))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                if form == "params":
+                    q, kv = ((b, s, heads, d), jnp.bfloat16), ((b, s, kv_heads, d), jnp.bfloat16)
+                else:
+                    q, kv = ((b, s, heads * d), jnp.bfloat16), ((b, s, kv_heads * d), jnp.bfloat16)
+                job = tempfile.mkdtemp(prefix="job-", dir=os.path.dirname(_DUMP_ROOT))
+                compiled, _ = compiler.compile("v5e", _pass(attend, backward, False, jax),
+                                               [q, kv, kv] + ([q] if backward else []), job)
+                shutil.rmtree(job, ignore_errors=True)
+                text = compiled.as_text()
+                rows.append(dict(target="v5e", head_dim=d, form=form, pass_="bwd" if backward else "fwd",
+                                 ops=ops_around_kernels(text), q_layout=param_layout(text, 0),
+                                 k_layout=param_layout(text, 1)))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
@@ -365,6 +380,7 @@ def main() -> None:
     parser.add_argument("--problems", nargs="+", help="names from STEP_PROBLEMS (default: all)")
     parser.add_argument("--no-jax", action="store_true", help="leave JAX's kernel out (e.g. in a before run)")
     parser.add_argument("--skip-layout", action="store_true", help="only the step table")
+    parser.add_argument("--layout-only", action="store_true", help="only the ops around the kernels")
     parser.add_argument("--table", nargs=2, metavar=("BEFORE", "AFTER"), help="print the markdown tables")
     args = parser.parse_args()
     if args.table:
@@ -373,8 +389,11 @@ def main() -> None:
         print(render(*args.table, problems=STEP_PROBLEMS), end="")
         return
     compiler = Compiler()
-    result = dict(steps=measure_steps(compiler, args.targets, args.problems, not args.no_jax))
-    if not args.skip_layout:
+    result = {} if args.layout_only else dict(steps=measure_steps(compiler, args.targets, args.problems,
+                                                                  not args.no_jax))
+    if args.layout_only:
+        result["layout"] = measure_layout(compiler)
+    elif not args.skip_layout:
         result["layout"] = measure_layout(compiler)
         result["head_extraction"] = measure_head_extraction(compiler)
     with open(args.out, "w") as handle:

@@ -107,12 +107,18 @@ class Layout:
         return x.shape[0], x.shape[1], x.shape[2]
 
     def row_sums(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        """sum(a * b) over head_dim in float32, as [batch, heads, length] (the backward's delta)."""
+        """sum(a * b) over head_dim in float32, as [batch, heads, length] (the backward's delta).
+
+        In place, the sum over each head's lanes is a product with a [heads * head_dim, heads] block of ones:
+        summing a [b, s, h, d] view instead would relayout the float32 product (a [b, s, h * d] array is tiled
+        over (s, h * d) in HBM, a [b, s, h, d] one over (h, d)), and the dot writes [b, h, s] directly."""
         prod = a.astype(jnp.float32) * b.astype(jnp.float32)
         if not self.in_place:
             return jnp.sum(prod, axis=-1)
-        batch, heads, length = self.dims(a)
-        return jnp.swapaxes(jnp.sum(prod.reshape(batch, length, heads, self.head_dim), axis=-1), 1, 2)
+        heads = self.dims(a)[1]
+        lanes = jnp.arange(heads * self.head_dim) // self.head_dim
+        ones = (lanes[:, None] == jnp.arange(heads)[None, :]).astype(jnp.float32)
+        return jnp.einsum("bsx,xh->bhs", prod, ones, precision=jax.lax.Precision.HIGHEST)
 
     def spec(self, block_b: int, rows: int, where: Callable) -> pl.BlockSpec:
         """The BlockSpec of a [block_b, rows, width] block; where(*grid, *prefetch) -> (batch block, tile, row
