@@ -221,6 +221,16 @@ def _pass(attend, backward: bool, segments: bool, jax):
     return both
 
 
+def _heads_per_step(problem: StepProblem) -> int:
+    """Query heads one grid step of our kernels works on (two per 128-lane tile at head_dim 64 since the kernels
+    read the caller's layout; one in code from before kernels.tpu.layout)."""
+    try:
+        from kernels.tpu.layout import Layout
+    except ImportError:
+        return 1
+    return Layout.of(8, problem.kv_heads, 64).per_tile
+
+
 def measure_steps(compiler: Compiler, targets, names=None, with_jax: bool = True) -> list[dict]:
     from autotune.compile.model.prediction import TPU_MODEL_VERSION
     from autotune.compile.model.tpu_predict import predict_tpu_compile
@@ -234,7 +244,8 @@ def measure_steps(compiler: Compiler, targets, names=None, with_jax: bool = True
             for backward in (False, True):
                 for impl in ("ours", "jax") if problem.jax_supports and with_jax else ("ours",):
                     job = tempfile.mkdtemp(prefix="job-", dir=os.path.dirname(_DUMP_ROOT))
-                    row = dict(target=target, problem=problem.name, pass_="bwd" if backward else "fwd", impl=impl)
+                    row = dict(target=target, problem=problem.name, pass_="bwd" if backward else "fwd", impl=impl,
+                               heads_per_step=_heads_per_step(problem) if impl == "ours" else 1)
                     try:
                         if impl == "ours":
                             fn, shapes, spec, config = _ours(problem, (32, 8, 64), backward, kind)
@@ -304,6 +315,7 @@ def measure_layout(compiler: Compiler) -> list[dict]:
     rows = []
     kind = compiler.device("v5e").device_kind
     b, s, heads, kv_heads = 2, 2048, 8, 2
+    rows += measure_model_layout(compiler, kind, (b, s, heads, kv_heads))
     for d in LAYOUT_HEAD_DIMS:
         for form in ("projected", "params"):
             for backward in (False, True):
@@ -327,6 +339,41 @@ def measure_layout(compiler: Compiler) -> list[dict]:
                                  ops=ops_around_kernels(text), q_layout=param_layout(text, 0),
                                  k_layout=param_layout(text, 1)))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def measure_model_layout(compiler: Compiler, kind: str, dims) -> list[dict]:
+    """`model` form: an attention layer (q, k, v projections of x [b, s, 1024], the kernel, the output
+    projection, a scalar loss) compiled whole, forward and gradient: the copies, transposes and reshapes XLA
+    places anywhere in it (layout assignment may move them into neighbours; a fusion named for a copy or a
+    transpose counts too)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels import tpu
+
+    b, s, heads, kv_heads = dims
+    width, rows = 1024, []
+    for d in LAYOUT_HEAD_DIMS:
+        def layer(x, wq, wk, wv, wo, d=d):
+            q = (x @ wq).reshape(b, s, heads, d)
+            k, v = (x @ wk).reshape(b, s, kv_heads, d), (x @ wv).reshape(b, s, kv_heads, d)
+            o = tpu.flash_attention(q, k, v, causal=True, device_kind=kind)
+            return jnp.sum((o.reshape(b, s, heads * d) @ wo).astype(jnp.float32) ** 2)
+
+        shapes = [((b, s, width), jnp.bfloat16), ((width, heads * d), jnp.bfloat16),
+                  ((width, kv_heads * d), jnp.bfloat16), ((width, kv_heads * d), jnp.bfloat16),
+                  ((heads * d, width), jnp.bfloat16)]
+        for pass_, fn in (("fwd", layer), ("bwd", jax.grad(layer, argnums=(0, 1, 2, 3, 4)))):
+            job = tempfile.mkdtemp(prefix="job-", dir=os.path.dirname(_DUMP_ROOT))
+            compiled, _ = compiler.compile("v5e", fn, shapes, job)
+            shutil.rmtree(job, ignore_errors=True)
+            moves = [op for op in ops_around_kernels(compiled.as_text())
+                     if op.split(":")[1] in ("copy", "transpose", "reshape")
+                     or (op.endswith(":fusion") and ("copy" in op or "transpose" in op))]
+            rows.append(dict(target="v5e", head_dim=d, form="model", pass_=pass_, ops=moves, q_layout="-",
+                             k_layout="-"))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 

@@ -26,6 +26,16 @@ def _get(row: dict | None, kernel: str, *keys):
     return value
 
 
+def _per_head(a: dict | None, b: dict | None = None, kernel: str | None = None) -> str:
+    """Heads one grid step works on (a alone: before → after heads), or the bundles per head, before → after."""
+    heads = lambda row: (row or {}).get("heads_per_step", 1)  # noqa: E731
+    if kernel is None:
+        return _pair(heads(a), heads(b)) if b is not None else str(heads(a))
+    per = lambda row: None if _get(row, kernel, "bundles") is None else round(  # noqa: E731
+        _get(row, kernel, "bundles") / heads(row))
+    return _pair(per(a), per(b))
+
+
 def _edges(row: dict | None, kernel: str) -> str:
     """' (e)': the bundles of the step's init and finish regions, which run once per output block."""
     edges = _get(row, kernel, "edges")
@@ -39,16 +49,17 @@ def _steps(before: list[dict], after: list[dict], problems) -> list[str]:
     out = []
     for target in sorted({r["target"] for r in after}):
         out += [f"#### {target}", "",
-                "| problem | pass | kernel | bundles / step (init + finish) | JAX's | MXU share % | " + " | ".join(
+                "| problem | pass | kernel | bundles / step (init + finish) | heads / step | bundles / head | JAX's | "
+                "MXU share % | " + " | ".join(
                     f"{u} %" for u in UNITS) + f" | predicted µs ({version}), whole pass |",
-                "|---|---|---|---|---|---|" + "---|" * len(UNITS) + "---|"]
+                "|---|---|---|---|---|---|---|---|" + "---|" * len(UNITS) + "---|"]
         for problem in problems:
             for pass_ in ("fwd", "bwd"):
                 a, b = old.get((target, problem.name, pass_, "ours")), new.get((target, problem.name, pass_, "ours"))
                 if b is None:
                     continue
                 if "error" in b:
-                    out.append(f"| {problem.name} | {pass_} | error: {b['error']} |" + " |" * (7 + len(UNITS)))
+                    out.append(f"| {problem.name} | {pass_} | error: {b['error']} |" + " |" * (9 + len(UNITS)))
                     continue
                 jax_row = new.get((target, problem.name, pass_, "jax"))
                 for i, kernel in enumerate(KERNELS[pass_]):
@@ -58,7 +69,8 @@ def _steps(before: list[dict], after: list[dict], problems) -> list[str]:
                             "dkv": "dk/dv"}[kernel]
                     out.append(f"| {problem.name} | {pass_} | {name} | "
                                f"{_pair(_get(a, kernel, 'bundles'), _get(b, kernel, 'bundles'))}"
-                               f"{_edges(b, kernel)} | {_get(jax_row, kernel, 'bundles') or '-'}"
+                               f"{_edges(b, kernel)} | {_per_head(a, b)} | {_per_head(a, b, kernel)} | "
+                               f"{_get(jax_row, kernel, 'bundles') or '-'}"
                                f"{_edges(jax_row, kernel)} | "
                                f"{_pair(_get(a, kernel, 'mxu_share'), _get(b, kernel, 'mxu_share'))} | {units} | "
                                f"{predicted} |")
@@ -66,13 +78,17 @@ def _steps(before: list[dict], after: list[dict], problems) -> list[str]:
     return out
 
 
-def _layout(rows: list[dict]) -> list[str]:
-    out = ["| head_dim | pass | q, k layout XLA gives the caller's [b, s, h, d] | copies around the kernels | "
-           "other XLA ops around the kernels |", "|---|---|---|---|---|"]
-    for r in rows:
-        copies = [o for o in r["ops"] if "copy" in o or "transpose" in o]
-        other = [o for o in r["ops"] if o not in copies]
-        out.append(f"| {r['head_dim']} | {r['pass_']} | `{r['q_layout']}`, `{r['k_layout']}` | {len(copies)} | "
+def _layout(before: list[dict], after: list[dict]) -> list[str]:
+    out = ["| head_dim | form | pass | q, k layout XLA gives the inputs | copies, transposes, reshapes "
+           "(before → after) | other XLA ops around the kernels |", "|---|---|---|---|---|---|"]
+    moves = lambda r: [o for o in r["ops"] if any(w in o for w in ("copy", "transpose", "reshape"))]  # noqa: E731
+    old = {(r["head_dim"], r.get("form", "params"), r["pass_"]): r for r in before}
+    for r in after:
+        form = r.get("form", "params")
+        a = old.get((r["head_dim"], form, r["pass_"]))
+        other = [o for o in r["ops"] if o not in moves(r)]
+        out.append(f"| {r['head_dim']} | {form} | {r['pass_']} | `{r['q_layout']}`, `{r['k_layout']}` | "
+                   f"{_pair(None if a is None else len(moves(a)), len(moves(r)))} | "
                    f"{len(other)}: {', '.join(o.split(':')[0] for o in other) or '-'} |")
     return out + [""]
 
@@ -95,7 +111,7 @@ def render(before_path: str, after_path: str, *, problems) -> str:
     out += _steps(before.get("steps", []), after.get("steps", []), problems)
     if after.get("layout"):
         out += ["### XLA ops around the kernels (v5e, 2k tokens, batch 2, GQA 8/2, bf16, causal)", ""]
-        out += _layout(after["layout"])
+        out += _layout(before.get("layout", []), after["layout"])
     if after.get("head_extraction"):
         out += ["### Reading one head out of the caller's layout (probe kernel, v5e)", ""]
         out += _extraction(after["head_extraction"])

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from kernels.configs import IntConfig
 from kernels.devices import MIB, default_scoped_vmem, tpu_generation, vmem_limit
 from kernels.problem import Problem
-
-LANES = 128  # TPU vreg lane count: minor block dims are multiples of this
-SUBLANES = 8  # TPU vreg sublane count: second-minor block dims are multiples of this
+from kernels.tpu.layout import LANES, SUBLANES, Layout  # noqa: F401 (LANES, SUBLANES: the kernels' too)
 
 
 @dataclass(frozen=True)
@@ -209,30 +207,34 @@ class VmemParts:
 def vmem_parts(role: str, config: Config, problem: Problem) -> VmemParts:
     """The parts of the forward, dq or dkv kernel's VMEM (what `benchmarks/fit_tpu_vmem.py` fits against)."""
     it, d, bb = kernel_itemsize(problem), problem.head_dim, config.block_b
+    # a pair tile (kernels.tpu.layout) holds two heads: their per-row statistics and score tiles, in one program
+    n = Layout.of(problem.heads, problem.kv_heads, d).per_tile
     if role == "forward":
         bq, bkm, bk = config.block_q, config.block_k_major, config.block_k
         # q, out; k, v; the logsumexp (saved for the backward, or returned by `return_lse`, which no Problem names)
-        blocks = bb * (2 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + _tile(bq, LANES, 4))
+        blocks = bb * (2 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + n * _tile(bq, LANES, 4))
         if problem.segments:
             blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
-        scratch = bb * (2 * _tile(bq, LANES, 4) + _tile(bq, d, 4))  # running max and sum, accumulator
+        scratch = bb * (2 * n * _tile(bq, LANES, 4) + _tile(bq, d, 4))  # running max and sum, accumulator
         sizes = temporary_sizes(problem, bb, bq, bk, bkm, bkm // bk)
     elif role == "dq":  # q, do, k, v, lse, delta (and ids) blocks and dq; an accumulator
         bq, bkm, bk = config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k
-        blocks = bb * (3 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + 2 * _tile(bq, LANES, 4))
+        blocks = bb * (3 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + 2 * n * _tile(bq, LANES, 4))
         if problem.segments:
             blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
         scratch = bb * _tile(bq, d, 4)
         sizes = temporary_sizes(problem, bb, bq, bk, bkm, bkm // bk)
     elif role == "dkv":  # q, do, k, v, dk, dv, lse and delta rows (and ids); two accumulators over the kv block
         bq, bkm, bk = config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k
-        blocks = bb * (2 * _tile(bq, d, it) + 4 * _tile(bkm, d, it) + 2 * _tile(SUBLANES, bq, 4))
+        blocks = bb * (2 * _tile(bq, d, it) + 4 * _tile(bkm, d, it) + 2 * n * _tile(SUBLANES, bq, 4))
         if problem.segments:
             blocks += bb * (_tile(SUBLANES, bq, 4) + _tile(bkm, LANES, 4))
         scratch = 2 * bb * _tile(bkm, d, 4)
         sizes = temporary_sizes(problem, bb, bk, bq, bkm, bkm // bk)
     else:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if n > 1:  # the score-tile terms (scores, masks, other chunks) once per head
+        sizes = tuple(n * size if i in (0, 3, 5) else size for i, size in enumerate(sizes))
     return VmemParts(fixed=2 * blocks + scratch, sizes=sizes, widest=max(bq, bkm))
 
 

@@ -1,11 +1,12 @@
 """Forward flash-attention kernel: online softmax over kv blocks, f32 state in VMEM scratch.
 
-Grid (batch blocks, heads, q blocks, kv steps); the kv axis is the sequential reduction. It holds only as many
-steps as the widest range of kv major blocks a q block can see (all of them without a window; the band's width
-with one), and step j of q block qi loads kv block first(qi) + j (first: where qi's window starts), repeating the
-last needed block past the range, so blocks outside the window are neither fetched nor computed. Each step walks
-its [block_k_major, d] tile of k and v in block_k chunks, skipping chunks wholly outside the causal/window band,
-wholly padding or wholly past the row's kv length (lengths arrive as scalar-prefetch operands).
+Grid (batch blocks, query tiles: a head or a pair of heads (kernels.tpu.layout), q blocks, kv steps); the kv axis
+is the sequential reduction. It holds only as many steps as the widest range of kv major blocks a q block can see
+(all of them without a window; the band's width with one), and step j of q block qi loads kv block first(qi) + j
+(first: where qi's window starts), repeating the last needed block past the range, so blocks outside the window
+are neither fetched nor computed. Each step walks its [block_k_major, width] tile of k and v in block_k chunks,
+skipping chunks wholly outside the causal/window band, wholly padding or wholly past the row's kv length (lengths
+arrive as scalar-prefetch operands). A pair tile keeps one running max and sum per head.
 """
 from __future__ import annotations
 
