@@ -8,8 +8,10 @@ Two measurements, each compile in this one process (libtpu reads its dump folder
   of the step that issue MXU work / bundles of the step), for batch 32, 8 heads, head_dim 64, bf16, 512x512
   blocks, on v5e and v6e, plain / causal / window / segments / GQA problems; and the model's predicted time of our
   compile (`predict_tpu_compile`, labelled with the model version). JAX's kernel runs the problems it supports.
-- *layout*: the XLA programs around our kernels (copies, transposes, fusions) in the compiled forward and
-  gradient programs at 2k tokens, GQA 8/2, bf16, causal, head_dim 64 / 128 / 256 (v5e).
+- *layout*: the XLA programs around our kernels (copies, transposes, reshapes, fusions) in the compiled forward
+  and gradient programs at 2k tokens, GQA 8/2, bf16, causal, head_dim 64 / 128 / 256 (v5e): inputs as a
+  projection leaves them, as `[b, s, h, d]` entry parameters, and a whole attention layer (`--layout-only`: this
+  part alone).
 
     python benchmarks/kernel_efficiency_tpu.py --out after.json [--kernels-root /tmp/before]   # one target set
     python benchmarks/kernel_efficiency_tpu.py --table before.json after.json                  # markdown
@@ -378,7 +380,8 @@ def measure_model_layout(compiler: Compiler, kind: str, dims) -> list[dict]:
 
 
 def measure_head_extraction(compiler: Compiler) -> list[dict]:
-    """Why the kernels do not read [b, s, h, d] in place: bundles per grid step of a probe kernel that forms the
+    """Why the in-place path takes one head's (or a pair's) lanes of a [b, s, h * d] view rather than a block of
+    every head of [b, s, h, d]: bundles per grid step of a probe kernel that forms the
     eight [256, 256] score tiles q_h k_h^T of a 256-row block at head_dim 128, its q and k blocks taken as
     [256, heads, 128] from the caller's layout (a head is a sublane slice of each row's (8, 128) tile) or as
     [heads, 256, 128] from the kernel layout (a head is whole tiles); and the XLA ops each needs around it."""
