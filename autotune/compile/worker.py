@@ -64,12 +64,22 @@ def _attention_fn(module: TargetKernelModule, problem: Problem, config, device_k
 
 
 def _with_gradients(attention, problem: Problem):
-    """The call itself, or for a backward problem the gradients of its sum with respect to q, k and v."""
+    """The call on q, k, v as projections leave them ([batch, seq, heads * head_dim], split into heads here and
+    the output merged back, as in a model), or for a backward problem the gradients of its sum with respect to q,
+    k and v. XLA:TPU tiles the minor two dimensions, so [b, s, h, d] entry parameters would need relayouts that
+    a model does not have, and place those copies in VMEM beside the kernel, inflating its scoped figure."""
+    def split(x):
+        return x.reshape(*x.shape[:2], x.shape[2] // problem.head_dim, problem.head_dim)
+
+    def projected(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
+        out = attention(split(q), split(k), split(v), q_ids, kv_ids, q_lengths, kv_lengths)
+        return out.reshape(*out.shape[:2], -1)
+
     if not problem.backward:
-        return attention
+        return projected
 
     def loss(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
-        return attention(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths).astype(jnp.float32).sum()
+        return projected(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths).astype(jnp.float32).sum()
 
     return jax.grad(loss, argnums=(0, 1, 2))
 
@@ -77,8 +87,9 @@ def _with_gradients(attention, problem: Problem):
 def _specs(problem: Problem, device) -> tuple:
     sharding = SingleDeviceSharding(device)
     dtype = jnp.dtype(problem.dtype)
-    q = jax.ShapeDtypeStruct((problem.batch, problem.q_len, problem.heads, problem.head_dim), dtype, sharding=sharding)
-    kv = jax.ShapeDtypeStruct((problem.batch, problem.kv_len, problem.kv_heads, problem.head_dim), dtype,
+    q = jax.ShapeDtypeStruct((problem.batch, problem.q_len, problem.heads * problem.head_dim), dtype,
+                             sharding=sharding)
+    kv = jax.ShapeDtypeStruct((problem.batch, problem.kv_len, problem.kv_heads * problem.head_dim), dtype,
                               sharding=sharding)
     q_ids = jax.ShapeDtypeStruct((problem.batch, problem.q_len), jnp.int32, sharding=sharding)
     kv_ids = jax.ShapeDtypeStruct((problem.batch, problem.kv_len), jnp.int32, sharding=sharding)

@@ -321,15 +321,15 @@ def kv_half(st: Static, q_tile):
     return rem(div(2 * q_tile, st.groups), 2)
 
 
-def kv_for_heads(x: jax.Array, q_tile, st: Static) -> list[jax.Array]:
-    """Per head of query tile `q_tile`, a kv tile (k or v) with that head's kv head at the head's own lanes.
+def kv_for_head(x: jax.Array, head: int, q_tile, st: Static) -> jax.Array:
+    """A kv tile (k or v) with the kv head of query head `head` of tile `q_tile` at that head's own lanes.
 
     One head per tile, or groups of 1 (kv pair = query pair): the tile as it is. Even groups: both heads share one
-    kv head; the head whose lanes differ from it reads the tile with its halves swapped."""
+    kv head; the head whose lanes differ from it reads the tile with its halves swapped. Called where the tile is
+    used, so that a load feeds its matmul directly (a value loaded early is held in VMEM until its use)."""
     if st.layout.per_tile == 1 or st.groups == 1:
-        return [x] * st.layout.per_tile
-    half, swapped = kv_half(st, q_tile), swap_halves(x)
-    return [jnp.where(half == head, x, swapped) for head in range(2)]
+        return x
+    return jnp.where(kv_half(st, q_tile) == head, x, swap_halves(x))
 
 
 def place_head(x: jax.Array, head: int, half, st: Static) -> jax.Array:
