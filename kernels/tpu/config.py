@@ -211,8 +211,9 @@ def vmem_parts(role: str, config: Config, problem: Problem) -> VmemParts:
     it, d, bb = kernel_itemsize(problem), problem.head_dim, config.block_b
     if role == "forward":
         bq, bkm, bk = config.block_q, config.block_k_major, config.block_k
-        # q, out; k, v; the logsumexp (saved for the backward, or returned by `return_lse`, which no Problem names)
-        blocks = bb * (2 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + _tile(bq, LANES, 4))
+        # q, out; k, v; the logsumexp only when the backward needs it (the forward writes it only then: a forward
+        # without it had been over-estimated by two [block_q, 128] float32 tiles per batch row)
+        blocks = bb * (2 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + (_tile(bq, LANES, 4) if problem.backward else 0))
         if problem.segments:
             blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
         scratch = bb * (2 * _tile(bq, LANES, 4) + _tile(bq, d, 4))  # running max and sum, accumulator
