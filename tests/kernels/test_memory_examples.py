@@ -12,7 +12,7 @@ from kernels.gpu import invalid_reasons as gpu_reasons
 from kernels.gpu import memory_estimate as gpu_memory_estimate
 from kernels.gpu.config import dkv_smem_bytes, forward_smem_bytes
 from kernels.tpu import Config as TpuConfig
-from kernels.tpu.config import forward_vmem_bytes, vmem_limit
+from kernels.tpu.config import forward_vmem_bytes, vmem_limit, vmem_parts
 
 H100, A100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
 D256_F32 = Problem(batch=2, q_len=2048, kv_len=2048, heads=4, kv_heads=4, head_dim=256, dtype="float32", causal=True)
@@ -67,10 +67,16 @@ def test_v5p_capacity_is_what_the_compiler_reports():
     assert vmem_limit("TPU v5") == 67045949  # "Used 64.83M of 63.94M vmem"
 
 
-def test_tpu_forward_estimate_counts_the_lse_block_without_a_backward():
-    config = TpuConfig(1, 1024, 1024, 512, 256, 256, 256)
-    forward_only = forward_vmem_bytes(config, D256_F32, "TPU v5 lite")
-    assert forward_only == forward_vmem_bytes(config, D256_F32.replace(backward=True), "TPU v5 lite")
+def test_tpu_forward_counts_the_lse_block_only_with_a_backward():
+    # the forward writes the logsumexp only for the backward: v4 compiled this forward-only config in 5107712 B,
+    # less than its blocks and scratch with a double-buffered lse block (5767168 B), more than without (4718592 B)
+    problem = D256_F32.replace(batch=4, head_dim=128, dtype="bfloat16")
+    config = TpuConfig(4, 256, 512, 128, 256, 256, 256)
+    forward_only = vmem_parts("forward", config, problem).fixed
+    with_backward = vmem_parts("forward", config, problem.replace(backward=True)).fixed
+    assert with_backward - forward_only == 2 * 4 * 256 * 128 * 4  # [block_b, block_q, 128] float32, twice
+    assert forward_only < 5107712 < with_backward
+    assert forward_vmem_bytes(config, problem, "TPU v4") >= 5107712
 
 
 @pytest.mark.parametrize("configs,use", [
