@@ -13,6 +13,9 @@ head_dim and features, or a run's label) and reports how far the held-out kernel
 margin a generation needs for problems it has not seen is about 1 / the worst held-out ratio.
 
     python benchmarks/fit_tpu_vmem.py --target v4 [--labels resweep,near-limit,sample] [--validate problem]
+
+v4's fit uses the runs in FIT_LABELS (the default for --labels); its `holdout` run (compile_sweep.py --holdout,
+problems none of those runs had) stays out of it, to check the fit and its margins on problems it never saw.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from kernels.tpu.config import ROLES, Config, kernel_itemsize, vmem_parts
 from kernels.tpu.vmem import FITS
 
 FLOOR = 0.05
+FIT_LABELS = {"v4": ("sample", "near-limit", "resweep")}  # the runs each deployed fit was made from
 
 
 def points(target: str, role: str, itemsize: int, labels: set[str] | None, per_row: bool = False,
@@ -87,12 +91,13 @@ def fit(data: list[tuple[int, tuple[int, ...], int]]) -> tuple[float, ...]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", required=True, help="v4, v5e or v6e")
-    parser.add_argument("--labels", default="", help="only rows with these labels (comma list; default all)")
+    parser.add_argument("--labels", default="", help="only rows with these labels (comma list; default: the "
+                                                      "target's FIT_LABELS, else all)")
     parser.add_argument("--per-row", action=argparse.BooleanOptionalAction, default=None,
                         help="fit the sizes of one batch row (default: the form of the target's current fit)")
     parser.add_argument("--validate", choices=sorted(GROUPS), help="also refit leaving each group out")
     args = parser.parse_args()
-    labels = {label for label in args.labels.split(",") if label} or None
+    labels = {label for label in args.labels.split(",") if label} or set(FIT_LABELS.get(args.target, ())) or None
     per_row = args.per_row if args.per_row is not None else FITS[args.target].per_row
     print(f"{args.target}: {'per-row' if per_row else 'batch-block'} sizes")
     for role in ROLES:

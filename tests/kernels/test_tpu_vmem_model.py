@@ -3,10 +3,12 @@ compile-sweep.jsonl): no recorded refusal accepted on any target, v4's fit an up
 temporaries per batch row, and its margins as wide as the leave-one-problem-out validation of the fit asks."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from benchmarks.compile_tables import RESULTS, judge, load, summary
-from benchmarks.fit_tpu_vmem import GROUPS, points, validate
+from benchmarks.fit_tpu_vmem import FIT_LABELS, GROUPS, fit, points, validate
 from kernels import Problem
 from kernels.tpu.config import ROLES, Config, kernel_vmem_bytes, vmem_parts
 from kernels.tpu.vmem import FITS
@@ -27,15 +29,23 @@ def test_no_recorded_refusal_is_accepted(rows, name):
 
 
 def test_v4_estimates_bound_every_v4_figure(rows):
-    seen = 0
+    """Those the fit saw, and the `holdout` run's problems, which it never saw."""
+    seen = Counter()
     for row in rows:
         if row["target"] != "v4" or not row["ok"]:
             continue
         config, problem = Config.from_dict(row["config"]), Problem.from_dict(row["problem"])
         for role, kernel in row["kernels"].items():
             assert kernel_vmem_bytes(role, config, problem, V4) >= kernel["memory_bytes"], (role, row["config"])
-            seen += 1
-    assert seen > 200
+            seen[row["label"] in FIT_LABELS["v4"]] += 1
+    assert seen[True] > 200 and seen[False] >= 20
+
+
+def test_v4_coefficients_are_the_fit_of_its_runs():
+    for kernel, role in enumerate(ROLES):
+        for dtype, itemsize in enumerate((2, 4)):
+            data = points("v4", role, itemsize, set(FIT_LABELS["v4"]), per_row=True)
+            assert fit(data) == FITS["v4"].coefficients[kernel][dtype], (role, itemsize)
 
 
 def test_v4_temporaries_are_per_batch_row():
@@ -55,7 +65,8 @@ def test_v4_temporaries_are_per_batch_row():
 @pytest.mark.parametrize("itemsize", [2, 4])
 @pytest.mark.parametrize("role", ROLES)
 def test_v4_margins_cover_the_problems_a_fit_did_not_see(role, itemsize):
-    worst, held = validate(points("v4", role, itemsize, None, FITS["v4"].per_row, GROUPS["problem"]))
+    data = points("v4", role, itemsize, set(FIT_LABELS["v4"]), FITS["v4"].per_row, GROUPS["problem"])
+    worst, held = validate(data)
     assert held >= 5
     margin = FITS["v4"].wide_f32_margin if itemsize == 4 else FITS["v4"].margin
     assert worst * margin >= 1.0, f"a held-out {role} kernel needs {1 / worst:.3f}x its fit, the margin is {margin}"
