@@ -5,8 +5,8 @@ Each TPU kernel's VMEM is its exact blocks and scratch plus temporaries, a sum o
 the kernel: float32 temporaries follow other sizes than bfloat16 ones) this finds the coefficients
 (at least FLOOR each, so a size the sweep never saw large keeps an allowance) that keep blocks + temporaries at or
 above every figure the compiler reported in benchmarks/results/compile-sweep.jsonl, with the least total
-over-estimate relative to each figure (a linear program). The model's margin (`MARGIN`, `WIDE_F32_MARGIN`) then
-covers problems the sweep did not see. Only generations whose compiler reports need (v4, v5e, v6e) can be fitted.
+over-estimate relative to each figure (a linear program). The fit's margins (`kernels.tpu.vmem.TemporaryFit`:
+`margin`, `wide_f32_margin`) then cover problems the sweep did not see. Only generations whose compiler reports need (v4, v5e, v6e) can be fitted.
 `--per-row` fits the sizes of one batch row (the form v4 uses, `kernels.tpu.vmem.temporary_sizes`); by default the
 form of the target's current fit. `--validate problem|label` fits again without each group of rows (a problem's
 head_dim and features, or a run's label) and reports how far the held-out kernels' figures exceed that fit: the
