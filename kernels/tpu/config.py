@@ -139,8 +139,8 @@ def vmem_parts(role: str, config: Config, problem: Problem) -> VmemParts:
     it, d, bb = kernel_itemsize(problem), problem.head_dim, config.block_b
     if role == "forward":
         bq, bkm, bk = config.block_q, config.block_k_major, config.block_k
-        # q, out; k, v; the logsumexp only when the backward needs it (the forward writes it only then: a forward
-        # without it had been over-estimated by two [block_q, 128] float32 tiles per batch row)
+        # q, out; k, v; the logsumexp only when the backward needs it (the forward writes it only then: v4's
+        # forward-only compiles reported less than their blocks and scratch with a double-buffered lse block)
         blocks = bb * (2 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + (_tile(bq, LANES, 4) if problem.backward else 0))
         if problem.segments:
             blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
