@@ -9,6 +9,7 @@ config of a grid of problems on every target instead (compile-defaults.jsonl). T
 (benchmarks/compile_tables.py) set estimates beside the compiler's figures and count false accepts and rejects.
 
     nice python benchmarks/compile_sweep.py --targets h100,a100 --samples 14   # near-limit configs, append
+    python benchmarks/compile_sweep.py --targets v4 --holdout --label holdout    # problems no fit has seen
     python benchmarks/compile_sweep.py --defaults                              # the default-config grid
     python benchmarks/compile_sweep.py --render                                # tables from the raw results
 """
@@ -47,6 +48,19 @@ def problem_for(target, dtype: str, head_dim: int, variant: str, direction: str)
                         window_right=None)
 
 
+HOLDOUT_HEAD_DIMS = (80, 96, 192)
+HOLDOUT_VARIANTS = ("window", "segments", "softcap+lengths", "gqa")
+
+
+def holdout_problem(target, dtype: str, head_dim: int, variant: str, direction: str, seq: int) -> Problem:
+    """A problem the fits never saw, to validate them out of sample: other head dims and lengths, one feature
+    at a time (the sweep's problems are plain, or every feature at once)."""
+    base = Problem(batch=4, q_len=seq, kv_len=seq, heads=4, kv_heads=4, head_dim=head_dim, dtype=dtype,
+                   causal=variant != "window", backward=direction == "backward")
+    return {"window": base.replace(window_left=seq // 3, window_right=64), "segments": base.replace(segments=True),
+            "softcap+lengths": base.replace(softcap=20.0, lengths=True), "gqa": base.replace(kv_heads=1)}[variant]
+
+
 def bands(target, reach: float = 1.0) -> list[tuple[int, float, float]]:
     """(limit, low, high): estimate / limit ratios worth compiling. GPUs: their one limit. TPUs: the default
     scoped limit (a config estimated under it compiles with the compiler's default) and the capacity. `reach`
@@ -63,9 +77,10 @@ def bands(target, reach: float = 1.0) -> list[tuple[int, float, float]]:
 
 
 def sample_jobs(target, dtype: str, direction: str, count: int, rng: random.Random,
-                reach: float = 1.0) -> list[CompileJob]:
+                reach: float = 1.0, holdout: bool = False) -> list[CompileJob]:
     """`count` distinct configs of one direction's fields that pass the structural rules and whose estimate lies
-    in one of the target's bands (cycling through them); the other direction's fields stay at the default."""
+    in one of the target's bands (cycling through them); the other direction's fields stay at the default.
+    `holdout`: problems from `holdout_problem` instead of `problem_for`."""
     module = module_of(target)
     wanted = bands(target, reach)
     found: dict[str, CompileJob] = {}
@@ -73,7 +88,11 @@ def sample_jobs(target, dtype: str, direction: str, count: int, rng: random.Rand
         if len(found) >= count:
             break
         limit, low, high = wanted[attempt % len(wanted)]
-        prob = problem_for(target, dtype, rng.choice(HEAD_DIMS), rng.choice(("plain", "features")), direction)
+        if holdout:
+            prob = holdout_problem(target, dtype, rng.choice(HOLDOUT_HEAD_DIMS), rng.choice(HOLDOUT_VARIANTS),
+                                   direction, rng.choice((1536, 3072)))
+        else:
+            prob = problem_for(target, dtype, rng.choice(HEAD_DIMS), rng.choice(("plain", "features")), direction)
         base = module.Config.default(prob, device_kind=target.device_kind).to_dict()
         space = module.search_space(prob)
         fields = [f for f in space if f.startswith("bwd_") == (direction == "backward")]
@@ -117,6 +136,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reach", type=float, default=1.0, help="stretch the bands' upper bounds (refits)")
     parser.add_argument("--label", default="near-limit", help="label of the rows appended")
+    parser.add_argument("--holdout", action="store_true", help="problems the fits never saw (holdout_problem)")
     parser.add_argument("--defaults", action="store_true", help="compile the default-config grid instead")
     parser.add_argument("--render", action="store_true", help="only re-render the tables from the raw results")
     args = parser.parse_args()
@@ -131,7 +151,7 @@ def main() -> None:
         else:
             rng = random.Random(args.seed)
             jobs = [job for t in targets for dtype in DTYPES for direction in ("forward", "backward")
-                    for job in sample_jobs(t, dtype, direction, args.samples, rng, args.reach)]
+                    for job in sample_jobs(t, dtype, direction, args.samples, rng, args.reach, args.holdout)]
             print(f"{len(jobs)} near-limit compiles for {names}", flush=True)
             run(jobs, RESULTS / "compile-sweep.jsonl", args.processes, args.nice, args.timeout, args.label)
     for line in render_all(names):

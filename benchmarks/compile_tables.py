@@ -184,7 +184,9 @@ def render(target_name: str, rows: list[dict], defaults: list[dict], versions: s
         f"{s['median_seconds']:.1f} s.", "",
         "Rows per run: " + ", ".join(f"{label} {count}" for label, count in sorted(Counter(r["label"] for r in rows)
                                                                                    .items()))
-        + " (`resweep`: the current kernels, 2026-12-05; the others: earlier kernels, and on TPUs before a figure "
+        + " (`resweep`: the current kernels, 2026-12-05; `holdout`: the current kernels, 2026-12-06, problems no "
+        "VMEM fit saw (head_dim 80/96/192, one feature at a time; a backward config the kernel itself refuses "
+        "shows as `compile other`); the others: earlier kernels, and on TPUs before a figure "
         "was the use within the scoped region, so an older TPU figure above 32 MiB may be offset + use).", "",
         f"Default config of {len(defaults)} problems (head_dim 64/128/256, bf16/f32, plain or every feature; "
         f"gradient compiles, forward kernel included): {len(defaults) - len(bad_defaults)} compile"

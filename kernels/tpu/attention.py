@@ -131,7 +131,8 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, sm_scale
                    softcap=softcap, q_lengths=q_lengths, kv_lengths=kv_lengths, return_lse=return_lse,
                    interpret=interpret, device_kind=device_kind, platform="tpu")
     problem, kind = call.problem, call.device_kind
-    config = checked_config(config, Config, invalid_reasons, problem, kind, "kernels.tpu.Config")
+    reasons = functools.partial(invalid_reasons, return_lse=call.return_lse)
+    config = checked_config(config, Config, reasons, problem, kind, "kernels.tpu.Config")
     st = Static(band=call.band, scale=call.scale, q_len=problem.q_len, kv_len=problem.kv_len,
                 groups=problem.groups, segments=problem.segments, highest=problem.dtype != "bfloat16",
                 interpret=call.interpret, device_kind=kind,

@@ -9,9 +9,11 @@ import dataclasses
 from dataclasses import dataclass
 
 from kernels.configs import IntConfig
-from kernels.devices import MIB, default_scoped_vmem, tpu_generation, vmem_limit
+from kernels.devices import MIB, default_scoped_vmem, tpu_generation, vmem_limit  # noqa: F401  (re-exported)
 from kernels.problem import Problem
-from kernels.tpu.layout import LANES, SUBLANES, Layout  # noqa: F401 (LANES, SUBLANES: the kernels' too)
+from kernels.tpu.layout import Layout
+from kernels.tpu.vmem import LANES, SUBLANES, fits_for, kernel_itemsize, round_up, temporary_sizes
+from kernels.tpu.vmem import tile as _tile
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,6 @@ def window_block_cap(problem: Problem) -> int | None:
     return cap
 
 
-def round_up(x: int, unit: int) -> int:
-    return -(-x // unit) * unit
-
-
 def _shrink(config: Config, fits, q_name: str, kv_name: str, k_name: str) -> Config:
     """Halve the larger of the query and kv blocks until `fits(config)`, or until both are down to 128."""
     while not fits(config) and max(getattr(config, q_name), getattr(config, kv_name)) > LANES:
@@ -119,89 +117,22 @@ def search_space(problem: Problem) -> dict[str, tuple[int, ...]]:
     return space
 
 
-def kernel_itemsize(problem: Problem) -> int:
-    """Bytes per element the kernels see: float16 is widened to float32 before the kernels (no f16 MXU path)."""
-    return {"float32": 4, "bfloat16": 2, "float16": 4}[problem.dtype]
-
-
-def _tile(rows: int, cols: int, itemsize: int) -> int:
-    """VMEM bytes of a [rows, cols] tile after padding to the native (sublane, lane) tiling."""
-    sublanes = SUBLANES * max(1, 4 // itemsize)
-    return round_up(rows, sublanes) * round_up(cols, LANES) * itemsize
-
-
-# Temporaries per TPU generation, kernel (forward, dq, dk/dv) and kernel dtype (16-bit, 32-bit): coefficients of six
-# sizes (`temporary_sizes`), fitted as upper bounds of the VMEM the compiler reports (libtpu 0.0.42) by a linear
-# program (benchmarks/fit_tpu_vmem.py). v4 was refit on all its sweeps (2026-12-05; the resweep after the figures
-# became the use within the scoped region): 96 forward and 59 dq and dk/dv kernels, each dtype apart (float32
-# temporaries follow the operand tiles, bfloat16 ones the score tile); its forward had been 1.6-2.8x the need of
-# large blocks and its dq below the need of two bfloat16 512-blocks. v5e and v6e keep the fits of the first sweeps
-# (one set for both dtypes; the forward's sixth, a kv block walked in chunks, set by hand above those compiles), v5e
-# raised where its estimate with the margin fell below a figure (bfloat16 forward d256 512-blocks by 1%, float32
-# dk/dv d256 by 4%).
-_V5E_V6E = ((0.05, 0.47, 0.05, 2.25, 0.05, 1.5), (0.05, 0.05, 0.13, 1.5, 0.05, 0.0),
-            (0.05, 0.05, 0.05, 2.05, 0.05, 0.0))
-FITTED_TEMPORARIES = {
-    "v4": (((0.38, 1.07, 0.05, 1.23, 0.05, 0.05), (4.34, 0.05, 0.05, 0.05, 0.05, 0.05)),
-           ((0.92, 0.56, 0.05, 1.83, 0.05, 0.05), (0.05, 1.32, 0.5, 3.41, 0.05, 0.05)),
-           ((1.7, 0.48, 0.05, 0.65, 0.05, 0.05), (0.05, 0.05, 0.05, 0.05, 2.91, 0.05))),
-    "v5e": (((0.14, 0.47, 0.05, 2.25, 0.05, 1.5), _V5E_V6E[0]), (_V5E_V6E[1], _V5E_V6E[1]),
-            (_V5E_V6E[2], (0.05, 0.37, 0.05, 2.05, 0.05, 0.0))),
-    "v6e": tuple((kernel, kernel) for kernel in _V5E_V6E),
-}
-# v5p and TPU7x report VMEM in proportion to the limit a kernel sets, not to its need, so they (and unknown devices)
-# take the largest of the fitted generations' temporaries.
-
-
-def temporary_sizes(problem: Problem, block_b: int, rows: int, cols: int, block_major: int,
-                    chunks: int = 1) -> tuple[int, ...]:
-    """The sizes temporaries scale with, for a [rows, cols] score tile: the score tile (scores, probabilities);
-    the operand tiles in float32 (float32 matmuls are split into bfloat16 passes, casts); the major kv block in
-    float32 (relayouts); the score tile again when segment ids, a window or lengths build masks (or a soft cap
-    its tanh); a constant (MiB) for the compiler's own scratch; and the score tiles of the other chunks when a
-    kernel walks its major block in `chunks` unrolled steps."""
-    d = problem.head_dim
-    score = _tile(rows, cols, 4)
-    return (score, block_b * (_tile(rows, d, 4) + _tile(cols, d, 4)), block_b * _tile(block_major, d, 4),
-            score if problem.segments or problem.window is not None or problem.lengths or problem.softcap else 0,
-            MIB, block_b * score * (chunks - 1))
-
-
-def temporary_coefficients(device_kind: str | None, kernel: int, itemsize: int) -> list[tuple[float, ...]]:
-    """The fitted coefficients that bound a kernel's temporaries on the device (every fitted generation's for one
-    that reports no need: the estimate is the largest)."""
-    table = FITTED_TEMPORARIES.get(tpu_generation(device_kind))
-    tables = [table] if table is not None else list(FITTED_TEMPORARIES.values())
-    return [t[kernel][0 if itemsize == 2 else 1] for t in tables]
-
-
-def _temporaries(device_kind: str | None, kernel: int, sizes: tuple[int, ...], itemsize: int) -> int:
-    return int(max(sum(c * size for c, size in zip(coefficients, sizes))
-                   for coefficients in temporary_coefficients(device_kind, kernel, itemsize)))
-
-
-MARGIN = 1.10  # the fits are tight upper bounds of the problems they saw; other problems needed up to 3% more
-# float32 kernels with 512-row blocks or more needed 8-29% more than the fits (v4 dk/dv 512x1024/512 d256; v5e dq
-# and dk/dv with block_b 2 and 4; v6e dq with block_b 4): their temporaries grow faster than the tiles.
-WIDE_F32_MARGIN = 1.35
-
-
-def _margin(nbytes: int, problem: Problem | None = None, widest: int = 0) -> int:
-    wide = problem is not None and kernel_itemsize(problem) == 4 and widest >= 512
-    return int((WIDE_F32_MARGIN if wide else MARGIN) * nbytes)
-
-
-ROLES = ("forward", "dq", "dkv")  # the kernels, in the order of TEMPORARIES' rows
+ROLES = ("forward", "dq", "dkv")  # the kernels, in the order of the fits' coefficients (kernels.tpu.vmem)
 
 
 @dataclass(frozen=True)
 class VmemParts:
     """One kernel's VMEM before the fitted temporaries: its blocks (double-buffered by the pipeline) and scratch,
-    exact; the sizes its temporaries scale with (`temporary_sizes`); the widest block (it picks the margin)."""
+    exact; the sizes its temporaries scale with (`temporary_sizes`: over the batch block, and of one batch row);
+    the widest block (it picks the margin)."""
 
     fixed: int
     sizes: tuple[int, ...]
     widest: int
+    row_sizes: tuple[int, ...]
+
+    def sizes_for(self, per_row: bool) -> tuple[int, ...]:
+        return self.row_sizes if per_row else self.sizes
 
 
 def vmem_parts(role: str, config: Config, problem: Problem) -> VmemParts:
@@ -211,38 +142,46 @@ def vmem_parts(role: str, config: Config, problem: Problem) -> VmemParts:
     n = Layout.of(problem.heads, problem.kv_heads, d).per_tile
     if role == "forward":
         bq, bkm, bk = config.block_q, config.block_k_major, config.block_k
-        # q, out; k, v; the logsumexp (saved for the backward, or returned by `return_lse`, which no Problem names)
-        blocks = bb * (2 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + n * _tile(bq, LANES, 4))
+        # q, out; k, v; the logsumexp only when the backward needs it (the forward writes it only then: v4's
+        # forward-only compiles reported less than their blocks and scratch with a double-buffered lse block; a
+        # forward with `return_lse`, which no Problem names, is checked with it in kernels.tpu.attention)
+        blocks = bb * (2 * _tile(bq, d, it) + 2 * _tile(bkm, d, it)
+                       + (n * _tile(bq, LANES, 4) if problem.backward else 0))
         if problem.segments:
             blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
         scratch = bb * (2 * n * _tile(bq, LANES, 4) + _tile(bq, d, 4))  # running max and sum, accumulator
-        sizes = temporary_sizes(problem, bb, bq, bk, bkm, bkm // bk)
+        score = (bq, bk, bkm, bkm // bk)  # the score tile [rows, cols], the major block, its chunks
     elif role == "dq":  # q, do, k, v, lse, delta (and ids) blocks and dq; an accumulator
         bq, bkm, bk = config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k
         blocks = bb * (3 * _tile(bq, d, it) + 2 * _tile(bkm, d, it) + 2 * n * _tile(bq, LANES, 4))
         if problem.segments:
             blocks += bb * (_tile(bq, LANES, 4) + _tile(SUBLANES, bkm, 4))
         scratch = bb * _tile(bq, d, 4)
-        sizes = temporary_sizes(problem, bb, bq, bk, bkm, bkm // bk)
+        score = (bq, bk, bkm, bkm // bk)  # the score tile [rows, cols], the major block, its chunks
     elif role == "dkv":  # q, do, k, v, dk, dv, lse and delta rows (and ids); two accumulators over the kv block
         bq, bkm, bk = config.bwd_block_q, config.bwd_block_k_major, config.bwd_block_k
         blocks = bb * (2 * _tile(bq, d, it) + 4 * _tile(bkm, d, it) + 2 * n * _tile(SUBLANES, bq, 4))
         if problem.segments:
             blocks += bb * (_tile(SUBLANES, bq, 4) + _tile(bkm, LANES, 4))
         scratch = 2 * bb * _tile(bkm, d, 4)
-        sizes = temporary_sizes(problem, bb, bk, bq, bkm, bkm // bk)
+        score = (bk, bq, bkm, bkm // bk)  # kv rows by query columns
     else:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    if n > 1:  # the score-tile terms (scores, masks, other chunks) once per head
-        sizes = tuple(n * size if i in (0, 3, 5) else size for i, size in enumerate(sizes))
-    return VmemParts(fixed=2 * blocks + scratch, sizes=sizes, widest=max(bq, bkm))
+    return VmemParts(fixed=2 * blocks + scratch, sizes=_per_head(temporary_sizes(problem, bb, *score), n),
+                     widest=max(bq, bkm), row_sizes=_per_head(temporary_sizes(problem, bb, *score, per_row=True), n))
+
+
+def _per_head(sizes: tuple[int, ...], heads: int) -> tuple[int, ...]:
+    """Temporary sizes for a tile of `heads` heads: the score-tile terms (scores, masks, other chunks) once per
+    head, the operand tiles once (a pair shares its 128 lanes)."""
+    return tuple(heads * size if i in (0, 3, 5) else size for i, size in enumerate(sizes))
 
 
 def kernel_vmem_bytes(role: str, config: Config, problem: Problem, device_kind: str | None = None) -> int:
     """VMEM of one program of the forward, dq or dkv kernel: exact blocks and scratch, fitted temporaries, margin."""
-    parts = vmem_parts(role, config, problem)
-    temporaries = _temporaries(device_kind, ROLES.index(role), parts.sizes, kernel_itemsize(problem))
-    return _margin(parts.fixed + temporaries, problem, parts.widest)
+    parts, kernel, itemsize = vmem_parts(role, config, problem), ROLES.index(role), kernel_itemsize(problem)
+    return max(fit.estimate(parts.fixed, parts.sizes_for(fit.per_row), kernel, itemsize, parts.widest)
+               for fit in fits_for(device_kind))
 
 
 def forward_vmem_bytes(config: Config, problem: Problem, device_kind: str | None = None) -> int:
@@ -300,8 +239,10 @@ def _block_reasons(prefix: str, bq: int, bkm: int, bk: int, problem: Problem) ->
     return reasons
 
 
-def invalid_reasons(config: Config, problem: Problem, *, device_kind: str | None = None) -> list[str]:
-    """Why `config` cannot run `problem` (empty if it can); backward blocks are checked when problem.backward."""
+def invalid_reasons(config: Config, problem: Problem, *, device_kind: str | None = None,
+                    return_lse: bool = False) -> list[str]:
+    """Why `config` cannot run `problem` (empty if it can); backward blocks are checked when problem.backward, and
+    the forward with its log-sum-exp block when the call returns it (`return_lse`, which no Problem names)."""
     if not isinstance(config, Config):
         raise TypeError(f"config must be a kernels.tpu.Config, got {type(config).__name__}")
     reasons = []
@@ -309,7 +250,7 @@ def invalid_reasons(config: Config, problem: Problem, *, device_kind: str | None
         reasons.append(f"block_b ({config.block_b}) must divide the batch ({problem.batch})")
     reasons += _block_reasons("", config.block_q, config.block_k_major, config.block_k, problem)
     limit = vmem_limit(device_kind)
-    need = forward_vmem_bytes(config, problem, device_kind)
+    need = forward_vmem_bytes(config, problem.replace(backward=True) if return_lse else problem, device_kind)
     if need > limit:
         reasons.append(f"forward needs about {need / MIB:.1f} MiB of VMEM, over the {limit / MIB:.0f} MiB limit")
     if problem.backward:

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-LANES = 128  # TPU vreg lane count: minor block dims are multiples of this
-SUBLANES = 8  # TPU vreg sublane count: second-minor block dims are multiples of this
+from kernels.tpu.vmem import LANES, SUBLANES  # noqa: F401 (SUBLANES: the kernels')
+
 SQUEEZED = getattr(pl, "squeezed", None)  # a block dim of size 1, dropped from the kernel's view
 PAIR_HEAD_DIM = LANES // 2
 

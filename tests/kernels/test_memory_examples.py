@@ -12,7 +12,7 @@ from kernels.gpu import invalid_reasons as gpu_reasons
 from kernels.gpu import memory_estimate as gpu_memory_estimate
 from kernels.gpu.config import dkv_smem_bytes, forward_smem_bytes
 from kernels.tpu import Config as TpuConfig
-from kernels.tpu.config import forward_vmem_bytes, vmem_limit
+from kernels.tpu.config import forward_vmem_bytes, vmem_limit, vmem_parts
 
 H100, A100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
 D256_F32 = Problem(batch=2, q_len=2048, kv_len=2048, heads=4, kv_heads=4, head_dim=256, dtype="float32", causal=True)
@@ -67,10 +67,16 @@ def test_v5p_capacity_is_what_the_compiler_reports():
     assert vmem_limit("TPU v5") == 67045949  # "Used 64.83M of 63.94M vmem"
 
 
-def test_tpu_forward_estimate_counts_the_lse_block_without_a_backward():
-    config = TpuConfig(1, 1024, 1024, 512, 256, 256, 256)
-    forward_only = forward_vmem_bytes(config, D256_F32, "TPU v5 lite")
-    assert forward_only == forward_vmem_bytes(config, D256_F32.replace(backward=True), "TPU v5 lite")
+def test_tpu_forward_counts_the_lse_block_only_with_a_backward():
+    # the forward writes the logsumexp only for the backward: v4 compiled this forward-only config in 5107712 B,
+    # less than its blocks and scratch with a double-buffered lse block (5767168 B), more than without (4718592 B)
+    problem = D256_F32.replace(batch=4, head_dim=128, dtype="bfloat16")
+    config = TpuConfig(4, 256, 512, 128, 256, 256, 256)
+    forward_only = vmem_parts("forward", config, problem).fixed
+    with_backward = vmem_parts("forward", config, problem.replace(backward=True)).fixed
+    assert with_backward - forward_only == 2 * 4 * 256 * 128 * 4  # [block_b, block_q, 128] float32, twice
+    assert forward_only < 5107712 < with_backward
+    assert forward_vmem_bytes(config, problem, "TPU v4") >= 5107712
 
 
 @pytest.mark.parametrize("configs,use", [
@@ -83,3 +89,30 @@ def test_tpu_figure_is_the_use_within_the_scoped_region(configs, use):
             f'backend_config={{"used_scoped_memory_configs":[{configs}],"retry_config":{{}}}}')
     [kernel] = tpu_kernels(line)
     assert kernel.memory_bytes == use
+
+
+def test_tpu_return_lse_forward_is_checked_with_its_lse_block():
+    """A forward that returns its log-sum-exp writes the lse block: a config whose forward fits only without it is
+    refused for `return_lse` with the forward's VMEM named, before anything is traced, and accepted without."""
+    import jax
+    import jax.numpy as jnp
+
+    import itertools
+
+    from kernels.tpu import flash_attention, search_space
+    from kernels.tpu.config import invalid_reasons
+
+    problem = Problem(batch=4, q_len=4096, kv_len=4096, heads=2, kv_heads=2, head_dim=128, dtype="float32")
+    limit, space = vmem_limit("TPU v4"), search_space(problem)
+    fitting = [c for c in (TpuConfig(bb, bq, bkm, bk, 128, 128, 128) for bb, bq, bkm, bk in itertools.product(
+                   space["block_b"], space["block_q"], space["block_k_major"], space["block_k"]) if bkm % bk == 0)
+               if forward_vmem_bytes(c, problem, "TPU v4") <= limit
+               < forward_vmem_bytes(c, problem.replace(backward=True), "TPU v4")]
+    assert fitting, "some config should fit only without the lse block"
+    config = fitting[0]
+    assert invalid_reasons(config, problem, device_kind="TPU v4") == []
+    [reason] = invalid_reasons(config, problem, device_kind="TPU v4", return_lse=True)
+    assert reason.startswith("forward needs about")
+    q = jax.random.normal(jax.random.key(3), (4, 4096, 2, 128), jnp.float32)
+    with pytest.raises(ValueError, match="forward needs about"):
+        flash_attention(q, q, q, return_lse=True, config=config, device_kind="TPU v4", interpret=True)
