@@ -4,7 +4,8 @@ in-place layouts of kernels/tpu/layout.py), the models must be checked against w
     python benchmarks/compile_resweep.py --targets v5e,v6e --modes pairs --label layout-resweep [--limit N]
 
 Rows are picked from benchmarks/results/compile-sweep.jsonl (TPU targets; `--modes` filters by the layout the
-current kernels give the problem), deduplicated, and appended to it with the new label, one compile at a time.
+current kernels give the problem), deduplicated, less the configs the current kernels already compiled
+(`compile_tables.current`), and appended to it with the new label.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import kernels  # noqa: F401  (environment defaults before jax)
 
 from autotune.compile.pool import CompileJob
 from benchmarks.compile_sweep import run
-from benchmarks.compile_tables import RESULTS, load
+from benchmarks.compile_tables import RESULTS, current, load
 from kernels import Problem
 from kernels.tpu.layout import layout_mode
 
@@ -32,18 +33,20 @@ def main() -> None:
     parser.add_argument("--label", default="layout-resweep")
     parser.add_argument("--limit", type=int, default=0, help="at most this many rows per target (a sample)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "compile-sweep.jsonl"))
     args = parser.parse_args()
     targets, modes = args.targets.split(","), args.modes.split(",")
     picked: dict[str, list[CompileJob]] = {t: [] for t in targets}
-    seen = set()
-    for row in load(RESULTS / "compile-sweep.jsonl"):
+    rows = load(RESULTS / "compile-sweep.jsonl")
+    key = lambda row: json.dumps([row["target"], row["problem"], row["config"]], sort_keys=True)  # noqa: E731
+    seen = {key(row) for row in rows if current(row)}  # configs the current kernels already compiled
+    for row in rows:
         p = row["problem"]
         if row["target"] not in picked or layout_mode(p["heads"], p["kv_heads"], p["head_dim"]) not in modes:
             continue
-        key = json.dumps([row["target"], p, row["config"]], sort_keys=True)
-        if key not in seen:
-            seen.add(key)
+        if key(row) not in seen:
+            seen.add(key(row))
             picked[row["target"]].append(CompileJob(row["target"], Problem.from_dict(p), row["config"]))
     rng = random.Random(args.seed)
     jobs = []
@@ -52,7 +55,7 @@ def main() -> None:
             target_jobs = rng.sample(target_jobs, args.limit)
         jobs += target_jobs
     print(f"{len(jobs)} compiles", flush=True)
-    run(jobs, Path(args.out), processes=1, nice=10, timeout=150.0, label=args.label)
+    run(jobs, Path(args.out), processes=args.processes, nice=10, timeout=150.0, label=args.label)
 
 
 if __name__ == "__main__":

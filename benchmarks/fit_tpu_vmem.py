@@ -14,8 +14,9 @@ margin a generation needs for problems it has not seen is about 1 / the worst he
 
     python benchmarks/fit_tpu_vmem.py --target v4 [--labels resweep,near-limit,sample] [--validate problem]
 
-v4's fit uses the runs in FIT_LABELS (the default for --labels); its `holdout` run (compile_sweep.py --holdout,
-problems none of those runs had) stays out of it, to check the fit and its margins on problems it never saw.
+v4's fit uses the runs in FIT_LABELS (the default for --labels); its `layout-holdout` run (compile_sweep.py
+--holdout, problems none of those runs had) stays out of it, to check the fit and its margins on problems it never
+saw. Only the current kernels' rows count (`compile_tables.current`: TPU rows since the in-place layouts).
 """
 from __future__ import annotations
 
@@ -29,13 +30,13 @@ import kernels  # noqa: F401  (environment defaults before jax)
 import numpy as np
 from scipy.optimize import linprog
 
-from benchmarks.compile_tables import RESULTS, load
+from benchmarks.compile_tables import RESULTS, current, load
 from kernels import Problem
 from kernels.tpu.config import ROLES, Config, kernel_itemsize, vmem_parts
 from kernels.tpu.vmem import FITS
 
 FLOOR = 0.05
-FIT_LABELS = {"v4": ("sample", "near-limit", "resweep")}  # the runs each deployed fit was made from
+FIT_LABELS = {"v4": ("layout-resweep",)}  # the runs each deployed fit was made from
 
 
 def points(target: str, role: str, itemsize: int, labels: set[str] | None, per_row: bool = False,
@@ -44,7 +45,8 @@ def points(target: str, role: str, itemsize: int, labels: set[str] | None, per_r
     bytes per element and that reports `role` (with `group`, a fourth item: the row's group)."""
     found = []
     for row in load(RESULTS / "compile-sweep.jsonl"):
-        if row["target"] != target or (labels and row["label"] not in labels) or role not in row["kernels"]:
+        if (row["target"] != target or not current(row) or (labels and row["label"] not in labels)
+                or role not in row["kernels"]):
             continue
         problem = Problem.from_dict(row["problem"])
         if kernel_itemsize(problem) != itemsize:

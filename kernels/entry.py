@@ -95,6 +95,12 @@ def unchecked_configs():
         _UNCHECKED.reset(token)
 
 
+def configs_unchecked() -> bool:
+    """Whether this call runs within `unchecked_configs` (kernels that judge a config again later, e.g. for their
+    backward, skip that judgement too)."""
+    return _UNCHECKED.get()
+
+
 def checked_config(config, config_type: type, invalid_reasons: Callable, problem: Problem,
                    device_kind: str | None, type_name: str):
     """The config to run: the kernel's default for the problem when None, else the given one once it is of the
