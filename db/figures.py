@@ -36,7 +36,8 @@ MAX_NAME = 64  # characters of a config field, target, part or model name
 
 _KERNEL_FIELDS = {  # name -> (maximum, optional): the fields of autotune.compile.figures.KernelFigures but two
     "memory_bytes": (MAX_BYTES, False), "registers": (MAX_REGISTERS, True), "spill_store_bytes": (MAX_BYTES, True),
-    "spill_load_bytes": (MAX_BYTES, True), "stack_bytes": (MAX_BYTES, True), "threads": (MAX_THREADS, True)}
+    "spill_load_bytes": (MAX_BYTES, True), "stack_bytes": (MAX_BYTES, True), "threads": (MAX_THREADS, True),
+    "operands_in_vmem": (MAX_BYTES, True)}
 KERNEL_FIELDS = ("role", "name", *_KERNEL_FIELDS)
 _FAILURE_FIELDS = ("failure_kind", "requested_bytes", "limit_bytes")
 FIGURES_FIELDS = ("target", "kernels", *_FAILURE_FIELDS, "prediction")

@@ -30,6 +30,8 @@ class KernelFigures:
     spill_load_bytes: int | None = None
     stack_bytes: int | None = None
     threads: int | None = None  # GPU only, per block
+    operands_in_vmem: int = 0  # TPU: bytes of the kernel's operands XLA prefetched whole into VMEM (counted in
+    # memory_bytes, so that figure is then more than the kernel's own need)
 
     @property
     def spills(self) -> bool:
@@ -78,7 +80,7 @@ def gpu_kernels(ptxas_log: str, thunk_sequence: str) -> tuple[KernelFigures, ...
     return tuple(sorted(found.values(), key=lambda k: ROLES.index(k.role)))
 
 
-_TPU_CALL = re.compile(r'^\s*%(?P<name>[\w.\-]+) = [^\n]*custom_call_target="tpu_custom_call"[^\n]*$', re.M)
+_TPU_CALL = re.compile(r'^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+) = [^\n]*custom_call_target="tpu_custom_call"[^\n]*$', re.M)
 _USED = re.compile(r'"used_scoped_memory_configs":\[(?P<body>[^\]]*)\]')
 _CONFIG = re.compile(r'\{[^{}]*"size":"(?P<size>\d+)"[^{}]*\}')
 _OFFSET = re.compile(r'"offset":"(\d+)"')
@@ -96,18 +98,39 @@ def scoped_use(configs: str) -> int:
     return use
 
 
+_DEFINITION = re.compile(r'^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+) = (?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]\{[^}]*S\(1\)', re.M)
+_OPERANDS = re.compile(r'custom-call\((?P<args>[^)]*)\)')
+_ITEMSIZE = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
+
+
+def _in_vmem(after_codegen: str) -> dict[str, int]:
+    """Bytes of every array XLA placed in VMEM (memory space S(1)), by instruction name."""
+    found = {}
+    for m in _DEFINITION.finditer(after_codegen):
+        count = 1
+        for dim in filter(None, m["dims"].split(",")):
+            count *= int(dim)
+        found[m["name"]] = count * _ITEMSIZE.get(m["dtype"], 4)
+    return found
+
+
 def tpu_kernels(after_codegen: str) -> tuple[KernelFigures, ...]:
-    """Our kernels in a TPU compile, with the scoped VMEM each really uses (within its region)."""
+    """Our kernels in a TPU compile, with the scoped VMEM each really uses (within its region), and the bytes of
+    its operands XLA prefetched whole into VMEM (on chips with VMEM to spare; the figure then counts them)."""
     found: dict[str, KernelFigures] = {}
+    vmem = _in_vmem(after_codegen)
     for m in _TPU_CALL.finditer(after_codegen):
         role = kernel_role(m["name"])
         used = _USED.search(m.group(0))
-        if role is None or used is None:
+        if role is None:
             continue
-        size = scoped_use(used["body"])
+        size = scoped_use(used["body"]) if used else 0  # none listed: no scoped VMEM of its own (operands in VMEM)
+        operands = _OPERANDS.search(m.group(0))
+        names = [a.split("*/")[-1].strip().lstrip("%") for a in operands["args"].split(",")] if operands else []
+        prefetched = sum(vmem.get(name, 0) for name in names)
         previous = found.get(role)
         if previous is None or size > previous.memory_bytes:
-            found[role] = KernelFigures(role=role, name=m["name"], memory_bytes=size)
+            found[role] = KernelFigures(role=role, name=m["name"], memory_bytes=size, operands_in_vmem=prefetched)
     return tuple(sorted(found.values(), key=lambda k: ROLES.index(k.role)))
 
 

@@ -163,7 +163,8 @@ def test_accepted_configs_compile_forward_and_gradients(compiled, name, case):
         expected = estimated_bytes(target, job.problem, job.config)
         for k in result.kernels:
             assert 0 < k.memory_bytes <= limit, f"{name} {k}"
-            if target.platform == "gpu" or target.name in TPU_VMEM_REPORTS_NEED:
+            # a TPU figure that counts operands XLA prefetched whole into spare VMEM is not the kernel's need
+            if target.platform == "gpu" or (target.name in TPU_VMEM_REPORTS_NEED and not k.operands_in_vmem):
                 # the models are upper bounds of the real figure, and not far above it (v5e/v6e report a dq of
                 # 0.07-0.9 MB, below its own double-buffered blocks: the bound has room for that)
                 assert k.memory_bytes <= expected[k.role], f"{name} {job.config}: {k} estimated {expected}"

@@ -116,3 +116,15 @@ def test_tpu_return_lse_forward_is_checked_with_its_lse_block():
     q = jax.random.normal(jax.random.key(3), (4, 4096, 2, 128), jnp.float32)
     with pytest.raises(ValueError, match="forward needs about"):
         flash_attention(q, q, q, return_lse=True, config=config, device_kind="TPU v4", interpret=True)
+
+
+def test_tpu_figures_name_operands_prefetched_into_vmem_and_a_root_kernel():
+    """XLA may prefetch a kernel's operands whole into spare VMEM (S(1)); the figure then counts them, so their
+    bytes are recorded beside it. A kernel that is the program's ROOT is found too."""
+    text = ('  %q = f32[2,512,512]{2,1,0:T(8,128)S(1)} copy-done(%c)\n'
+            '  %k = bf16[2,8,128]{2,1,0:T(8,128)(2,1)} parameter(1)\n'
+            '  ROOT %transpose_jvp_flash_attention_tpu_dq__.1 = f32[2,512,512]{2,1,0:T(8,128)} custom-call(%q, '
+            '/*index=1*/%k), custom_call_target="tpu_custom_call", backend_config={"used_scoped_memory_configs":'
+            '[{"memory_space":"1","offset":"0","size":"10457088"}]}\n')
+    [kernel] = tpu_kernels(text)
+    assert (kernel.role, kernel.memory_bytes, kernel.operands_in_vmem) == ("dq", 10457088, 2 * 512 * 512 * 4)

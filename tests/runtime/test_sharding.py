@@ -185,8 +185,9 @@ def test_a_v5e_2x2_topology_compiles_mosaic_kernels_per_chip(tmp_path):
     result = run_child(TPU_TOPOLOGY, tmp_path / "results.db", dict(WORKER_ENV))
     assert result["device_kind"] == "TPU v5 lite"
     assert len(result["forward_calls"]) == 1
-    # the Mosaic kernel sees one chip's share: batch 4 / 2 and heads 8 / 2, as [batch, heads, seq, head_dim]
-    assert "bf16[2,4,256,128]" in result["forward_calls"][0]
+    # the Mosaic kernel sees one chip's share: batch 4 / 2 and heads 8 / 2, in the caller's layout viewed as
+    # [batch, seq, heads * head_dim] (kernels.tpu.layout)
+    assert "bf16[2,256,512]" in result["forward_calls"][0]
     assert result["backward_calls"] >= 3  # forward (saving the log-sum-exp), dq and dk/dv kernels
     # the forward's miss, and the backward's once jax.grad traces it (an untuned --backward key)
     assert sorted((key["platform"], key["device_kind"], key["kernel"], key["batch"], key["heads"], key["kv_heads"],
