@@ -68,6 +68,7 @@ STEP_PROBLEMS = (
     StepProblem("window-1k", 1024, causal=True, window=(256, 0), jax_supports=False),
     StepProblem("segments-1k", 1024, segments=True), StepProblem("gqa4-1k", 1024, kv_heads=2, jax_supports=False),
 )
+STEP_DIMS = (32, 8, 64)  # batch, heads, head_dim of the step problems
 LAYOUT_HEAD_DIMS = (64, 128, 256)
 
 
@@ -230,7 +231,8 @@ def _heads_per_step(problem: StepProblem) -> int:
         from kernels.tpu.layout import Layout
     except ImportError:
         return 1
-    return Layout.of(8, problem.kv_heads, 64).per_tile
+    _, heads, head_dim = STEP_DIMS
+    return Layout.of(heads, problem.kv_heads, head_dim).per_tile
 
 
 def measure_steps(compiler: Compiler, targets, names=None, with_jax: bool = True) -> list[dict]:
@@ -250,9 +252,9 @@ def measure_steps(compiler: Compiler, targets, names=None, with_jax: bool = True
                                heads_per_step=_heads_per_step(problem) if impl == "ours" else 1)
                     try:
                         if impl == "ours":
-                            fn, shapes, spec, config = _ours(problem, (32, 8, 64), backward, kind)
+                            fn, shapes, spec, config = _ours(problem, STEP_DIMS, backward, kind)
                         else:
-                            (fn, shapes), spec = _jax(problem, (32, 8, 64), backward), None
+                            (fn, shapes), spec = _jax(problem, STEP_DIMS, backward), None
                         compiler.compile(target, fn, shapes, job)
                         for program in parse_dump(job):
                             if program.kind == "kernel":

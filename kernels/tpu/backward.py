@@ -69,9 +69,9 @@ def _dq_kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad:
         def chunk(c=c, k_start=k_start):
             @common.for_each(block_b)
             def _step(b):
-                def kv(ref, h):  # this head's kv tile, loaded at its use
-                    return common.kv_for_head(ref[b, c:c + block_k, :], h, pl.program_id(1), st)
-
+                q, do = q_ref[b], do_ref[b]
+                ks = common.kv_for_heads(k_ref[b, c:c + block_k, :], pl.program_id(1), st)
+                vs = common.kv_for_heads(v_ref[b, c:c + block_k, :], pl.program_id(1), st)
                 q_ids = kv_ids = None
                 if st.segments:
                     q_ids, kv_ids = common.lane_tile(q_ids_ref[b], block_k), kv_ids_ref[b, 0:1, c:c + block_k]
@@ -79,14 +79,13 @@ def _dq_kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad:
                                       lengths=common.row_lengths(lengths, bi * block_b, b))
                 products = []
                 for h in heads:
-                    p, t = _scores(common.head_lanes(q_ref[b], h, st), kv(k_ref, h), st,
+                    p, t = _scores(common.head_lanes(q, h, st), ks[h], st,
                                    common.lane_tile(lse_ref[b, h], block_k))  # [bq, bk]
                     if mask is not None:
                         p = jnp.where(mask, p, 0.0)
-                    dp = common.dot_nt(common.head_lanes(do_ref[b], h, st), kv(v_ref, h), st)
+                    dp = common.dot_nt(common.head_lanes(do, h, st), vs[h], st)
                     ds = _ds(p, dp, common.lane_tile(di_ref[b, h], block_k), t)
-                    k = kv(k_ref, h)
-                    products.append(common.dot_nn(ds.astype(k.dtype), k, st))
+                    products.append(common.dot_nn(ds.astype(ks[h].dtype), ks[h], st))
                 acc_ref[b] += common.merge_heads(products)
 
         common.when(common.chunk_needed(st, q_start, block_q, k_start, block_k, kv_pad, limits, active), chunk)
@@ -127,6 +126,7 @@ def _dkv_kernel(*refs, st: Static, block_k: int, n_q: int, n_steps: int, kv_pad:
         def chunk(c=c, k_start=k_start):
             @common.for_each(block_b)
             def _step(b):
+                k, v = k_ref[b, c:c + block_k, :], v_ref[b, c:c + block_k, :]
                 q_ids = kv_ids = None
                 if st.segments:
                     q_ids, kv_ids = q_ids_ref[b][0:1, :], common.lane_tile(kv_ids_ref[b, c:c + block_k, :], block_q)
@@ -136,10 +136,10 @@ def _dkv_kernel(*refs, st: Static, block_k: int, n_q: int, n_steps: int, kv_pad:
                 for h in heads:
                     q = common.place_head(q_ref[b], h, halves[h], st)
                     do = common.place_head(do_ref[b], h, halves[h], st)
-                    p, t = _scores(k_ref[b, c:c + block_k, :], q, st, lse_ref[b, h][0:1, :])  # [bk, bq]
+                    p, t = _scores(k, q, st, lse_ref[b, h][0:1, :])  # [bk, bq]
                     if mask is not None:
                         p = jnp.where(mask, p, 0.0)
-                    dp = common.dot_nt(v_ref[b, c:c + block_k, :], do, st)  # [bk, bq]
+                    dp = common.dot_nt(v, do, st)  # [bk, bq]
                     ds = _ds(p, dp, di_ref[b, h][0:1, :], t)
                     dv_h = common.dot_nn(p.astype(do.dtype), do, st)
                     dk_h = common.dot_nn(ds.astype(q.dtype), q, st)

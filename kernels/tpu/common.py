@@ -13,7 +13,7 @@ from kernels import masking
 from kernels.cost import estimate
 from kernels.masking import EMPTY_ROW_LSE, MASK_VALUE, Band  # noqa: F401 (MASK_VALUE: the kernels')
 from kernels.tpu.config import LANES, SUBLANES
-from kernels.tpu.layout import PAIR_HEAD_DIM, SQUEEZED, Layout  # noqa: F401 (SQUEEZED: the kernels')
+from kernels.tpu.layout import PAIR_HEAD_DIM, Layout
 
 NO_KEY_LSE = EMPTY_ROW_LSE
 
@@ -321,15 +321,15 @@ def kv_half(st: Static, q_tile):
     return rem(div(2 * q_tile, st.groups), 2)
 
 
-def kv_for_head(x: jax.Array, head: int, q_tile, st: Static) -> jax.Array:
-    """A kv tile (k or v) with the kv head of query head `head` of tile `q_tile` at that head's own lanes.
+def kv_for_heads(x: jax.Array, q_tile, st: Static) -> list[jax.Array]:
+    """Per head of query tile `q_tile`, a kv tile (k or v) with that head's kv head at the head's own lanes.
 
     One head per tile, or groups of 1 (kv pair = query pair): the tile as it is. Even groups: both heads share one
-    kv head; the head whose lanes differ from it reads the tile with its halves swapped. Called where the tile is
-    used, so that a load feeds its matmul directly (a value loaded early is held in VMEM until its use)."""
+    kv head; the head whose lanes differ from it reads the tile with its halves swapped."""
     if st.layout.per_tile == 1 or st.groups == 1:
-        return x
-    return jnp.where(kv_half(st, q_tile) == head, x, swap_halves(x))
+        return [x] * st.layout.per_tile
+    half, swapped = kv_half(st, q_tile), swap_halves(x)
+    return [jnp.where(half == head, x, swapped) for head in range(2)]
 
 
 def place_head(x: jax.Array, head: int, half, st: Static) -> jax.Array:

@@ -70,9 +70,9 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bo
         def chunk(c=c, k_start=k_start):
             @common.for_each(block_b)
             def _step(b):
-                def kv(ref, h):  # this head's kv tile, loaded at its use
-                    return common.kv_for_head(ref[b, c:c + block_k, :], h, pl.program_id(1), st)
-
+                q = q_ref[b]
+                ks = common.kv_for_heads(k_ref[b, c:c + block_k, :], pl.program_id(1), st)
+                vs = common.kv_for_heads(v_ref[b, c:c + block_k, :], pl.program_id(1), st)
                 q_ids = kv_ids = None
                 if st.segments:
                     q_ids = common.lane_tile(q_ids_ref[b], block_k)
@@ -81,7 +81,7 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bo
                                       lengths=common.row_lengths(lengths, bi * block_b, b))
                 alphas, products = [], []
                 for h in heads:
-                    s = common.dot_nt(common.head_lanes(q_ref[b], h, st), kv(k_ref, h), st) * st.scale  # [bq, bk]
+                    s = common.dot_nt(common.head_lanes(q, h, st), ks[h], st) * st.scale  # [bq, bk]
                     s, _ = common.cap_scores(s, st)
                     if mask is not None:
                         s = jnp.where(mask, s, MASK_VALUE)
@@ -94,8 +94,7 @@ def _kernel(*refs, st: Static, block_k: int, n_kv: int, n_steps: int, kv_pad: bo
                     l_ref[b, h] = alpha * l_ref[b, h] + jnp.sum(p, axis=1, keepdims=True)
                     m_ref[b, h] = m_next
                     alphas.append(common.lane_tile(alpha, acc_ref.shape[2]))
-                    v = kv(v_ref, h)
-                    products.append(common.dot_nn(p.astype(v.dtype), v, st))
+                    products.append(common.dot_nn(p.astype(vs[h].dtype), vs[h], st))
                 acc_ref[b] = acc_ref[b] * common.merge_heads(alphas) + common.merge_heads(products)
 
         common.when(common.chunk_needed(st, q_start, block_q, k_start, block_k, kv_pad, limits, active), chunk)

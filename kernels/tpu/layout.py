@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.tpu.vmem import LANES, SUBLANES  # noqa: F401 (SUBLANES: the kernels')
+from kernels.tpu.vmem import LANES
 
 SQUEEZED = getattr(pl, "squeezed", None)  # a block dim of size 1, dropped from the kernel's view
 PAIR_HEAD_DIM = LANES // 2

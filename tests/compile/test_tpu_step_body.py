@@ -10,17 +10,12 @@ broadcasting a column (the old kernels: 2488 bundles and 192 permutes per forwar
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
 from kernels.tpu.layout import Layout
+from tests.compile_script import run_compile_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = r"""
     import glob, json, os, re, shutil, sys, tempfile
     dump = tempfile.mkdtemp(prefix="step-body-")
@@ -67,13 +62,7 @@ SCRIPT = r"""
 def test_tpu_step_bodies_no_longer_than_jax_and_free_of_lane_permutes():
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed (pip install -e '.[compilers]')")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    figures = json.loads(lines[-1])
+    figures = run_compile_script(SCRIPT, {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
     per_tile = Layout.of(2, 2, 64).per_tile
     assert per_tile == 2
     for role in ("forward", "dq", "dkv"):

@@ -12,12 +12,8 @@ Compiles run in a subprocess (environment for the CUDA plugin and libtpu, no glo
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +27,7 @@ from kernels.tpu.config import (
     LIMIT_HEADROOM, Config as TpuConfig, backward_vmem_bytes, default_scoped_vmem, forward_vmem_bytes, vmem_limit,
     vmem_limit_bytes,
 )
+from tests.compile_script import run_compile_script
 
 INSTALL_HINT = "pip install -e '.[compilers]'"
 # The acceptance case of the issue: batch 1, q = kv = 300, 8 heads over 2 kv heads, head_dim 72, bf16, causal.
@@ -108,15 +105,6 @@ def test_vmem_limit_follows_the_config_within_the_device_limit():
     assert raised >= 3
 
 
-def _run_compile_script(body: str, env_extra: dict[str, str]) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **env_extra)
-    script = textwrap.dedent(body)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    return json.loads(lines[-1])
-
-
 def _gpu_compilers_missing() -> str | None:
     if tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11):
         return f"deviceless GPU compiles are set up for jax 0.10.x, not {jax.__version__}"
@@ -137,7 +125,7 @@ def test_gpu_gradient_temp_memory_below_one_per_head_buffer():
         pytest.skip(missing)
     if not os.path.exists(H100_TARGET):
         pytest.skip(f"no H100 target description at {H100_TARGET}")
-    figures = _run_compile_script(f"""
+    figures = run_compile_script(f"""
         import json
         import jax, jax.numpy as jnp
         from jax.experimental import topologies
@@ -164,7 +152,7 @@ def test_tpu_compiled_program_reports_kernel_flops():
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip(f"libtpu is not installed ({INSTALL_HINT})")
     b, n, h, hk, d = 1, 512, 4, 2, 128
-    figures = _run_compile_script(f"""
+    figures = run_compile_script(f"""
         import json, re
         import jax, jax.numpy as jnp
         from jax.experimental import topologies

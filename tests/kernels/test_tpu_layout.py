@@ -5,11 +5,6 @@ that the compiled v5e programs hold no copy of q, k, v, o or their gradients aro
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +14,7 @@ import pytest
 from kernels import attention_reference, tolerance
 from kernels.tpu import Config, flash_attention
 from kernels.tpu.layout import Layout, layout_mode
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from tests.compile_script import run_compile_script
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim, mode", [
     (8, 2, 128, "heads"), (8, 8, 256, "heads"), (3, 1, 384, "heads"), (1, 1, 72, "heads"),
@@ -155,13 +148,7 @@ def test_compiled_programs_hold_no_layout_copies():
     dot that reads dO and O where they lie."""
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed (pip install -e '.[compilers]')")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(LAYOUT_SCRIPT)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    programs = json.loads(lines[-1])
+    programs = run_compile_script(LAYOUT_SCRIPT, {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
     for name, ops in programs.items():
         kernels = [shape for opcode, shape in ops if opcode == "kernel"]
         assert len(kernels) == (1 if name.startswith("fwd") else 3), (name, ops)
